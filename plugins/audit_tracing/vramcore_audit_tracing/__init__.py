@@ -1,0 +1,1 @@
+"""OpenTelemetry traces, metrics and log narration for vramcore."""

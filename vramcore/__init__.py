@@ -1,0 +1,1 @@
+"""vramcore: keep model weights resident in GPU memory, and prove it."""

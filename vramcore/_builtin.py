@@ -1,0 +1,31 @@
+"""The core's own hook implementations: the defaults every plugin manager starts with.
+
+Registered ``trylast`` so that any plugin's implementation of a firstresult hook wins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from vramcore.backend import AllocatorBackend, DeviceInfo
+from vramcore.hookspecs import hookimpl
+from vramcore.narration import Operation
+from vramcore.seal import SEAL_KEY_INFO, SecretKey, WorkerToken
+
+
+@hookimpl(trylast=True)
+def vramcore_probe_devices(backend: AllocatorBackend) -> Sequence[DeviceInfo]:
+    """Ask the backend itself."""
+    return backend.devices()
+
+
+@hookimpl(trylast=True)
+def vramcore_seal_key(token: WorkerToken, worker_id: str) -> SecretKey:
+    """Derive the seal key from the worker token (HKDF-SHA256, :data:`SEAL_KEY_INFO`)."""
+    return token.derive(SEAL_KEY_INFO)
+
+
+@hookimpl(trylast=True)
+def vramcore_operation(op: Operation) -> object:
+    """Run the step."""
+    return op.run()

@@ -1,0 +1,92 @@
+"""Audit sinks: where events go, and how the manager fans them out.
+
+A plugin returns sinks from :func:`~vramcore.hookspecs.vramcore_audit_sinks`. The manager
+builds its sinks once when it starts and delivers every event to every sink in the caller's
+thread (so a tracing sink sees the caller's current span). A sink that raises on a
+:attr:`critical <vramcore.events.AuditEvent.critical>` event fails the operation with
+:class:`~vramcore.errors.AuditError` (fail closed); on other events the failure is logged,
+reported through :func:`~vramcore.hookspecs.vramcore_audit_failure` and delivery goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+
+from vramcore.errors import AuditError
+from vramcore.events import AuditEvent
+from vramcore.seal import WorkerToken
+
+__all__ = ["AuditSink", "SinkContext", "deliver"]
+
+log = logging.getLogger("vramcore.audit")
+
+
+@attrs.frozen(kw_only=True)
+class SinkContext:
+    """What a sink factory may know about the manager it serves.
+
+    :attr worker_id: the worker's public id.
+    :attr device: the device index the manager runs on.
+    :attr token: the worker token; call ``token.derive(info)`` for a key of the sink's own
+        (use an ``info`` string of your own, never the seal key's). Its repr is a fingerprint.
+    """
+
+    worker_id: str
+    device: int
+    token: WorkerToken = attrs.field(repr=False)
+
+
+class AuditSink:
+    """Base class of an audit sink. Subclasses override :meth:`emit` at least.
+
+    :attr name: shown in errors and in ``vramcore plugins``.
+    """
+
+    name: str = "sink"
+
+    def emit(self, event: AuditEvent) -> None:
+        """Record ``event``; return only when it is as durable as the sink promises."""
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        """Make everything emitted so far durable."""
+
+    def close(self) -> None:
+        """Flush and release resources; called once, when the manager closes."""
+
+    def report(self) -> Mapping[str, Any] | None:
+        """After :meth:`close`: a short summary for the CLI (records written, verified...)."""
+        return None
+
+
+def deliver(
+    sinks: Sequence[AuditSink], event: AuditEvent, on_failure: Any = None
+) -> list[tuple[AuditSink, BaseException]]:
+    """Give ``event`` to every sink; return the failures.
+
+    Every sink is tried even when an earlier one fails. For a critical event any failure
+    raises :class:`AuditError` after all sinks were tried. ``on_failure(sink, event, exc)``
+    is called for each failure (the manager reports it through a hook).
+    """
+    failures: list[tuple[AuditSink, BaseException]] = []
+    for sink in sinks:
+        try:
+            sink.emit(event)
+        except Exception as exc:
+            failures.append((sink, exc))
+            log.error(
+                "audit sink %s failed on %s: %s", sink.name, event.event_type, type(exc).__name__
+            )
+            if on_failure is not None:
+                on_failure(sink, event, exc)
+    if failures and event.critical:
+        names = ", ".join(sorted({s.name for s, _ in failures}))
+        raise AuditError(
+            f"audit sink(s) {names} could not record critical event {event.event_type}; "
+            "the operation was refused (fail closed). Check the sink's storage and restart."
+        ) from failures[0][1]
+    return failures

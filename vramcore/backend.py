@@ -1,0 +1,183 @@
+"""The allocator backend contract: what a plugin implements to put bytes in device memory.
+
+A plugin registers :class:`BackendSpec` records through the
+:func:`~vramcore.hookspecs.vramcore_allocator_backends` hook. The manager selects one spec
+(see :func:`vramcore.plugins.select_backend`) and calls its factory to get an
+:class:`AllocatorBackend`; allocation, copies and frees are methods of that object, not hook
+calls, so the hot path costs no hook dispatch.
+
+Device pointers stay inside the backend: a :class:`DeviceBuffer` shows its device, size and
+backend, never its address.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import Callable, Sequence
+
+import attrs
+
+__all__ = [
+    "AllocatorBackend",
+    "BackendSpec",
+    "DeviceBuffer",
+    "DeviceInfo",
+    "MemoryKind",
+]
+
+
+class MemoryKind(enum.StrEnum):
+    """Where an allocation's bytes live, as the driver reports the pointer type."""
+
+    DEVICE = "device"  #: plain device memory (cudaMalloc): the only kind the policy accepts
+    MANAGED = "managed"  #: unified/managed memory, may migrate to host RAM
+    HOST_MAPPED = "host_mapped"  #: pinned host memory mapped into the device address space
+    HOST = "host"  #: pageable host memory
+    UNKNOWN = "unknown"  #: the backend cannot tell
+
+
+@attrs.frozen(kw_only=True)
+class DeviceInfo:
+    """What a backend knows of one device, including the flags the VRAM-only policy reads.
+
+    :attr index: the device ordinal the backend uses.
+    :attr name: the marketing name ("NVIDIA H100 80GB HBM3").
+    :attr total_bytes: device memory size.
+    :attr free_bytes: free device memory when probed.
+    :attr compute_capability: ``(major, minor)``, or ``None`` when not a CUDA device.
+    :attr uuid: the device UUID, when known.
+    :attr pci_bus_id: the PCI bus id, when known.
+    :attr integrated: the GPU shares physical memory with the host (Jetson, iGPUs).
+    :attr managed_memory: the device supports managed (unified) memory.
+    :attr pageable_memory_access: the device can read pageable host memory (ATS or HMM).
+    :attr host_page_tables: that access goes through the host's page tables (ATS).
+    :attr ecc_enabled: ECC state, ``None`` when unknown.
+    :attr ecc_errors: uncorrected ECC error count, ``None`` when unknown.
+    """
+
+    index: int
+    name: str
+    total_bytes: int
+    free_bytes: int
+    compute_capability: tuple[int, int] | None = None
+    uuid: str | None = None
+    pci_bus_id: str | None = None
+    integrated: bool = False
+    managed_memory: bool = False
+    pageable_memory_access: bool = False
+    host_page_tables: bool = False
+    ecc_enabled: bool | None = None
+    ecc_errors: int | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        """A JSON-ready mapping of every field."""
+        out = attrs.asdict(self)
+        if self.compute_capability is not None:
+            out["compute_capability"] = list(self.compute_capability)
+        return out
+
+
+class DeviceBuffer:
+    """A backend's allocation, as the rest of vramcore sees it.
+
+    :attr device: device index.
+    :attr nbytes: size in bytes.
+    :attr backend: name of the backend that owns it.
+    :attr native: the backend's own object for inference code (a CuPy array, a PyCUDA
+        allocation, a memoryview for the mock). It may expose the device address: hand it to
+        kernels, never to logs.
+    """
+
+    __slots__ = ("_native", "backend", "device", "freed", "nbytes")
+
+    def __init__(self, *, device: int, nbytes: int, backend: str, native: object) -> None:
+        self.device = device
+        self.nbytes = nbytes
+        self.backend = backend
+        self._native = native
+        self.freed = False
+
+    @property
+    def native(self) -> object:
+        """The backend's own buffer object (see the class docstring)."""
+        return self._native
+
+    def __repr__(self) -> str:
+        state = " freed" if self.freed else ""
+        return f"<DeviceBuffer {self.backend} GPU{self.device} {self.nbytes} bytes{state}>"
+
+
+class AllocatorBackend(abc.ABC):
+    """Device memory operations one backend provides.
+
+    Implementations must be thread-safe: the manager calls them from many threads. Every
+    method raises :class:`vramcore.errors.VramError` subclasses, never driver exceptions
+    (wrap them, without the pointer, in :class:`~vramcore.errors.AllocationFailed`).
+    """
+
+    #: The name the backend is registered under ("mock", "cupy"...).
+    name: str = "abstract"
+
+    @abc.abstractmethod
+    def devices(self) -> Sequence[DeviceInfo]:
+        """Probe and describe every device this backend can drive."""
+
+    @abc.abstractmethod
+    def mem_info(self, device: int) -> tuple[int, int]:
+        """Return ``(free_bytes, total_bytes)`` of ``device`` now."""
+
+    @abc.abstractmethod
+    def allocate(self, device: int, nbytes: int) -> DeviceBuffer:
+        """Allocate ``nbytes`` of plain device memory on ``device``.
+
+        Raises :class:`~vramcore.errors.InsufficientVram` or
+        :class:`~vramcore.errors.AllocationFailed`.
+        """
+
+    @abc.abstractmethod
+    def copy_in(self, buf: DeviceBuffer, offset: int, data: memoryview) -> None:
+        """Copy host ``data`` into ``buf`` at byte ``offset`` (bounds-checked)."""
+
+    @abc.abstractmethod
+    def read_into(self, buf: DeviceBuffer, offset: int, out: memoryview) -> None:
+        """Copy ``len(out)`` bytes of ``buf`` from byte ``offset`` into host ``out``."""
+
+    @abc.abstractmethod
+    def free(self, buf: DeviceBuffer) -> None:
+        """Release ``buf``; later use of it raises. Freeing twice is an error."""
+
+    @abc.abstractmethod
+    def memory_kind(self, buf: DeviceBuffer) -> MemoryKind:
+        """Ask the driver where ``buf`` lives (the policy accepts only ``DEVICE``)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook with a do-nothing default
+        """Release backend resources (contexts, pools). Called once by the manager."""
+
+
+@attrs.frozen(kw_only=True)
+class BackendSpec:
+    """A named allocator backend a plugin offers.
+
+    :attr name: unique name, used by ``allocator=`` and ``VRAMCORE_ALLOCATOR``.
+    :attr priority: higher wins when no name is given; a mock should be low.
+    :attr probe: returns ``None`` when the backend can run here, else the reason it cannot
+        ("no CUDA driver found"); must be cheap and must not raise.
+    :attr factory: builds the backend; called only when the probe passed.
+    :attr install_hint: what to install to make it usable ("pip install vramcore-allocator-cupy").
+    :attr description: one line for ``vramcore plugins``.
+    """
+
+    name: str
+    priority: int
+    probe: Callable[[], str | None]
+    factory: Callable[[], AllocatorBackend]
+    install_hint: str = ""
+    description: str = ""
+
+    def why_not(self) -> str | None:
+        """Run the probe; a probe that raises counts as not viable, with the error as reason."""
+        try:
+            return self.probe()
+        except Exception as exc:  # a probe must never take the manager down
+            return f"viability probe failed: {type(exc).__name__}: {exc}"

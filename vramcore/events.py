@@ -1,0 +1,257 @@
+"""Audit events: what happened to VRAM, as frozen records every audit sink receives.
+
+Each event class carries the common fields ``timestamp`` (UTC), ``worker_id``, ``severity``
+and ``correlation_id`` (from :func:`vramcore.correlate`, empty when none), plus its own fields.
+:meth:`AuditEvent.to_dict` gives a stable JSON form tagged with ``event_type``;
+:func:`event_from_dict` reads it back.
+
+Every string field is checked when the event is built (no control, ESC, NUL, bidi, zero-width
+or BOM characters; at most :data:`vramcore.validation.MAX_FIELD_CHARS` characters, longer values
+cut with a marker), so sinks can write events without escaping worries. No event has a field
+for a secret or a device pointer: there is nowhere to put one.
+
+Events whose :attr:`AuditEvent.critical` is true (sealed, verification failed, policy
+violation) fail the operation that produced them when a sink cannot record them.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+import attrs
+
+from vramcore._context import current_correlation_id
+from vramcore.errors import InvalidInput
+from vramcore.validation import clean_text
+
+__all__ = [
+    "EVENT_TYPES",
+    "AuditEvent",
+    "PolicyViolation",
+    "SealVerificationFailed",
+    "SealVerified",
+    "Severity",
+    "VramAllocated",
+    "VramAllocationFailed",
+    "VramDeallocated",
+    "VramSealed",
+    "event_from_dict",
+    "format_timestamp",
+    "parse_timestamp",
+]
+
+
+class Severity(enum.StrEnum):
+    """How much an event matters to an operator, in OpenTelemetry's severity vocabulary."""
+
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+    CRITICAL = "critical"
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def format_timestamp(ts: datetime) -> str:
+    """Render a timestamp as ISO 8601 UTC with microseconds and a ``Z`` suffix."""
+    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_timestamp(text: str) -> datetime:
+    """Parse what :func:`format_timestamp` writes."""
+    try:
+        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"timestamp must look like 2026-01-31T12:00:00.000000Z: {exc}") from None
+
+
+def _check_timestamp(_inst: object, _attr: object, value: datetime) -> None:
+    if not isinstance(value, datetime) or value.tzinfo is None:
+        raise InvalidInput("timestamp must be a timezone-aware datetime")
+
+
+@attrs.frozen(kw_only=True)
+class AuditEvent:
+    """Fields every audit event carries.
+
+    :attr event_type: the stable tag of the concrete class (``"vram.sealed"``...).
+    :attr critical: whether a sink failure on this event fails the operation.
+    """
+
+    event_type: ClassVar[str] = "audit.event"
+    critical: ClassVar[bool] = False
+    default_severity: ClassVar[Severity] = Severity.INFO
+
+    worker_id: str
+    timestamp: datetime = attrs.field(factory=_utcnow, validator=_check_timestamp)
+    severity: Severity = attrs.field(default=None, converter=attrs.converters.optional(Severity))
+    correlation_id: str = attrs.field(factory=current_correlation_id)
+
+    def __attrs_post_init__(self) -> None:
+        if self.severity is None:
+            object.__setattr__(self, "severity", self.default_severity)
+        for field in attrs.fields(type(self)):
+            value = getattr(self, field.name)
+            if isinstance(value, str) and field.name != "severity":
+                object.__setattr__(self, field.name, clean_text(value, field=field.name))
+            elif isinstance(value, tuple):
+                object.__setattr__(self, field.name, _clean_tuple(value, field.name))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stable JSON form: plain types only, tagged with ``event_type``."""
+        out: dict[str, Any] = {"event_type": self.event_type}
+        for field in attrs.fields(type(self)):
+            value = getattr(self, field.name)
+            if isinstance(value, datetime):
+                value = format_timestamp(value)
+            elif isinstance(value, Severity):
+                value = value.value
+            elif isinstance(value, tuple):
+                value = [list(v) if isinstance(v, tuple) else v for v in value]
+            out[field.name] = value
+        return out
+
+    def to_json(self) -> str:
+        """:meth:`to_dict` as compact JSON with sorted keys (the same bytes every time)."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+
+def _clean_tuple(values: tuple[Any, ...], field: str) -> tuple[Any, ...]:
+    cleaned: list[Any] = []
+    for v in values:
+        if isinstance(v, str):
+            cleaned.append(clean_text(v, field=field))
+        elif isinstance(v, list | tuple):
+            cleaned.append(tuple(v))
+        else:
+            cleaned.append(v)
+    return tuple(cleaned)
+
+
+@attrs.frozen(kw_only=True)
+class VramAllocated(AuditEvent):
+    """Device memory was allocated for a shard."""
+
+    event_type: ClassVar[str] = "vram.allocated"
+    shard_id: str
+    device: int
+    nbytes: int
+    backend: str
+
+
+@attrs.frozen(kw_only=True)
+class VramAllocationFailed(AuditEvent):
+    """An allocation or the copy into it failed; nothing stays allocated."""
+
+    event_type: ClassVar[str] = "vram.allocation_failed"
+    default_severity: ClassVar[Severity] = Severity.ERROR
+    shard_id: str
+    device: int
+    nbytes: int
+    backend: str
+    reason: str
+
+
+@attrs.frozen(kw_only=True)
+class VramSealed(AuditEvent):
+    """A shard's bytes in VRAM were digested and signed."""
+
+    event_type: ClassVar[str] = "vram.sealed"
+    critical: ClassVar[bool] = True
+    shard_id: str
+    device: int
+    nbytes: int
+    digest: str
+    digest_alg: str
+    leaf_size: int
+    backend: str
+    file_sha256: str = ""
+
+
+@attrs.frozen(kw_only=True)
+class SealVerified(AuditEvent):
+    """A seal verified: signature valid and the digest recomputed from VRAM matched."""
+
+    event_type: ClassVar[str] = "seal.verified"
+    shard_id: str
+    device: int
+    nbytes: int
+    digest: str
+
+
+@attrs.frozen(kw_only=True)
+class SealVerificationFailed(AuditEvent):
+    """A seal failed to verify; ``byte_ranges`` and ``tensors`` say where, when known."""
+
+    event_type: ClassVar[str] = "seal.verification_failed"
+    critical: ClassVar[bool] = True
+    default_severity: ClassVar[Severity] = Severity.CRITICAL
+    shard_id: str
+    device: int
+    reason: str
+    detail: str
+    byte_ranges: tuple[tuple[int, int], ...] = ()
+    tensors: tuple[str, ...] = ()
+
+
+@attrs.frozen(kw_only=True)
+class VramDeallocated(AuditEvent):
+    """A shard's device memory was freed."""
+
+    event_type: ClassVar[str] = "vram.deallocated"
+    shard_id: str
+    device: int
+    nbytes: int
+
+
+@attrs.frozen(kw_only=True)
+class PolicyViolation(AuditEvent):
+    """A device or allocation broke the VRAM-only policy (``device`` is -1 when unknown)."""
+
+    event_type: ClassVar[str] = "policy.violation"
+    critical: ClassVar[bool] = True
+    default_severity: ClassVar[Severity] = Severity.CRITICAL
+    device: int
+    rule: str
+    detail: str
+
+
+#: Every concrete event class by its ``event_type`` tag.
+EVENT_TYPES: Mapping[str, type[AuditEvent]] = {
+    cls.event_type: cls
+    for cls in (
+        VramAllocated,
+        VramAllocationFailed,
+        VramSealed,
+        SealVerified,
+        SealVerificationFailed,
+        VramDeallocated,
+        PolicyViolation,
+    )
+}
+
+
+def event_from_dict(data: Mapping[str, Any]) -> AuditEvent:
+    """Rebuild an event from :meth:`AuditEvent.to_dict` output (checks every field again)."""
+    try:
+        cls = EVENT_TYPES[data["event_type"]]
+    except (KeyError, TypeError):
+        raise InvalidInput(
+            f"unknown event_type; expected one of: {', '.join(sorted(EVENT_TYPES))}"
+        ) from None
+    kwargs = {k: v for k, v in data.items() if k != "event_type"}
+    if "timestamp" in kwargs:
+        kwargs["timestamp"] = parse_timestamp(kwargs["timestamp"])
+    for name in ("byte_ranges", "tensors"):
+        if name in kwargs:
+            kwargs[name] = tuple(tuple(v) if isinstance(v, list) else v for v in kwargs[name])
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise InvalidInput(f"malformed {cls.event_type} event: {exc}") from None

@@ -1,0 +1,181 @@
+"""Hook specifications: every way a plugin extends vramcore.
+
+Plugins implement these with ``@vramcore.hookimpl`` (pluggy project name ``"vramcore"``;
+every hook starts with ``vramcore_`` and a plugin defining an unknown ``vramcore_*`` hook is
+rejected). A plugin is a module or object registered under the ``vramcore`` entry-point group,
+or passed to :func:`vramcore.plugins.get_plugin_manager` directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from vramcore.audit import AuditSink, SinkContext
+    from vramcore.backend import AllocatorBackend, BackendSpec, DeviceBuffer, DeviceInfo
+    from vramcore.commands import Commands
+    from vramcore.events import AuditEvent
+    from vramcore.narration import Operation
+    from vramcore.seal import SecretKey, WorkerToken
+
+PROJECT_NAME = "vramcore"
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+# -------------------------------------------------------------------------
+# Allocation backends
+# -------------------------------------------------------------------------
+
+
+@hookspec
+def vramcore_allocator_backends() -> Sequence[BackendSpec]:
+    """Offer allocator backends.
+
+    Each :class:`~vramcore.backend.BackendSpec` names a backend, its priority, a viability
+    probe that says why it cannot run, and a factory. The results of all plugins are
+    flattened; two backends with one name are a configuration error.
+
+    :return: the backends this plugin offers (may be empty).
+
+    Not firstresult: every plugin's backends are collected. Called when a manager selects its
+    backend and by ``vramcore plugins``.
+    """
+    raise NotImplementedError
+
+
+# -------------------------------------------------------------------------
+# Device probing
+# -------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def vramcore_probe_devices(backend: AllocatorBackend) -> Sequence[DeviceInfo] | None:
+    """Describe the devices ``backend`` drives, with the flags the VRAM-only policy reads.
+
+    The core's default implementation (``trylast``) returns ``backend.devices()``. A plugin
+    that knows more (NVML for ECC counts, a site inventory) may return richer records for the
+    backends it recognises and ``None`` for the rest.
+
+    :param backend: the selected backend.
+    :return: one :class:`~vramcore.backend.DeviceInfo` per device, or ``None`` to defer.
+
+    firstresult: the first non-``None`` result wins. Called when a manager starts (the policy
+    check) and by ``vramcore devices``.
+    """
+    raise NotImplementedError
+
+
+# -------------------------------------------------------------------------
+# Sealing
+# -------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def vramcore_seal_key(token: WorkerToken, worker_id: str) -> SecretKey | None:
+    """Provide the key that signs and verifies seals.
+
+    The core's default (``trylast``) derives it with HKDF-SHA256 from the worker token and
+    :data:`vramcore.seal.SEAL_KEY_INFO`. A plugin may fetch it from a KMS or HSM instead.
+    The manager wipes the returned key when it closes.
+
+    :param token: the worker token (its repr is a fingerprint).
+    :param worker_id: the worker's public id.
+    :return: a :class:`~vramcore.seal.SecretKey`, or ``None`` to defer.
+
+    firstresult. Called once when a manager starts.
+    """
+    raise NotImplementedError
+
+
+@hookspec(firstresult=True)
+def vramcore_device_digest(
+    backend: AllocatorBackend, buffer: DeviceBuffer, leaf_size: int
+) -> Sequence[bytes] | None:
+    """Compute the RFC 6962 leaf hashes of ``buffer`` on the device itself.
+
+    Return one 32-byte leaf hash (``SHA-256(0x00 || leaf)``) per ``leaf_size`` leaf, the last
+    leaf possibly shorter; the core builds the tree from them, so the root and the corrupted
+    range report are identical to the host path. Return ``None`` when this plugin cannot
+    digest this backend's buffers (the core then reads the buffer back and hashes on host).
+
+    :param backend: the backend that owns ``buffer``.
+    :param buffer: the allocation to digest.
+    :param leaf_size: leaf size in bytes.
+    :return: the leaf hashes, or ``None`` to defer.
+
+    firstresult. Called on every seal and every verification.
+    """
+    raise NotImplementedError
+
+
+# -------------------------------------------------------------------------
+# Audit sinks
+# -------------------------------------------------------------------------
+
+
+@hookspec
+def vramcore_audit_sinks(context: SinkContext) -> Sequence[AuditSink]:
+    """Create the audit sinks for a starting manager.
+
+    Every sink receives every event; the manager flushes and closes them when it closes.
+
+    :param context: the worker id, device and token (derive keys of your own from it).
+    :return: the sinks this plugin provides (may be empty, e.g. when not configured).
+
+    Not firstresult: all sinks are collected. Called once when a manager starts.
+    """
+    raise NotImplementedError
+
+
+@hookspec
+def vramcore_audit_failure(sink_name: str, event: AuditEvent, error: BaseException) -> None:
+    """Be told that an audit sink failed to record an event.
+
+    :param sink_name: the failing sink's name.
+    :param event: the event it failed on.
+    :param error: what it raised (may carry a path, never a secret from vramcore).
+
+    Not firstresult. Called after each sink failure, before the manager fails the operation
+    (critical events) or goes on (others). Must not raise.
+    """
+
+
+# -------------------------------------------------------------------------
+# Narration
+# -------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def vramcore_operation(op: Operation) -> object:
+    """Run one manager step; wrap it to narrate it.
+
+    The core's implementation (``trylast``) calls ``op.run()`` and returns its result.
+    Plugins implement this hook with ``@hookimpl(wrapper=True)`` and ``yield`` to time, trace
+    or log the step, reading ``op.name`` and ``op.attributes`` (which the step fills in with
+    its results). A wrapper must re-raise what the step raised and must not change the result.
+
+    :param op: the step (seal, verify, allocate, copy, digest, deallocate).
+    :return: the step's result.
+
+    firstresult. Called for every manager operation; nested steps call it again inside.
+    """
+    raise NotImplementedError
+
+
+# -------------------------------------------------------------------------
+# Commands
+# -------------------------------------------------------------------------
+
+
+@hookspec
+def vramcore_add_commands(commands: Commands) -> None:
+    """Add subcommands to the ``vramcore`` CLI.
+
+    :param commands: call ``commands.add(name, help=..., handler=...)`` or
+        ``commands.group(name, help=...)`` (see :class:`vramcore.commands.Commands`).
+
+    Not firstresult. Called once when the CLI builds its parser.
+    """
