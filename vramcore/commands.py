@@ -71,7 +71,7 @@ class Commands:
         self._prefix = prefix
         self._groups: dict[str, Commands] = {}
 
-    def add(self, name: str, *, help: str, handler: Handler) -> argparse.ArgumentParser:  # noqa: A002
+    def add(self, name: str, *, help: str, handler: Handler) -> argparse.ArgumentParser:
         """Add a command; returns its parser so the caller can add arguments."""
         parser: argparse.ArgumentParser = self._subparsers.add_parser(
             name, help=help, description=help
@@ -80,7 +80,7 @@ class Commands:
         parser.set_defaults(handler=handler)
         return parser
 
-    def group(self, name: str, *, help: str) -> Commands:  # noqa: A002
+    def group(self, name: str, *, help: str) -> Commands:
         """Add (or reuse) a command group such as ``audit``; returns the group's ``Commands``."""
         if name in self._groups:
             return self._groups[name]

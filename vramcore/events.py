@@ -90,12 +90,13 @@ class AuditEvent:
 
     worker_id: str
     timestamp: datetime = attrs.field(factory=_utcnow, validator=_check_timestamp)
-    severity: Severity = attrs.field(default=None, converter=attrs.converters.optional(Severity))
+    severity: Severity = attrs.field(
+        default=attrs.Factory(lambda self: type(self).default_severity, takes_self=True),
+        converter=Severity,
+    )
     correlation_id: str = attrs.field(factory=current_correlation_id)
 
     def __attrs_post_init__(self) -> None:
-        if self.severity is None:
-            object.__setattr__(self, "severity", self.default_severity)
         for field in attrs.fields(type(self)):
             value = getattr(self, field.name)
             if isinstance(value, str) and field.name != "severity":

@@ -23,6 +23,7 @@ import hashlib
 import hmac
 import struct
 from collections.abc import Iterable, Sequence
+from typing import NoReturn
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -99,7 +100,7 @@ class WorkerToken:
 
     __str__ = __repr__
 
-    def __reduce__(self) -> object:
+    def __reduce__(self) -> NoReturn:
         raise TypeError("a WorkerToken cannot be pickled")
 
 
@@ -167,7 +168,7 @@ class SecretKey:
 
     __str__ = __repr__
 
-    def __reduce__(self) -> object:
+    def __reduce__(self) -> NoReturn:
         raise TypeError("a SecretKey cannot be pickled")
 
 
