@@ -1,1 +1,46 @@
-"""vramcore: keep model weights resident in GPU memory, and prove it."""
+"""vramcore: keep model weights resident in GPU memory, and prove it.
+
+Seal each shard as it lands in VRAM (an RFC 6962 Merkle digest signed with HMAC-SHA256 under a
+key derived from the worker token), verify the seal from VRAM before every inference, refuse
+devices where weights could live in host memory, and audit everything through plugins.
+
+>>> with VramManager(token, allocator="mock") as vram:         # doctest: +SKIP
+...     shard = vram.seal_file("model.safetensors")
+...     with vram.verified(shard) as buffer:
+...         run_inference(buffer.native)
+"""
+
+from vramcore._context import correlate
+from vramcore.audit import AuditSink, SinkContext
+from vramcore.backend import AllocatorBackend, BackendSpec, DeviceBuffer, DeviceInfo, MemoryKind
+from vramcore.digest import DEFAULT_LEAF_SIZE, DIGEST_ALG
+from vramcore.hookspecs import hookimpl, hookspec
+from vramcore.manager import VramManager
+from vramcore.plugins import get_plugin_manager
+from vramcore.policy import VramPolicy
+from vramcore.seal import WorkerToken
+from vramcore.shard import SealedShard, TensorRange
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_LEAF_SIZE",
+    "DIGEST_ALG",
+    "AllocatorBackend",
+    "AuditSink",
+    "BackendSpec",
+    "DeviceBuffer",
+    "DeviceInfo",
+    "MemoryKind",
+    "SealedShard",
+    "SinkContext",
+    "TensorRange",
+    "VramManager",
+    "VramPolicy",
+    "WorkerToken",
+    "__version__",
+    "correlate",
+    "get_plugin_manager",
+    "hookimpl",
+    "hookspec",
+]

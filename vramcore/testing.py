@@ -1,0 +1,164 @@
+"""Test helpers and a pytest plugin (entry point ``pytest11``) for vramcore and its plugins.
+
+Fixtures:
+
+``make_plugin_manager``
+    ``make_plugin_manager(*plugins, entrypoints=False)`` composes a fresh plugin manager from
+    the given plugin objects (modules or instances), nothing installed needed. The mock
+    allocator plugin is added when importable, unless ``mock=False``.
+``audit_capture``
+    A :class:`CapturingSink` that records every event.
+``mock_backend``
+    A fresh ``MockBackend`` (1 device, 1 GiB) for fault injection.
+``mock_manager``
+    A :class:`~vramcore.VramManager` on ``mock_backend`` delivering to ``audit_capture``;
+    closed after the test.
+
+Outside pytest, :class:`CapturingSink` and :class:`CapturePlugin` work on their own.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import pytest
+
+from vramcore.audit import AuditSink, SinkContext
+from vramcore.events import AuditEvent
+from vramcore.hookspecs import hookimpl
+from vramcore.plugins import VramcorePluginManager, get_plugin_manager
+
+__all__ = [
+    "TEST_TOKEN",
+    "CapturePlugin",
+    "CapturingSink",
+    "FailingSink",
+    "audit_capture",
+    "make_plugin_manager",
+    "mock_backend",
+    "mock_manager",
+]
+
+#: A worker token for tests; never use a fixed token in production.
+TEST_TOKEN = "vramcore-test-token-0123456789abcdef"
+
+
+class CapturingSink(AuditSink):
+    """Keeps every event in :attr:`events`, in order (thread-safe)."""
+
+    name = "capture"
+
+    def __init__(self) -> None:
+        self.events: list[AuditEvent] = []
+        self.closed = False
+        self.flushed = 0
+        self._lock = threading.Lock()
+
+    def emit(self, event: AuditEvent) -> None:
+        """Record the event."""
+        with self._lock:
+            self.events.append(event)
+
+    def flush(self) -> None:
+        """Count flushes."""
+        self.flushed += 1
+
+    def close(self) -> None:
+        """Mark closed."""
+        self.closed = True
+
+    def of_type(self, event_type: str) -> list[AuditEvent]:
+        """The captured events whose ``event_type`` is ``event_type``."""
+        with self._lock:
+            return [e for e in self.events if e.event_type == event_type]
+
+    def types(self) -> list[str]:
+        """The ``event_type`` of every captured event, in order."""
+        with self._lock:
+            return [e.event_type for e in self.events]
+
+
+class FailingSink(AuditSink):
+    """A sink that raises ``OSError`` on every event (or only on ``event_types``)."""
+
+    name = "failing"
+
+    def __init__(self, event_types: Sequence[str] | None = None) -> None:
+        self.event_types = set(event_types) if event_types is not None else None
+
+    def emit(self, event: AuditEvent) -> None:
+        """Fail (for the selected event types)."""
+        if self.event_types is None or event.event_type in self.event_types:
+            raise OSError("disk full (injected)")
+
+
+class CapturePlugin:
+    """A plugin object that gives each starting manager the given sinks."""
+
+    def __init__(self, *sinks: AuditSink) -> None:
+        self.sinks = list(sinks)
+        self.contexts: list[SinkContext] = []
+
+    @hookimpl
+    def vramcore_audit_sinks(self, context: SinkContext) -> Sequence[AuditSink]:
+        """Hand out the sinks."""
+        self.contexts.append(context)
+        return self.sinks
+
+
+def _mock_plugin() -> Any:
+    try:
+        import vramcore_allocator_mock
+    except ImportError:  # the mock is a separate distribution
+        return None
+    return vramcore_allocator_mock
+
+
+@pytest.fixture
+def make_plugin_manager() -> Callable[..., VramcorePluginManager]:
+    """Compose a plugin manager from plugin objects (see the module docstring)."""
+
+    def make(
+        *plugins: object, mock: bool = True, entrypoints: bool = False
+    ) -> VramcorePluginManager:
+        chosen = list(plugins)
+        mock_plugin = _mock_plugin() if mock else None
+        if mock_plugin is not None and mock_plugin not in chosen:
+            chosen.insert(0, mock_plugin)
+        return get_plugin_manager(chosen, load_entrypoints=entrypoints, env={})
+
+    return make
+
+
+@pytest.fixture
+def audit_capture() -> CapturingSink:
+    """A capturing audit sink."""
+    return CapturingSink()
+
+
+@pytest.fixture
+def mock_backend() -> Any:
+    """A fresh mock backend: one device of 1 GiB."""
+    mock = _mock_plugin()
+    if mock is None:
+        pytest.skip("vramcore-allocator-mock is not installed")
+    return mock.MockBackend(devices=1, capacity=1 << 30)
+
+
+@pytest.fixture
+def mock_manager(
+    make_plugin_manager: Callable[..., VramcorePluginManager],
+    audit_capture: CapturingSink,
+    mock_backend: Any,
+) -> Iterator[Any]:
+    """A VramManager on ``mock_backend`` that delivers every event to ``audit_capture``."""
+    from vramcore.manager import VramManager
+
+    pm = make_plugin_manager(CapturePlugin(audit_capture))
+    manager = VramManager(TEST_TOKEN, allocator=mock_backend, plugin_manager=pm, worker_id="test")
+    try:
+        yield manager
+    finally:
+        manager.close()
