@@ -145,4 +145,11 @@ class AuditError(VramError):
     """An audit sink failed on a security-critical event, or no sink is configured.
 
     The operation that produced the event is failed (fail closed).
+
+    :attr configuration: ``True`` when the cause is configuration (no sink at all) rather than
+        a sink that failed at run time.
     """
+
+    def __init__(self, message: str, *, configuration: bool = False) -> None:
+        super().__init__(message)
+        self.configuration = configuration

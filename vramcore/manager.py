@@ -174,7 +174,8 @@ class VramManager:
                 raise AuditError(
                     "no audit sink is configured and audit='required': install "
                     "vramcore-audit-chain and set VRAMCORE_AUDIT_LOG=/path/to/dir, or pass "
-                    "audit='disabled' to run without an audit trail on purpose"
+                    "audit='disabled' to run without an audit trail on purpose",
+                    configuration=True,
                 )
         self._enforce(self.policy.check_device(self.device_info))
         key = self._hook.vramcore_seal_key(token=self._token, worker_id=self.worker_id)

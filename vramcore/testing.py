@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 #: A worker token for tests; never use a fixed token in production.
-TEST_TOKEN = "vramcore-test-token-0123456789abcdef"
+TEST_TOKEN = "vramcore-test-token-0123456789abcdef"  # noqa: S105 - a fixed test token
 
 
 class CapturingSink(AuditSink):
