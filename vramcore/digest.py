@@ -12,10 +12,12 @@ through a bounded staging area while earlier chunks hash.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from vramcore.errors import InvalidInput
@@ -23,6 +25,7 @@ from vramcore.errors import InvalidInput
 __all__ = [
     "DEFAULT_LEAF_SIZE",
     "DIGEST_ALG",
+    "StagingPool",
     "corrupted_ranges",
     "hash_leaves",
     "leaf_count",
@@ -32,9 +35,9 @@ __all__ = [
 
 DIGEST_ALG = "rfc6962-sha256"
 DEFAULT_LEAF_SIZE = 65536
-#: Leaves one worker task hashes in a row (4 MiB at the default size): few enough tasks to
+#: Leaves one worker task hashes in a row (2 MiB at the default size): few enough tasks to
 #: keep executor overhead negligible, enough to keep every core busy.
-_LEAVES_PER_TASK = 64
+_LEAVES_PER_TASK = 32
 _LEAF_PREFIX = b"\x00"
 _NODE_PREFIX = b"\x01"
 
@@ -129,21 +132,58 @@ def corrupted_ranges(
     return ranges
 
 
+class StagingPool:
+    """Reusable host staging buffers of one size.
+
+    Fresh host memory is expensive to touch the first time (a page fault per 4 KiB page, which
+    costs more than the copy itself on many VMs), so staging buffers are kept and reused
+    rather than allocated per call. At most ``keep`` idle buffers are retained.
+    """
+
+    def __init__(self, chunk_bytes: int, keep: int = 8) -> None:
+        self.chunk_bytes = chunk_bytes
+        self._keep = keep
+        self._idle: list[bytearray] = []
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def borrow(self, count: int) -> Iterator[list[bytearray]]:
+        """Lend ``count`` buffers of :attr:`chunk_bytes` for the duration of the block."""
+        with self._lock:
+            taken = [self._idle.pop() for _ in range(min(count, len(self._idle)))]
+        taken += [bytearray(self.chunk_bytes) for _ in range(count - len(taken))]
+        try:
+            yield taken
+        finally:
+            with self._lock:
+                self._idle.extend(taken[: max(0, self._keep - len(self._idle))])
+
+    def clear(self) -> None:
+        """Drop the idle buffers."""
+        with self._lock:
+            self._idle.clear()
+
+
 def read_and_hash(
     nbytes: int,
     read_into: Callable[[int, memoryview], None],
     leaf_size: int = DEFAULT_LEAF_SIZE,
     chunk_bytes: int = 32 << 20,
+    staging: Sequence[bytearray] | None = None,
 ) -> list[bytes]:
     """Leaf hashes of an ``nbytes`` buffer read through ``read_into(offset, out)``.
 
     Two staging buffers of ``chunk_bytes`` (rounded down to whole leaves) alternate: one is
     hashed on the pool while the next chunk is read into the other, so host memory stays
-    bounded by ``2 * chunk_bytes`` whatever the buffer size.
+    bounded by ``2 * chunk_bytes`` whatever the buffer size. ``staging`` lends two buffers of
+    at least that size (see :class:`StagingPool`); without it they are allocated here.
     """
     _check_leaf_size(leaf_size)
     chunk = max(leaf_size, chunk_bytes // leaf_size * leaf_size)
-    staging = [bytearray(min(chunk, nbytes)), bytearray(min(chunk, max(0, nbytes - chunk)))]
+    if staging is None:
+        staging = [bytearray(min(chunk, nbytes)), bytearray(min(chunk, max(0, nbytes - chunk)))]
+    elif len(staging) < 2 or min(len(b) for b in staging[:2]) < min(chunk, nbytes):
+        raise InvalidInput(f"read_and_hash needs two staging buffers of {chunk} bytes")
     leaves: list[bytes] = []
     in_flight: list[list[Future[list[bytes]]]] = []
     for i, offset in enumerate(range(0, nbytes, chunk)):

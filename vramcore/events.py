@@ -254,5 +254,7 @@ def event_from_dict(data: Mapping[str, Any]) -> AuditEvent:
             kwargs[name] = tuple(tuple(v) if isinstance(v, list) else v for v in kwargs[name])
     try:
         return cls(**kwargs)
-    except TypeError as exc:
+    except InvalidInput:
+        raise
+    except (TypeError, ValueError) as exc:  # e.g. an unknown severity
         raise InvalidInput(f"malformed {cls.event_type} event: {exc}") from None

@@ -137,6 +137,7 @@ def vramcore_audit_failure(sink_name: str, event: AuditEvent, error: BaseExcepti
     :param sink_name: the failing sink's name.
     :param event: the event it failed on.
     :param error: what it raised (may carry a path, never a secret from vramcore).
+    :return: nothing (the return value is ignored).
 
     Not firstresult. Called after each sink failure, before the manager fails the operation
     (critical events) or goes on (others). Must not raise.
@@ -176,6 +177,7 @@ def vramcore_add_commands(commands: Commands) -> None:
 
     :param commands: call ``commands.add(name, help=..., handler=...)`` or
         ``commands.group(name, help=...)`` (see :class:`vramcore.commands.Commands`).
+    :return: nothing (the return value is ignored).
 
     Not firstresult. Called once when the CLI builds its parser.
     """

@@ -22,6 +22,7 @@ import socket
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +35,7 @@ from vramcore.backend import AllocatorBackend, DeviceBuffer, DeviceInfo
 from vramcore.digest import (
     DEFAULT_LEAF_SIZE,
     DIGEST_ALG,
+    StagingPool,
     _pool,
     corrupted_ranges,
     leaf_count,
@@ -58,6 +60,7 @@ from vramcore.safetensors import read_tensor_map
 from vramcore.seal import SecretKey, WorkerToken
 from vramcore.shard import SealedShard, TensorRange
 from vramcore.validation import (
+    _is_unsafe_char,
     check_device_index,
     check_sha256_hex,
     check_shard_id,
@@ -70,7 +73,7 @@ __all__ = ["DEFAULT_CHUNK_BYTES", "VramManager"]
 log = logging.getLogger("vramcore")
 
 #: Host staging size for file loads and VRAM read-back (two such buffers at most in flight).
-DEFAULT_CHUNK_BYTES = 16 << 20
+DEFAULT_CHUNK_BYTES = 8 << 20
 
 
 @attrs.define(eq=False)
@@ -135,6 +138,7 @@ class VramManager:
         self.leaf_size = leaf_size
         self.policy = policy or VramPolicy()
         self._chunk_bytes = max(leaf_size, chunk_bytes // leaf_size * leaf_size)
+        self._staging = StagingPool(self._chunk_bytes)
         self._pm = plugin_manager if plugin_manager is not None else get_plugin_manager()
         self._hook = self._pm.hook
         self._lock = threading.Lock()
@@ -357,28 +361,30 @@ class VramManager:
     def _stream_file(self, path: Path, buf: DeviceBuffer, nbytes: int) -> str:
         """Copy the file into ``buf``; return its SHA-256, hashed while the next chunk loads."""
         sha = hashlib.sha256()
-        staging = [bytearray(min(self._chunk_bytes, nbytes)) for _ in range(2)]
-        pending = None
+        pending: Future[None] | None = None
         offset = 0
         chunks = 0
-        with path.open("rb", buffering=0) as fh:
-            while offset < nbytes:
-                view = memoryview(staging[chunks % 2])
-                chunks += 1
-                n = fh.readinto(view[: min(self._chunk_bytes, nbytes - offset)])
-                if not n:
-                    raise IntegrityViolation(
-                        f"{path} shrank while it was loaded ({offset} of {nbytes} bytes read)"
-                    )
-                self._backend.copy_in(buf, offset, view[:n])
+        with self._staging.borrow(2) as staging, path.open("rb", buffering=0) as fh:
+            try:
+                while offset < nbytes:
+                    view = memoryview(staging[chunks % 2])
+                    chunks += 1
+                    n = fh.readinto(view[: min(self._chunk_bytes, nbytes - offset)])
+                    if not n:
+                        raise IntegrityViolation(
+                            f"{path} shrank while it was loaded ({offset} of {nbytes} bytes read)"
+                        )
+                    self._backend.copy_in(buf, offset, view[:n])
+                    if pending is not None:
+                        pending.result()
+                    pending = _pool().submit(sha.update, view[:n])
+                    offset += n
+                if fh.read(1):
+                    raise IntegrityViolation(f"{path} grew while it was loaded")
+            finally:
+                # The staging buffers go back to the pool: no hash may still be reading them.
                 if pending is not None:
                     pending.result()
-                pending = _pool().submit(sha.update, view[:n])
-                offset += n
-            if fh.read(1):
-                raise IntegrityViolation(f"{path} grew while it was loaded")
-        if pending is not None:
-            pending.result()
         return sha.hexdigest()
 
     def _check_expected(self, actual: str, expected: str) -> str:
@@ -502,10 +508,15 @@ class VramManager:
         reason = (
             f"{type(exc).__name__}: {exc}" if isinstance(exc, VramError) else type(exc).__name__
         )
-        with contextlib.suppress(AuditError):  # the original error matters more
-            self._emit_alloc_failed(shard_id, nbytes, reason)
+        # A backend's message may carry a newline or an escape; the event must still be written.
+        reason = "".join("?" if _is_unsafe_char(ch) else ch for ch in reason)
+        try:
+            with contextlib.suppress(AuditError):  # the original error matters more
+                self._emit_alloc_failed(shard_id, nbytes, reason)
+        finally:
+            if buf is not None:
+                self._free(buf)
         if buf is not None:
-            self._free(buf)
             with contextlib.suppress(AuditError):
                 self._emit(
                     events.VramDeallocated(
@@ -546,12 +557,14 @@ class VramManager:
                     )
             else:
                 op.attributes["source"] = "host"
-                leaves = read_and_hash(
-                    buf.nbytes,
-                    lambda offset, out: self._backend.read_into(buf, offset, out),
-                    self.leaf_size,
-                    self._chunk_bytes,
-                )
+                with self._staging.borrow(2) as staging:
+                    leaves = read_and_hash(
+                        buf.nbytes,
+                        lambda offset, out: self._backend.read_into(buf, offset, out),
+                        self.leaf_size,
+                        self._chunk_bytes,
+                        staging,
+                    )
             op.attributes["leaf_count"] = len(leaves)
             return leaves
 
@@ -644,6 +657,14 @@ class VramManager:
         with self._lock:
             resident = self._residents.get(shard.shard_id)
         if resident is None:
+            # A forged, tampered or foreign seal is a verification failure (audited), not
+            # merely "not resident": check the signature and device before saying NotSealed.
+            if not self._require_key().mac_matches(shard.signed_message(), shard.signature):
+                detail = "the seal's signature is not valid under this worker's key"
+                self._fail(shard, "signature", detail, [], [])
+            if shard.gpu_device != self.device:
+                detail = f"sealed for GPU {shard.gpu_device}, this is GPU {self.device}"
+                self._fail(shard, "device", detail, [], [])
             raise NotSealed(
                 f"shard {shard.shard_id} is not resident on this manager (never sealed here, "
                 "or deallocated); seal it again"

@@ -75,7 +75,10 @@ class VramcorePluginManager(pluggy.PluginManager):
         self, plugin: object, name: str | None = None, *, distribution: str = "", version: str = ""
     ) -> str:
         """Register ``plugin`` and reject it (unregistered again) if it has unknown hooks."""
-        registered = self.register(plugin, name=name)
+        try:
+            registered = self.register(plugin, name=name)
+        except pluggy.PluginValidationError as exc:  # a known hook with wrong arguments
+            raise ConfigError(f"plugin {name or plugin!r} is invalid: {exc}") from None
         if registered is None:
             raise ConfigError(f"plugin {name or plugin!r} is blocked or already registered")
         unknown = [
@@ -147,6 +150,8 @@ def _load_entrypoints(pm: VramcorePluginManager, env: Mapping[str, str], *, stri
         version = ep.dist.version if ep.dist is not None else "?"
         try:
             plugin = ep.load()
+            if pm.is_registered(plugin):  # also passed directly (tests compose this way)
+                continue
             pm.register_checked(plugin, name=ep.name, distribution=dist, version=version)
         except Exception as exc:
             failure = PluginFailure(ep.name, dist, f"{type(exc).__name__}: {exc}")

@@ -13,8 +13,9 @@ import json
 import struct
 from typing import BinaryIO
 
-from vramcore.errors import IntegrityViolation
+from vramcore.errors import IntegrityViolation, InvalidInput
 from vramcore.shard import TensorRange
+from vramcore.validation import clean_text, safe_repr
 
 __all__ = ["MAX_HEADER_BYTES", "read_tensor_map", "write_safetensors"]
 
@@ -47,6 +48,13 @@ def read_tensor_map(fh: BinaryIO, file_size: int) -> tuple[TensorRange, ...]:
     for name, spec in header.items():
         if name == "__metadata__":
             continue
+        try:  # names reach error messages and audit events: no escapes or bidi controls
+            clean_text(name, field="tensor name")
+        except InvalidInput:
+            raise IntegrityViolation(
+                f"safetensors tensor name {safe_repr(name)} contains a control or invisible "
+                "character"
+            ) from None
         offsets = spec.get("data_offsets") if isinstance(spec, dict) else None
         if (
             not isinstance(offsets, list)

@@ -37,6 +37,9 @@ _INVISIBLE = frozenset(
 )
 
 
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+
 def safe_repr(value: object, limit: int = 64) -> str:
     """A printable, bounded rendering of ``value`` for error messages."""
     text = ascii(value)
@@ -44,14 +47,17 @@ def safe_repr(value: object, limit: int = 64) -> str:
 
 
 def _is_unsafe_char(ch: str) -> bool:
-    return ch in _INVISIBLE or unicodedata.category(ch) in ("Cc", "Cs", "Co", "Cn")
+    # Cf: every format character (bidi, zero-width, tag characters U+E0000...); Zl/Zp: the
+    # Unicode line and paragraph separators, which split a log line like a newline does.
+    return ch in _INVISIBLE or unicodedata.category(ch) in _UNSAFE_CATEGORIES
 
 
 def clean_text(value: str, *, field: str, limit: int = MAX_FIELD_CHARS) -> str:
     """Return ``value`` if it is safe to put in an audit event, else raise.
 
-    Rejects control characters (NUL, ESC, newlines included), bidi controls, zero-width
-    characters, the BOM, surrogates and unassigned code points. Values longer than ``limit``
+    Rejects control characters (NUL, ESC, newlines included), bidi controls, zero-width and
+    other format characters, the BOM, line/paragraph separators, surrogates and unassigned
+    code points. Values longer than ``limit``
     characters are cut and marked with ``"...[truncated]"`` rather than rejected, so a long
     error text from a driver still reaches the audit log.
     """

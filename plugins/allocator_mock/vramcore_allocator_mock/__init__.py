@@ -19,7 +19,6 @@ Capacity is bookkeeping: the host memory used is what is allocated, not the capa
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import threading
@@ -56,9 +55,9 @@ def parse_vram(text: str) -> tuple[int | None, int]:
 class _Allocation:
     __slots__ = ("kind", "mem", "view")
 
-    def __init__(self, nbytes: int, kind: MemoryKind) -> None:
-        self.mem = bytearray(nbytes)
-        self.view = memoryview(self.mem)
+    def __init__(self, mem: bytearray, kind: MemoryKind) -> None:
+        self.mem = mem
+        self.view = memoryview(mem)
         self.kind = kind
 
 
@@ -68,11 +67,21 @@ class MockBackend(AllocatorBackend):
     :param devices: number of devices.
     :param capacity: bytes per device.
     :param name: backend name reported in events.
+    :param cache_bytes: host memory of freed allocations kept for reuse, like a CUDA caching
+        allocator (first-touching fresh host pages costs more than the copies on many VMs).
+        A reused allocation keeps its old bytes, as device memory does.
     """
 
     name = "mock"
 
-    def __init__(self, devices: int = 1, capacity: int = 24 << 30, *, name: str = "mock") -> None:
+    def __init__(
+        self,
+        devices: int = 1,
+        capacity: int = 24 << 30,
+        *,
+        name: str = "mock",
+        cache_bytes: int = 512 << 20,
+    ) -> None:
         if devices < 1 or capacity < 1:
             raise ConfigError("the mock needs at least one device of at least one byte")
         self.name = name
@@ -87,6 +96,9 @@ class MockBackend(AllocatorBackend):
         self._next_kind = MemoryKind.DEVICE
         self.allocations = 0  #: allocations made so far (tests read it)
         self.closed = False
+        self._cache: dict[int, list[bytearray]] = {}
+        self._cache_limit = cache_bytes
+        self._cached = 0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> MockBackend:
@@ -188,6 +200,8 @@ class MockBackend(AllocatorBackend):
     def allocate(self, device: int, nbytes: int) -> DeviceBuffer:
         """Allocate ``nbytes`` of (host) memory accounted to ``device``."""
         self._check_device(device)
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes <= 0:
+            raise InvalidInput(f"allocation size must be a positive integer, got {nbytes!r}")
         with self._lock:
             if self._fail_alloc:
                 raise AllocationFailed(f"mock allocation failed: {self._fail_alloc.pop(0)}")
@@ -197,7 +211,7 @@ class MockBackend(AllocatorBackend):
             self._used[device] += nbytes
             kind = self._next_kind
         try:
-            alloc = _Allocation(nbytes, kind)
+            alloc = _Allocation(self._take_cached(nbytes) or bytearray(nbytes), kind)
         except MemoryError:
             with self._lock:
                 self._used[device] -= nbytes
@@ -249,9 +263,22 @@ class MockBackend(AllocatorBackend):
             alloc = entry[1]
             self._used[buf.device] -= buf.nbytes
             buf.freed = True
-        # A caller may still hold a view of it; then dropping our references suffices.
-        with contextlib.suppress(BufferError):
+        try:
             alloc.view.release()
+        except BufferError:  # a caller still holds a view: never hand this memory out again
+            return
+        with self._lock:
+            if self._cached + buf.nbytes <= self._cache_limit:
+                self._cache.setdefault(buf.nbytes, []).append(alloc.mem)
+                self._cached += buf.nbytes
+
+    def _take_cached(self, nbytes: int) -> bytearray | None:
+        with self._lock:
+            pool = self._cache.get(nbytes)
+            if not pool:
+                return None
+            self._cached -= nbytes
+            return pool.pop()
 
     def memory_kind(self, buf: DeviceBuffer) -> MemoryKind:
         """What :meth:`hand_out` said when the buffer was allocated (``DEVICE`` by default)."""
