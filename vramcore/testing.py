@@ -19,6 +19,7 @@ Outside pytest, :class:`CapturingSink` and :class:`CapturePlugin` work on their 
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -162,3 +163,38 @@ def mock_manager(
         yield manager
     finally:
         manager.close()
+
+
+def _gpu_available() -> str | None:
+    """``None`` when a CUDA GPU is visible, else why not (for the ``gpu`` marker's skip)."""
+    import shutil
+    import subprocess
+
+    if os.environ.get("VRAMCORE_FORCE_GPU_TESTS") == "1":
+        return None
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return "no NVIDIA driver (nvidia-smi not found); run scripts/gpu-check on a GPU machine"
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20, check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"nvidia-smi failed: {exc}"
+    if out.returncode != 0 or "GPU" not in out.stdout:
+        return "nvidia-smi lists no GPU"
+    return None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the ``gpu`` marker for any project using this plugin."""
+    config.addinivalue_line("markers", "gpu: needs a real CUDA GPU (skipped with a reason)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip ``gpu``-marked tests, saying why, when no GPU is visible."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    reason = _gpu_available()
+    if reason is not None:
+        for item in gpu_items:
+            item.add_marker(pytest.mark.skip(reason=f"gpu test: {reason}"))

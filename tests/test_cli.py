@@ -1,0 +1,190 @@
+"""The vramcore CLI: every core command, --json, exit codes, no secret in any output."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vramcore.cli import main
+from vramcore.safetensors import write_safetensors
+
+TOKEN = "cli-test-token-do-not-print-7f3a9c"
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("VRAMCORE_WORKER_TOKEN", TOKEN)
+    monkeypatch.setenv("VRAMCORE_AUDIT_LOG", str(tmp_path / "audit"))
+    monkeypatch.setenv("VRAMCORE_MOCK_VRAM", "1GiB")
+    monkeypatch.delenv("VRAMCORE_ALLOCATOR", raising=False)
+    monkeypatch.delenv("VRAMCORE_PLUGINS", raising=False)
+    monkeypatch.delenv("VRAMCORE_DISABLE_PLUGINS", raising=False)
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    assert TOKEN not in out + err
+    return code, out, err
+
+
+def model(tmp_path: Path) -> Path:
+    path = tmp_path / "m.safetensors"
+    with path.open("wb") as fh:
+        write_safetensors(
+            fh,
+            {"a.weight": ("U8", [70000], os.urandom(70000)), "b.bias": ("U8", [300], b"x" * 300)},
+        )
+    return path
+
+
+def test_plugins_lists_mock_backend_and_hooks(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "plugins", "--json")
+    data = json.loads(out)
+    assert code == 0
+    names = {p["name"]: p for p in data["plugins"]}
+    assert "vramcore_allocator_backends" in names["mock"]["hooks"]
+    assert names["mock"]["distribution"] == "vramcore-allocator-mock"
+    mock = next(b for b in data["backends"] if b["name"] == "mock")
+    assert mock["viable"] is True and mock["reason"] is None
+    assert data["failures"] == []
+
+
+def test_plugins_human_output(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "plugins")
+    assert code == 0
+    assert "Allocator backends:" in out and "mock" in out
+
+
+def test_devices_reports_policy_verdict(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "devices", "--json")
+    data = json.loads(out)
+    assert code == 0
+    assert data["backend"] == "mock"
+    assert data["devices"][0]["policy_ok"] is True
+    assert data["devices"][0]["total_bytes"] == 1 << 30
+
+
+def test_unknown_allocator_is_usage_error_listing_choices(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, _, err = run(capsys, "devices", "--allocator", "nope")
+    assert code == 2
+    assert "choose one of: mock" in err
+    assert "Traceback" not in err
+
+
+def test_seal_prints_attestation_without_signature(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = model(tmp_path)
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    code, out, _ = run(capsys, "seal", str(path), "--json", "--expect-sha256", sha)
+    data = json.loads(out)
+    assert code == 0
+    att = data["attestation"]
+    assert att["file_sha256"] == sha
+    assert att["vram_bytes"] == path.stat().st_size
+    assert "signature" not in att
+    assert [t[0] for t in att["tensors"]] == ["a.weight", "b.bias"]
+    assert data["seal_throughput_gib_s"] > 0 and data["verify_throughput_gib_s"] > 0
+
+
+def test_seal_wrong_sha256_is_integrity_failure(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code, _, err = run(capsys, "seal", str(model(tmp_path)), "--expect-sha256", "0" * 64)
+    assert code == 1
+    assert "SHA-256 mismatch" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["seal", "/nonexistent/file.bin", "--no-audit"], "no such file"),
+        (["seal", "FILE", "--expect-sha256", "xyz", "--no-audit"], "64 hexadecimal digits"),
+        (["seal", "FILE", "--device", "7", "--no-audit"], "device 7 does not exist"),
+        (["seal", "FILE", "--shard-id", "../etc", "--no-audit"], "shard_id"),
+    ],
+)
+def test_seal_usage_errors_exit_2(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, args: list[str], message: str
+) -> None:
+    path = model(tmp_path)
+    code, _, err = run(capsys, *[str(path) if a == "FILE" else a for a in args])
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_missing_audit_sink_is_configuration_error(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VRAMCORE_PLUGINS", "mock")  # no sink plugin loaded
+    code, _, err = run(capsys, "seal", str(model(tmp_path)))
+    assert code == 2
+    assert "no audit sink" in err
+
+
+def test_demo_detects_tamper_and_names_tensor(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "demo", "--json")
+    data = json.loads(out)
+    assert code == 0
+    assert data["ok"] is True
+    assert data["tamper"]["detected"] is True
+    assert data["tamper"]["tensors"] == ["layers.1.mlp.up.weight"]
+    start, end = data["tamper"]["byte_range"]
+    assert start <= data["tamper"]["offset"] < end
+
+
+def test_demo_without_audit_plugins_still_runs(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VRAMCORE_PLUGINS", "mock")
+    code, out, err = run(capsys, "demo")
+    assert code == 0
+    assert "demo     OK" in out
+    assert "audit disabled" in err
+
+
+def test_bench_prints_ratios_against_baseline(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "bench", "--size", "1MiB", "--repeat", "1", "--json", "--no-audit")
+    data = json.loads(out)
+    assert code == 0
+    assert data["bytes"] == 1 << 20
+    baseline = data["sha256, 1 thread (baseline)"]
+    assert baseline["ratio"] == pytest.approx(1.0)
+    assert data["verify_sealed (mock)"]["gib_s"] > 0
+
+
+def test_no_command_prints_help_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys)
+    assert code == 2
+    assert "usage: vramcore" in err
+
+
+def test_unknown_command_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["frobnicate"])
+    assert info.value.code == 2
+
+
+def test_console_script_runs_as_a_process(tmp_path: Path) -> None:
+    env = {**os.environ, "VRAMCORE_WORKER_TOKEN": TOKEN, "VRAMCORE_AUDIT_LOG": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "vramcore.cli", "demo", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["ok"] is True
+    assert TOKEN not in proc.stdout + proc.stderr
