@@ -199,7 +199,12 @@ def cmd_seal(args: argparse.Namespace, console: Console, pm: VramcorePluginManag
             f"sealing {path} ({_human_bytes(size)}) on {manager.backend_name} GPU {manager.device}"
         )
         t0 = time.perf_counter()
-        shard = manager.seal_file(path, shard_id=args.shard_id, expected_sha256=args.expect_sha256)
+        shard = manager.seal_file(
+            path,
+            shard_id=args.shard_id,
+            expected_sha256=args.expect_sha256,
+            progress=_progress_printer(console, size),
+        )
         t1 = time.perf_counter()
         manager.verify_sealed(shard)
         t2 = time.perf_counter()
@@ -228,6 +233,21 @@ def cmd_seal(args: argparse.Namespace, console: Console, pm: VramcorePluginManag
     lines.extend(_report_lines(reports))
     console.result(data, "\n".join(lines))
     return EXIT_OK
+
+
+def _progress_printer(console: Console, total: int) -> Any:
+    """A ``progress`` callback drawing one updating line on an interactive stderr."""
+    if console.json or total < (64 << 20) or not sys.stderr.isatty():
+        return None
+    start = time.perf_counter()
+
+    def show(done: int, _total: int) -> None:
+        rate = _rate(done, time.perf_counter() - start)
+        end = "\n" if done >= total else ""
+        line = f"\r  loaded {done * 100 // total:3d}% ({rate})"
+        print(line, end=end, file=sys.stderr, flush=True)
+
+    return show
 
 
 def _report_lines(reports: list[dict[str, Any]]) -> list[str]:

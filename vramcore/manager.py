@@ -315,6 +315,7 @@ class VramManager:
         *,
         shard_id: str | None = None,
         expected_sha256: str | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> SealedShard:
         """Stream a file into VRAM, byte for byte, and seal it.
 
@@ -325,6 +326,7 @@ class VramManager:
         and checked before the shard is sealed; on mismatch nothing stays allocated.
 
         :param shard_id: default: the file name when it is a valid shard id, else a random id.
+        :param progress: called as ``progress(bytes_loaded, total_bytes)`` after each chunk.
         :raises InvalidInput: the path is missing, not a regular file, or empty.
         :raises IntegrityViolation: SHA-256 mismatch, a malformed safetensors header, or the
             file changed size while being read.
@@ -352,13 +354,19 @@ class VramManager:
         digest_of_file: list[str] = []
 
         def write(buf: DeviceBuffer, op: Operation) -> None:
-            digest_of_file.append(self._stream_file(p, buf, nbytes))
+            digest_of_file.append(self._stream_file(p, buf, nbytes, progress))
             if expected is not None:
                 self._check_expected(digest_of_file[0], expected)
 
         return self._seal(sid, nbytes, write, "file", tensors, lambda: digest_of_file[0])
 
-    def _stream_file(self, path: Path, buf: DeviceBuffer, nbytes: int) -> str:
+    def _stream_file(
+        self,
+        path: Path,
+        buf: DeviceBuffer,
+        nbytes: int,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> str:
         """Copy the file into ``buf``; return its SHA-256, hashed while the next chunk loads."""
         sha = hashlib.sha256()
         pending: Future[None] | None = None
@@ -379,6 +387,8 @@ class VramManager:
                         pending.result()
                     pending = _pool().submit(sha.update, view[:n])
                     offset += n
+                    if progress is not None:
+                        progress(offset, nbytes)
                 if fh.read(1):
                     raise IntegrityViolation(f"{path} grew while it was loaded")
             finally:
