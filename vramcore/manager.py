@@ -836,11 +836,17 @@ class VramManager:
         Idempotent. Raises :class:`AuditError` after cleaning up if a sink failed to close
         (events may not be durable).
         """
+        me = threading.get_ident()
         with self._lock:
             if self._closed:
                 return
             residents = list(self._residents.values())
+            if any(me in r.readers for r in residents):
+                raise InvalidInput("cannot close the manager inside one of its verified() blocks")
             self._residents.clear()
+            # Shards in use by other threads are freed once their verified() blocks exit.
+            while any(r.readers for r in residents):
+                self._released.wait()
         errors: list[BaseException] = []
         for resident in residents:
             try:
