@@ -85,7 +85,7 @@ def test_seal_prints_attestation_without_signature(
 ) -> None:
     path = model(tmp_path)
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
-    code, out, _ = run(capsys, "seal", str(path), "--json", "--expect-sha256", sha)
+    code, out, _ = run(capsys, "seal", str(path), "--json", "--no-audit", "--expect-sha256", sha)
     data = json.loads(out)
     assert code == 0
     att = data["attestation"]
@@ -99,7 +99,9 @@ def test_seal_prints_attestation_without_signature(
 def test_seal_wrong_sha256_is_integrity_failure(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    code, _, err = run(capsys, "seal", str(model(tmp_path)), "--expect-sha256", "0" * 64)
+    code, _, err = run(
+        capsys, "seal", str(model(tmp_path)), "--no-audit", "--expect-sha256", "0" * 64
+    )
     assert code == 1
     assert "SHA-256 mismatch" in err
 
