@@ -131,7 +131,16 @@ def test_missing_audit_sink_is_configuration_error(
     monkeypatch.setenv("VRAMCORE_PLUGINS", "mock")  # no sink plugin loaded
     code, _, err = run(capsys, "seal", str(model(tmp_path)))
     assert code == 2
-    assert "no audit sink" in err
+    assert "no durable audit sink" in err
+
+
+def test_narration_only_sink_does_not_satisfy_required_audit(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VRAMCORE_PLUGINS", "mock,audit_tracing")
+    code, _, err = run(capsys, "seal", str(model(tmp_path)))
+    assert code == 2
+    assert "no durable audit sink is configured (sinks: " in err
 
 
 def test_demo_detects_tamper_and_names_tensor(capsys: pytest.CaptureFixture[str]) -> None:

@@ -44,9 +44,13 @@ class AuditSink:
     """Base class of an audit sink. Subclasses override :meth:`emit` at least.
 
     :attr name: shown in errors and in ``vramcore plugins``.
+    :attr durable: whether the sink keeps a lasting record (a log file, a remote store).
+        ``audit="required"`` needs at least one durable sink; narration-only sinks (traces,
+        logs) set this to ``False``.
     """
 
     name: str = "sink"
+    durable: bool = True
 
     def emit(self, event: AuditEvent) -> None:
         """Record ``event``; return only when it is as durable as the sink promises."""

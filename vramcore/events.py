@@ -99,6 +99,13 @@ class AuditEvent:
     def __attrs_post_init__(self) -> None:
         for field in attrs.fields(type(self)):
             value = getattr(self, field.name)
+            # Field types are the annotation strings (postponed annotations).
+            if field.type in ("str", str) and not isinstance(value, str):
+                raise InvalidInput(f"{field.name} must be a string, got {type(value).__name__}")
+            if field.type in ("int", int) and (
+                isinstance(value, bool) or not isinstance(value, int)
+            ):
+                raise InvalidInput(f"{field.name} must be an integer, got {type(value).__name__}")
             if isinstance(value, str) and field.name != "severity":
                 object.__setattr__(self, field.name, clean_text(value, field=field.name))
             elif isinstance(value, tuple):

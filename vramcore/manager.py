@@ -174,9 +174,11 @@ class VramManager:
             context = SinkContext(worker_id=self.worker_id, device=self.device, token=self._token)
             for sinks in self._hook.vramcore_audit_sinks(context=context):
                 self._sinks.extend(sinks)
-            if not self._sinks:
+            if not any(sink.durable for sink in self._sinks):
+                names = ", ".join(sink.name for sink in self._sinks) or "none"
                 raise AuditError(
-                    "no audit sink is configured and audit='required': install "
+                    f"no durable audit sink is configured (sinks: {names}) and "
+                    "audit='required': install "
                     "vramcore-audit-chain and set VRAMCORE_AUDIT_LOG=/path/to/dir, or pass "
                     "audit='disabled' to run without an audit trail on purpose",
                     configuration=True,
@@ -450,6 +452,8 @@ class VramManager:
                 )
             except BaseException as exc:
                 self._abandon(shard_id, nbytes, buf, exc)
+                with contextlib.suppress(Exception):  # capacity as it is after the clean-up
+                    self._capacity_attributes(op)
                 raise
             with self._lock:
                 self._reserved.discard(shard_id)
@@ -704,6 +708,7 @@ class VramManager:
                     )
             if problem is not None:
                 op.attributes["outcome"] = "mismatch"
+                op.attributes["reason"] = problem[0]
                 self._fail(shard, *problem)
             self._emit(
                 events.SealVerified(

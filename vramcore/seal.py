@@ -194,12 +194,15 @@ def canonical_seal_message(
     digest: str,
     sealed_at: str,
     tensors: Sequence[tuple[str, int, int]] = (),
+    file_sha256: str = "",
 ) -> bytes:
     """The exact bytes the seal HMAC covers.
 
     ``magic ‖ version ‖ field...`` with every item as a 4-byte big-endian length and its
     UTF-8 (integers in decimal ASCII). The tensor map, when present, is covered through the
     SHA-256 of its own length-prefixed encoding, so a tampered map cannot misname a tensor.
+    The file SHA-256 checked while loading (``""`` when none) is covered too, so an
+    attestation cannot claim another file.
     """
     parts: Iterable[str | int | bytes] = (
         _MAGIC,
@@ -212,6 +215,7 @@ def canonical_seal_message(
         digest,
         sealed_at,
         _tensor_map_digest(tensors),
+        file_sha256,
     )
     return b"".join(_field(p) for p in parts)
 

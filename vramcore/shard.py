@@ -88,6 +88,7 @@ class SealedShard:
             digest=self.digest,
             sealed_at=format_timestamp(self.sealed_at),
             tensors=[(t.name, t.start, t.end) for t in self.tensors],
+            file_sha256=self.file_sha256 or "",
         )
 
     def tensors_in(self, ranges: Sequence[tuple[int, int]]) -> list[str]:

@@ -47,7 +47,11 @@ TEST_TOKEN = "vramcore-test-token-0123456789abcdef"  # noqa: S105 - a fixed test
 
 
 class CapturingSink(AuditSink):
-    """Keeps every event in :attr:`events`, in order (thread-safe)."""
+    """Keeps every event in :attr:`events`, in order (thread-safe).
+
+    Counts as durable, so a manager with only this sink satisfies ``audit="required"`` in
+    tests; it stands in for a real sink such as the audit chain.
+    """
 
     name = "capture"
 
