@@ -426,8 +426,9 @@ class VramManager:
         def seal(op: Operation) -> SealedShard:
             self._reserve(shard_id)
             buf: DeviceBuffer | None = None
+            allocated: list[DeviceBuffer] = []  # set even if a narration wrapper then raises
             try:
-                buf = self._allocate(shard_id, nbytes)
+                buf = self._allocate(shard_id, nbytes, allocated)
                 self._narrate(
                     "copy",
                     lambda cop: write(buf, cop),
@@ -451,7 +452,7 @@ class VramManager:
                     )
                 )
             except BaseException as exc:
-                self._abandon(shard_id, nbytes, buf, exc)
+                self._abandon(shard_id, nbytes, allocated[0] if allocated else None, exc)
                 with contextlib.suppress(Exception):  # capacity as it is after the clean-up
                     self._capacity_attributes(op)
                 raise
@@ -472,7 +473,7 @@ class VramManager:
                 )
             self._reserved.add(shard_id)
 
-    def _allocate(self, shard_id: str, nbytes: int) -> DeviceBuffer:
+    def _allocate(self, shard_id: str, nbytes: int, allocated: list[DeviceBuffer]) -> DeviceBuffer:
         def allocate(op: Operation) -> DeviceBuffer:
             free = self._backend.mem_info(self.device)[0]
             if nbytes > free:
@@ -486,6 +487,7 @@ class VramManager:
             except BaseException:
                 self._free(buf)
                 raise
+            allocated.append(buf)
             self._emit(
                 events.VramAllocated(
                     worker_id=self.worker_id,

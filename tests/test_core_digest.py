@@ -1,0 +1,180 @@
+"""The RFC 6962 Merkle digest, against an independent implementation written here."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vramcore.digest import (
+    DEFAULT_LEAF_SIZE,
+    DIGEST_ALG,
+    corrupted_ranges,
+    hash_leaves,
+    leaf_count,
+    merkle_root,
+    read_and_hash,
+)
+from vramcore.errors import InvalidInput
+
+
+def rfc6962_mth(leaves: list[bytes]) -> bytes:
+    """RFC 6962 section 2.1 Merkle Tree Hash, recursively, over raw leaf *data*."""
+    n = len(leaves)
+    if n == 0:
+        return hashlib.sha256(b"").digest()
+    if n == 1:
+        return hashlib.sha256(b"\x00" + leaves[0]).digest()
+    k = 1
+    while k * 2 < n:  # the largest power of two smaller than n
+        k *= 2
+    return hashlib.sha256(b"\x01" + rfc6962_mth(leaves[:k]) + rfc6962_mth(leaves[k:])).digest()
+
+
+def reference_digest(data: bytes, leaf_size: int) -> bytes:
+    leaves = [data[i : i + leaf_size] for i in range(0, len(data), leaf_size)]
+    return rfc6962_mth(leaves)
+
+
+def test_reference_matches_the_rfc_6962_test_vector() -> None:
+    # Certificate Transparency's reference tree (8 leaves) from the RFC 6962 test data.
+    vector = [
+        b"",
+        b"\x00",
+        b"\x10",
+        b"\x20\x21",
+        b"\x30\x31",
+        b"\x40\x41\x42\x43",
+        b"\x50\x51\x52\x53\x54\x55\x56\x57",
+        b"\x60\x61\x62\x63\x64\x65\x66\x67\x68\x69\x6a\x6b\x6c\x6d\x6e\x6f",
+    ]
+    assert rfc6962_mth(vector).hex() == (
+        "5dc9da79a70659a9ad559cb701ded9a2ab9d823aad2f4960cfe370eff4604328"
+    )
+    leaf_hashes = [hashlib.sha256(b"\x00" + leaf).digest() for leaf in vector]
+    assert merkle_root(leaf_hashes) == rfc6962_mth(vector)
+    for n in range(1, 9):
+        assert merkle_root(leaf_hashes[:n]) == rfc6962_mth(vector[:n]), n
+
+
+def test_constants() -> None:
+    assert DIGEST_ALG == "rfc6962-sha256"
+    assert DEFAULT_LEAF_SIZE == 65536
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    nbytes=st.integers(min_value=1, max_value=40 * 4096 + 5),
+    leaf_pages=st.sampled_from([1, 2, 3, 16]),
+    seed=st.binary(min_size=1, max_size=8),
+)
+def test_digest_equals_the_reference_for_random_sizes(
+    nbytes: int, leaf_pages: int, seed: bytes
+) -> None:
+    leaf_size = 4096 * leaf_pages
+    data = (hashlib.sha256(seed).digest() * (nbytes // 32 + 1))[:nbytes]
+    leaves = hash_leaves(data, leaf_size)
+    assert len(leaves) == leaf_count(nbytes, leaf_size)
+    assert merkle_root(leaves) == reference_digest(data, leaf_size)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(min_size=32, max_size=32), min_size=1, max_size=70))
+def test_merkle_root_equals_the_recursive_split_for_any_leaf_count(hashes: list[bytes]) -> None:
+    def mth(h: list[bytes]) -> bytes:
+        if len(h) == 1:
+            return h[0]
+        k = 1
+        while k * 2 < len(h):
+            k *= 2
+        return hashlib.sha256(b"\x01" + mth(h[:k]) + mth(h[k:])).digest()
+
+    assert merkle_root(hashes) == mth(hashes)
+
+
+@pytest.mark.parametrize(
+    "nbytes",
+    [1, 4095, 65535, 65536, 65537, 2 * 65536, 3 * 65536 + 1, 5 * (1 << 20) + 3],
+    ids=lambda n: f"{n}B",
+)
+def test_edge_sizes(nbytes: int) -> None:
+    data = os.urandom(nbytes)
+    leaves = hash_leaves(data)
+    assert len(leaves) == -(-nbytes // 65536)
+    assert merkle_root(leaves) == reference_digest(data, 65536)
+
+
+def test_empty_and_single_leaf() -> None:
+    assert hash_leaves(b"") == []
+    assert merkle_root([]) == hashlib.sha256(b"").digest()
+    assert leaf_count(0, 65536) == 1
+    one = hash_leaves(b"abc")
+    assert one == [hashlib.sha256(b"\x00abc").digest()]
+    assert merkle_root(one) == one[0]
+
+
+def test_leaf_and_node_hashes_are_domain_separated() -> None:
+    # A two-leaf tree's root is not the leaf hash of the concatenated leaf hashes.
+    a, b = hash_leaves(b"a" * 4096 + b"b" * 4096, 4096)
+    assert merkle_root([a, b]) == hashlib.sha256(b"\x01" + a + b).digest()
+    assert merkle_root([a, b]) != hashlib.sha256(b"\x00" + a + b).digest()
+
+
+@pytest.mark.parametrize("leaf_size", [0, -4096, 1000, 4097, True, 4096.0])
+def test_bad_leaf_size(leaf_size: object) -> None:
+    with pytest.raises(InvalidInput):
+        hash_leaves(b"x", leaf_size)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput):
+        read_and_hash(1, lambda o, out: None, leaf_size)  # type: ignore[arg-type]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    nbytes=st.integers(min_value=1, max_value=24 * 4096 + 7),
+    chunk_leaves=st.integers(min_value=0, max_value=5),
+)
+def test_read_and_hash_equals_hash_leaves_with_small_chunks(nbytes: int, chunk_leaves: int) -> None:
+    data = os.urandom(nbytes)
+    reads: list[tuple[int, int]] = []
+
+    def read_into(offset: int, out: memoryview) -> None:
+        reads.append((offset, len(out)))
+        out[:] = data[offset : offset + len(out)]
+
+    chunk = chunk_leaves * 4096 + 100  # not a leaf multiple: rounded down, at least one leaf
+    assert read_and_hash(nbytes, read_into, 4096, chunk) == hash_leaves(data, 4096)
+    step = max(4096, chunk // 4096 * 4096)
+    assert reads == [(o, min(step, nbytes - o)) for o in range(0, nbytes, step)]
+
+
+def test_read_and_hash_keeps_at_most_two_staging_buffers() -> None:
+    nbytes, chunk = 10 * 4096, 4096
+    data = os.urandom(nbytes)
+    buffers: set[int] = set()
+
+    def read_into(offset: int, out: memoryview) -> None:
+        buffers.add(id(out.obj))
+        out[:] = data[offset : offset + len(out)]
+
+    assert read_and_hash(nbytes, read_into, 4096, chunk) == hash_leaves(data, 4096)
+    assert len(buffers) == 2
+
+
+def _leaves(n: int) -> list[bytes]:
+    return [hashlib.sha256(bytes([i])).digest() for i in range(n)]
+
+
+def test_corrupted_ranges_names_and_merges_adjacent_leaves() -> None:
+    good = _leaves(8)
+    bad = list(good)
+    for i in (1, 2, 3, 6):
+        bad[i] = b"\xff" * 32
+    nbytes = 7 * 4096 + 10
+    assert corrupted_ranges(good, bad, 4096, nbytes) == [(4096, 4 * 4096), (6 * 4096, 7 * 4096)]
+    bad[7] = b"\xee" * 32  # the short last leaf ends at nbytes, merged with leaf 6
+    assert corrupted_ranges(good, bad, 4096, nbytes)[-1] == (6 * 4096, nbytes)
+    assert corrupted_ranges(good, good, 4096, nbytes) == []
+    assert corrupted_ranges(good, good[:-1], 4096, nbytes) == [(0, nbytes)]
