@@ -22,10 +22,9 @@ import socket
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import attrs
 
@@ -36,8 +35,6 @@ from vramcore.digest import (
     DEFAULT_LEAF_SIZE,
     DIGEST_ALG,
     StagingPool,
-    _pool,
-    corrupted_ranges,
     leaf_count,
     merkle_root,
     read_and_hash,
@@ -46,13 +43,13 @@ from vramcore.errors import (
     AuditError,
     ConfigError,
     InsufficientVram,
-    IntegrityViolation,
     InvalidInput,
     NotSealed,
     PolicyViolation,
     SealVerificationFailed,
     VramError,
 )
+from vramcore.loading import check_expected_sha256, stream_file
 from vramcore.narration import Operation
 from vramcore.plugins import get_plugin_manager, select_backend
 from vramcore.policy import Finding, VramPolicy
@@ -67,6 +64,7 @@ from vramcore.validation import (
     check_size,
     clean_text,
 )
+from vramcore.verification import Problem, digest_problem, seal_problem
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "VramManager"]
 
@@ -303,7 +301,7 @@ class VramManager:
         sid = self._shard_id(shard_id)
         file_sha = None
         if expected_sha256 is not None:
-            file_sha = self._check_expected(hashlib.sha256(view).hexdigest(), expected_sha256)
+            file_sha = check_expected_sha256(hashlib.sha256(view).hexdigest(), expected_sha256)
 
         def write(buf: DeviceBuffer, op: Operation) -> None:
             for offset in range(0, nbytes, self._chunk_bytes):
@@ -356,57 +354,13 @@ class VramManager:
         digest_of_file: list[str] = []
 
         def write(buf: DeviceBuffer, op: Operation) -> None:
-            digest_of_file.append(self._stream_file(p, buf, nbytes, progress))
+            digest_of_file.append(
+                stream_file(self._backend, buf, p, nbytes, self._staging, progress)
+            )
             if expected is not None:
-                self._check_expected(digest_of_file[0], expected)
+                check_expected_sha256(digest_of_file[0], expected)
 
         return self._seal(sid, nbytes, write, "file", tensors, lambda: digest_of_file[0])
-
-    def _stream_file(
-        self,
-        path: Path,
-        buf: DeviceBuffer,
-        nbytes: int,
-        progress: Callable[[int, int], None] | None = None,
-    ) -> str:
-        """Copy the file into ``buf``; return its SHA-256, hashed while the next chunk loads."""
-        sha = hashlib.sha256()
-        pending: Future[None] | None = None
-        offset = 0
-        chunks = 0
-        with self._staging.borrow(2) as staging, path.open("rb", buffering=0) as fh:
-            try:
-                while offset < nbytes:
-                    view = memoryview(staging[chunks % 2])
-                    chunks += 1
-                    n = fh.readinto(view[: min(self._chunk_bytes, nbytes - offset)])
-                    if not n:
-                        raise IntegrityViolation(
-                            f"{path} shrank while it was loaded ({offset} of {nbytes} bytes read)"
-                        )
-                    self._backend.copy_in(buf, offset, view[:n])
-                    if pending is not None:
-                        pending.result()
-                    pending = _pool().submit(sha.update, view[:n])
-                    offset += n
-                    if progress is not None:
-                        progress(offset, nbytes)
-                if fh.read(1):
-                    raise IntegrityViolation(f"{path} grew while it was loaded")
-            finally:
-                # The staging buffers go back to the pool: no hash may still be reading them.
-                if pending is not None:
-                    pending.result()
-        return sha.hexdigest()
-
-    def _check_expected(self, actual: str, expected: str) -> str:
-        expected = check_sha256_hex(expected)
-        if actual != expected:
-            raise IntegrityViolation(
-                f"SHA-256 mismatch: expected {expected}, the bytes have {actual}; "
-                "the shard was not sealed"
-            )
-        return actual
 
     def _shard_id(self, shard_id: str | None) -> str:
         return check_shard_id(shard_id) if shard_id is not None else f"shard-{uuid.uuid4().hex}"
@@ -675,12 +629,9 @@ class VramManager:
         if resident is None:
             # A forged, tampered or foreign seal is a verification failure (audited), not
             # merely "not resident": check the signature and device before saying NotSealed.
-            if not self._require_key().mac_matches(shard.signed_message(), shard.signature):
-                detail = "the seal's signature is not valid under this worker's key"
-                self._fail(shard, "signature", detail, [], [])
-            if shard.gpu_device != self.device:
-                detail = f"sealed for GPU {shard.gpu_device}, this is GPU {self.device}"
-                self._fail(shard, "device", detail, [], [])
+            problem = seal_problem(shard, self._require_key(), self.device, None)
+            if problem is not None:
+                self._fail(shard, problem)
             raise NotSealed(
                 f"shard {shard.shard_id} is not resident on this manager (never sealed here, "
                 "or deallocated); seal it again"
@@ -689,29 +640,14 @@ class VramManager:
 
     def _verify(self, shard: SealedShard, resident: _Resident) -> None:
         def verify(op: Operation) -> None:
-            problem = self._check_seal(shard, resident)
+            problem = seal_problem(shard, self._require_key(), self.device, resident.shard)
             if problem is None:
                 leaves = self._digest(shard.shard_id, resident.buffer)
-                if merkle_root(leaves).hex() != shard.digest:
-                    ranges = corrupted_ranges(
-                        resident.leaves, leaves, shard.leaf_size, shard.vram_bytes
-                    )
-                    tensors = shard.tensors_in(ranges)
-                    first = ranges[0] if ranges else (0, shard.vram_bytes)
-                    where = f"bytes {first[0]}-{first[1] - 1}"
-                    if tensors:
-                        where += f" (tensor {', '.join(tensors[:8])})"
-                    problem = (
-                        "digest",
-                        f"the bytes in VRAM changed since sealing: {where}"
-                        + (f" and {len(ranges) - 1} more range(s)" if len(ranges) > 1 else ""),
-                        ranges,
-                        tensors,
-                    )
+                problem = digest_problem(shard, resident.leaves, leaves)
             if problem is not None:
                 op.attributes["outcome"] = "mismatch"
-                op.attributes["reason"] = problem[0]
-                self._fail(shard, *problem)
+                op.attributes["reason"] = problem.reason
+                self._fail(shard, problem)
             self._emit(
                 events.SealVerified(
                     worker_id=self.worker_id,
@@ -730,57 +666,24 @@ class VramManager:
             leaf_size=shard.leaf_size,
         )
 
-    def _check_seal(
-        self, shard: SealedShard, resident: _Resident
-    ) -> tuple[str, str, list[tuple[int, int]], list[str]] | None:
-        if not self._require_key().mac_matches(shard.signed_message(), shard.signature):
-            return (
-                "signature",
-                "the seal's signature is not valid under this worker's key",
-                [],
-                [],
-            )
-        if shard.gpu_device != self.device:
-            return (
-                "device",
-                f"sealed for GPU {shard.gpu_device}, this is GPU {self.device}",
-                [],
-                [],
-            )
-        if shard.digest_alg != DIGEST_ALG or shard != resident.shard:
-            return (
-                "stale",
-                "the seal is not the one of the resident shard (replayed or old)",
-                [],
-                [],
-            )
-        return None
-
-    def _fail(
-        self,
-        shard: SealedShard,
-        reason: str,
-        detail: str,
-        ranges: list[tuple[int, int]],
-        tensors: list[str],
-    ) -> None:
+    def _fail(self, shard: SealedShard, problem: Problem) -> NoReturn:
         self._emit(
             events.SealVerificationFailed(
                 worker_id=self.worker_id,
                 shard_id=shard.shard_id,
                 device=self.device,
-                reason=reason,
-                detail=detail,
-                byte_ranges=tuple(ranges),
-                tensors=tuple(tensors),
+                reason=problem.reason,
+                detail=problem.detail,
+                byte_ranges=problem.ranges,
+                tensors=problem.tensors,
             )
         )
         raise SealVerificationFailed(
-            f"seal of shard {shard.shard_id} failed verification: {detail}",
+            f"seal of shard {shard.shard_id} failed verification: {problem.detail}",
             shard_id=shard.shard_id,
-            reason=reason,
-            corrupted_ranges=ranges,
-            tensors=tensors,
+            reason=problem.reason,
+            corrupted_ranges=problem.ranges,
+            tensors=problem.tensors,
         )
 
     # -- deallocation ---------------------------------------------------------------
