@@ -59,7 +59,7 @@ def test_bit_flip_in_a_model_is_detected_with_its_byte_range(
 
 def _raw_buffer(manager: Any, shard: Any) -> Any:
     """The shard's buffer without verifying it first (for a shard corrupted on purpose)."""
-    return manager._residents[shard.shard_id].buffer
+    return manager._residency.get(shard.shard_id).buffer
 
 
 def test_flips_in_several_leaves_report_merged_ranges(

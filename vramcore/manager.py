@@ -19,7 +19,6 @@ import hashlib
 import logging
 import os
 import socket
-import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
@@ -53,6 +52,7 @@ from vramcore.loading import check_expected_sha256, stream_file
 from vramcore.narration import Operation
 from vramcore.plugins import get_plugin_manager, select_backend
 from vramcore.policy import Finding, VramPolicy
+from vramcore.residency import Residency, Resident
 from vramcore.safetensors import read_tensor_map
 from vramcore.seal import SecretKey, WorkerToken
 from vramcore.shard import SealedShard, TensorRange
@@ -72,16 +72,6 @@ log = logging.getLogger("vramcore")
 
 #: Host staging size for file loads and VRAM read-back (two such buffers at most in flight).
 DEFAULT_CHUNK_BYTES = 8 << 20
-
-
-@attrs.define(eq=False)
-class _Resident:
-    """A shard this manager holds: its seal, buffer and leaf hashes (for range reports)."""
-
-    shard: SealedShard
-    buffer: DeviceBuffer
-    leaves: list[bytes]
-    readers: dict[int, int] = attrs.Factory(dict)  # thread id -> open verified() blocks
 
 
 class VramManager:
@@ -139,11 +129,7 @@ class VramManager:
         self._staging = StagingPool(self._chunk_bytes)
         self._pm = plugin_manager if plugin_manager is not None else get_plugin_manager()
         self._hook = self._pm.hook
-        self._lock = threading.Lock()
-        self._released = threading.Condition(self._lock)
-        self._residents: dict[str, _Resident] = {}
-        self._reserved: set[str] = set()
-        self._used = 0
+        self._residency = Residency()
         self._closed = False
         self._sinks: list[AuditSink] = []
         self._key: SecretKey | None = None
@@ -268,8 +254,7 @@ class VramManager:
 
     def used_vram(self) -> int:
         """Bytes this manager holds on the device (sealed shards and seals in progress)."""
-        with self._lock:
-            return self._used
+        return self._residency.used
 
     # -- sealing --------------------------------------------------------------------
 
@@ -378,7 +363,7 @@ class VramManager:
         attributes |= {"digest_alg": DIGEST_ALG, "leaf_size": self.leaf_size}
 
         def seal(op: Operation) -> SealedShard:
-            self._reserve(shard_id)
+            self._residency.reserve(shard_id)
             buf: DeviceBuffer | None = None
             allocated: list[DeviceBuffer] = []  # set even if a narration wrapper then raises
             try:
@@ -410,22 +395,14 @@ class VramManager:
                 with contextlib.suppress(Exception):  # capacity as it is after the clean-up
                     self._capacity_attributes(op)
                 raise
-            with self._lock:
-                self._reserved.discard(shard_id)
-                self._residents[shard_id] = _Resident(shard, buf, leaves)
+            if not self._residency.commit(Resident(shard, buf, leaves)):
+                # close() ran meanwhile: this shard must not outlive the manager.
+                self._release_buffer(shard_id, buf)
+                raise VramError("the manager was closed while the shard was being sealed")
             return shard
 
         result: SealedShard = self._narrate("seal", seal, **attributes)
         return result
-
-    def _reserve(self, shard_id: str) -> None:
-        with self._lock:
-            if shard_id in self._residents or shard_id in self._reserved:
-                raise InvalidInput(
-                    f"shard_id {shard_id} is already sealed on this manager; deallocate it first "
-                    "or choose another id"
-                )
-            self._reserved.add(shard_id)
 
     def _allocate(self, shard_id: str, nbytes: int, allocated: list[DeviceBuffer]) -> DeviceBuffer:
         def allocate(op: Operation) -> DeviceBuffer:
@@ -433,8 +410,7 @@ class VramManager:
             if nbytes > free:
                 raise InsufficientVram(nbytes, free, device=self.device)
             buf = self._backend.allocate(self.device, nbytes)
-            with self._lock:
-                self._used += nbytes
+            self._residency.add_bytes(nbytes)
             try:
                 finding = self.policy.check_allocation(self._backend.memory_kind(buf), self.device)
                 self._enforce([finding] if finding else [])
@@ -466,15 +442,13 @@ class VramManager:
 
     def _free(self, buf: DeviceBuffer) -> None:
         self._backend.free(buf)
-        with self._lock:
-            self._used -= buf.nbytes
+        self._residency.add_bytes(-buf.nbytes)
 
     def _abandon(
         self, shard_id: str, nbytes: int, buf: DeviceBuffer | None, exc: BaseException
     ) -> None:
         """Undo a failed seal: free what was allocated and audit it, then let ``exc`` go on."""
-        with self._lock:
-            self._reserved.discard(shard_id)
+        self._residency.cancel(shard_id)
         reason = (
             f"{type(exc).__name__}: {exc}" if isinstance(exc, VramError) else type(exc).__name__
         )
@@ -599,33 +573,17 @@ class VramManager:
         deallocate the shard meanwhile. Use ``buffer.native`` for the backend's own object.
         """
         self._check_open()
-        me = threading.get_ident()
-        with self._lock:
-            resident = (
-                self._residents.get(shard.shard_id) if isinstance(shard, SealedShard) else None
-            )
-            if resident is not None:
-                resident.readers[me] = resident.readers.get(me, 0) + 1
-        try:
+        shard_id = shard.shard_id if isinstance(shard, SealedShard) else ""
+        with self._residency.reading(shard_id) as resident:
             if resident is None:
                 resident = self._resident_for(shard)  # raises with the right error
             self._verify(shard, resident)
             yield resident.buffer
-        finally:
-            if resident is not None:
-                with self._lock:
-                    count = resident.readers.get(me, 0) - 1
-                    if count > 0:
-                        resident.readers[me] = count
-                    else:
-                        resident.readers.pop(me, None)
-                    self._released.notify_all()
 
-    def _resident_for(self, shard: SealedShard) -> _Resident:
+    def _resident_for(self, shard: SealedShard) -> Resident:
         if not isinstance(shard, SealedShard):
             raise InvalidInput(f"expected a SealedShard, got {type(shard).__name__}")
-        with self._lock:
-            resident = self._residents.get(shard.shard_id)
+        resident = self._residency.get(shard.shard_id)
         if resident is None:
             # A forged, tampered or foreign seal is a verification failure (audited), not
             # merely "not resident": check the signature and device before saying NotSealed.
@@ -638,7 +596,7 @@ class VramManager:
             )
         return resident
 
-    def _verify(self, shard: SealedShard, resident: _Resident) -> None:
+    def _verify(self, shard: SealedShard, resident: Resident) -> None:
         def verify(op: Operation) -> None:
             problem = seal_problem(shard, self._require_key(), self.device, resident.shard)
             if problem is None:
@@ -696,43 +654,27 @@ class VramManager:
         """
         self._check_open()
         shard_id = shard.shard_id if isinstance(shard, SealedShard) else check_shard_id(shard)
-        me = threading.get_ident()
-        with self._lock:
-            resident = self._residents.get(shard_id)
-            if resident is None:
-                raise NotSealed(f"shard {shard_id} is not resident on this manager")
-            if me in resident.readers:
-                raise InvalidInput(
-                    f"cannot deallocate shard {shard_id} inside its own verified() block"
-                )
-            del self._residents[shard_id]
-            while resident.readers:
-                self._released.wait()
-        self._release(resident)
+        resident = self._residency.take(shard_id)
+        self._release_buffer(shard_id, resident.buffer)
 
-    def _release(self, resident: _Resident) -> None:
-        shard = resident.shard
-
+    def _release_buffer(self, shard_id: str, buf: DeviceBuffer) -> None:
         def deallocate(op: Operation) -> None:
-            self._free(resident.buffer)
+            self._free(buf)
             self._capacity_attributes(op)
             self._emit(
                 events.VramDeallocated(
                     worker_id=self.worker_id,
-                    shard_id=shard.shard_id,
+                    shard_id=shard_id,
                     device=self.device,
-                    nbytes=shard.vram_bytes,
+                    nbytes=buf.nbytes,
                 )
             )
 
-        self._narrate(
-            "deallocate", deallocate, **self._base_attributes(shard.shard_id, shard.vram_bytes)
-        )
+        self._narrate("deallocate", deallocate, **self._base_attributes(shard_id, buf.nbytes))
 
     def shards(self) -> list[SealedShard]:
         """The seals of every shard resident on this manager."""
-        with self._lock:
-            return [r.shard for r in self._residents.values()]
+        return self._residency.seals()
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -746,25 +688,16 @@ class VramManager:
         Idempotent. Raises :class:`AuditError` after cleaning up if a sink failed to close
         (events may not be durable).
         """
-        me = threading.get_ident()
-        with self._lock:
-            if self._closed:
-                return
-            residents = list(self._residents.values())
-            if any(me in r.readers for r in residents):
-                raise InvalidInput("cannot close the manager inside one of its verified() blocks")
-            self._residents.clear()
-            # Shards in use by other threads are freed once their verified() blocks exit.
-            while any(r.readers for r in residents):
-                self._released.wait()
+        # Shards in use by other threads are freed once their verified() blocks exit.
+        residents = self._residency.take_all()
+        if residents is None:
+            return
         errors: list[BaseException] = []
         for resident in residents:
             try:
-                self._release(resident)
+                self._release_buffer(resident.shard.shard_id, resident.buffer)
             except BaseException as exc:
                 errors.append(exc)
-        with self._lock:
-            self._closed = True
         errors.extend(self._teardown())
         if errors:
             raise AuditError(
@@ -813,7 +746,7 @@ class VramManager:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"{len(self._residents)} shard(s)"
+        state = "closed" if self._closed else f"{len(self._residency)} shard(s)"
         return (
             f"<VramManager {self._backend.name} GPU{getattr(self, 'device', '?')} "
             f"worker={self.worker_id} token={self._token.fingerprint} {state}>"
