@@ -65,3 +65,34 @@ def test_seal_file_reports_progress_per_chunk(
         vram.seal_file(path, progress=lambda done, total: seen.append((done, total)))
     total = path.stat().st_size
     assert seen == [(65536, total), (131072, total), (196608, total), (total, total)]
+
+
+def test_seal_finishing_after_close_frees_its_buffer(
+    make_plugin_manager: Any, mock_backend: Any
+) -> None:
+    from vramcore import VramManager
+    from vramcore.errors import VramError
+    from vramcore.testing import TEST_TOKEN, CapturePlugin, CapturingSink
+
+    holder: list[Any] = []
+
+    class CloseOnSealed(CapturingSink):
+        """Closes the manager from another thread while the seal is being recorded."""
+
+        def emit(self, event: Any) -> None:
+            super().emit(event)
+            if event.event_type == "vram.sealed":
+                closer = threading.Thread(target=holder[0].close)
+                closer.start()
+                closer.join(5)
+
+    sink = CloseOnSealed()
+    manager = VramManager(
+        TEST_TOKEN, allocator=mock_backend, plugin_manager=make_plugin_manager(CapturePlugin(sink))
+    )
+    holder.append(manager)
+    with pytest.raises(VramError, match="closed while the shard was being sealed"):
+        manager.seal_model(b"z" * 70000, shard_id="late")
+    assert manager.used_vram() == 0
+    assert mock_backend.live_allocations == 0
+    assert sink.types()[-1] == "vram.deallocated"
