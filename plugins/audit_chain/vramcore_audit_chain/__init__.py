@@ -1,1 +1,52 @@
-"""Tamper-evident, crash-safe, forward-secure HMAC-chained audit log for vramcore, with an offline verifier."""
+"""vramcore-audit-chain: a tamper-evident, crash-safe, forward-secure audit log for vramcore.
+
+Every event becomes one NDJSON record carrying a sequence number, the previous record's MAC
+and an HMAC-SHA256 under a key that evolves one way at every checkpoint; Ed25519-signed
+checkpoints let anyone with the public key detect truncation. ``vramcore audit verify``
+proves a log intact offline. See FORMAT.md and README.md next to this package.
+
+The plugin is enabled by setting ``VRAMCORE_AUDIT_LOG`` to a directory.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from vramcore.audit import AuditSink, SinkContext
+from vramcore.commands import Commands
+from vramcore.hookspecs import hookimpl
+from vramcore_audit_chain._cli import add_commands
+from vramcore_audit_chain._config import ChainConfig, Durability
+from vramcore_audit_chain._keys import AuditorKey, load_key_file, load_public_key
+from vramcore_audit_chain._sink import ChainSink
+from vramcore_audit_chain._verify import REASONS, VerifyResult, verify_log
+from vramcore_audit_chain._writer import ChainWriter
+
+__all__ = [
+    "REASONS",
+    "AuditorKey",
+    "ChainConfig",
+    "ChainSink",
+    "ChainWriter",
+    "Durability",
+    "VerifyResult",
+    "load_key_file",
+    "load_public_key",
+    "verify_log",
+]
+
+
+@hookimpl
+def vramcore_audit_sinks(context: SinkContext) -> Sequence[AuditSink]:
+    """A :class:`ChainSink` when ``VRAMCORE_AUDIT_LOG`` is set, else none."""
+    config = ChainConfig.from_env(os.environ)
+    if config is None:
+        return []
+    return [ChainSink(config, context)]
+
+
+@hookimpl
+def vramcore_add_commands(commands: Commands) -> None:
+    """Add ``vramcore audit verify``, ``audit show`` and ``audit public-key``."""
+    add_commands(commands)

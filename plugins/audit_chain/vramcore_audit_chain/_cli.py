@@ -1,0 +1,196 @@
+"""``vramcore audit verify | show | public-key``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from vramcore.commands import EXIT_FAILURE, EXIT_OK, Commands, Console, UsageError
+from vramcore.seal import WorkerToken
+from vramcore_audit_chain import _format as fmt
+from vramcore_audit_chain._keys import load_key_file, load_public_key, public_key_hex, signing_key
+from vramcore_audit_chain._verify import REASONS, collect_log_files, verify_log
+
+__all__ = ["add_commands"]
+
+
+def add_commands(commands: Commands) -> None:
+    """Register the ``audit`` command group."""
+    group = commands.group("audit", help="verify and read the tamper-evident audit log")
+    p = group.add(
+        "verify",
+        help="prove an audit log intact (exit 0) or name the first bad record (exit 1)",
+        handler=cmd_verify,
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help="log directory or audit-*.ndjson")
+    p.add_argument(
+        "--key-file",
+        help="the auditor's initial key file written at setup (default: $VRAMCORE_AUDIT_KEY_FILE)",
+    )
+    p.add_argument(
+        "--public-key",
+        help="checkpoint public key (64 hex digits or a file such as checkpoint.pub); "
+        "alone, checks signatures and checkpoints only",
+    )
+    p.add_argument(
+        "--live",
+        action="store_true",
+        help="the log is still being written: accept a missing closing checkpoint and a "
+        "torn last line",
+    )
+    p = group.add("show", help="print audit records (not verified: run verify)", handler=cmd_show)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="log directory or audit-*.ndjson")
+    p.add_argument("--type", dest="rtype", choices=sorted(fmt.RECORD_TYPES), help="record type")
+    p.add_argument("--event-type", help="event type, such as vram.sealed")
+    p.add_argument("--shard", help="only records about this shard id")
+    p.add_argument("--since", help="from this UTC time (ISO 8601)")
+    p.add_argument("--until", help="up to this UTC time (ISO 8601)")
+    p.add_argument("--limit", type=int, help="at most this many records (the last ones)")
+    group.add(
+        "public-key",
+        help="print the checkpoint public key derived from VRAMCORE_WORKER_TOKEN",
+        handler=cmd_public_key,
+    )
+
+
+def cmd_verify(args: argparse.Namespace, console: Console) -> int:
+    """Verify a log; exit 0 intact, 1 with the first bad record, 2 on usage errors."""
+    key_path = args.key_file or os.environ.get("VRAMCORE_AUDIT_KEY_FILE") or None
+    public = load_public_key(args.public_key) if args.public_key else None
+    if key_path is None and public is None:
+        raise UsageError(
+            "give --key-file (the auditor-initial.key written when the log was created; or set "
+            "VRAMCORE_AUDIT_KEY_FILE) or --public-key (checkpoint.pub) for checkpoint-only "
+            "verification"
+        )
+    if key_path is not None:
+        key = load_key_file(Path(key_path))
+        result = verify_log(
+            args.paths,
+            initial_key=key.initial_key,
+            public_key=public,
+            expected_log_id=key.log_id,
+            allow_open=args.live,
+        )
+    else:
+        result = verify_log(args.paths, public_key=public, allow_open=args.live)
+    data = result.to_dict()
+    if result.reason is not None:
+        data["reason_text"] = REASONS.get(result.reason, "")
+    console.result(data, result.summary())
+    return EXIT_OK if result.ok else EXIT_FAILURE
+
+
+def _time(text: str | None, option: str) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(
+            f"{option} must be an ISO 8601 time such as 2026-01-31T12:00:00Z"
+        ) from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _records(paths: list[str]) -> Iterator[tuple[str, int, dict[str, Any] | None]]:
+    for path in collect_log_files(paths):
+        with path.open("rb") as f:
+            for n, line in enumerate(f, 1):
+                try:
+                    rec = json.loads(line)
+                    yield path.name, n, rec if isinstance(rec, dict) else None
+                except ValueError:
+                    yield path.name, n, None
+
+
+def _record_time(data: dict[str, Any]) -> datetime | None:
+    text = data.get("timestamp") or data.get("ts")
+    if not isinstance(text, str):
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _printable(value: object) -> str:
+    text = str(value)
+    return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in text)[:200]
+
+
+def _summary(rtype: str, data: dict[str, Any]) -> str:
+    if rtype == fmt.EVENT:
+        parts = [str(data.get("event_type", "?"))]
+        for key in ("shard_id", "device", "nbytes", "reason", "rule"):
+            if key in data:
+                parts.append(f"{key}={data[key]}")
+        return " ".join(parts)
+    if rtype == fmt.CHECKPOINT:
+        return f"reason={data.get('reason')} records={data.get('records')}"
+    if rtype == fmt.RECOVERY:
+        return f"quarantined {data.get('bytes')} bytes to {data.get('quarantine_file')}"
+    if rtype == fmt.OPEN:
+        return f"worker={data.get('worker_id')} clean={data.get('clean')}"
+    return f"log_id={data.get('log_id')} worker={data.get('worker_id')}"
+
+
+def cmd_show(args: argparse.Namespace, console: Console) -> int:
+    """Print records, filtered; unparseable lines are counted, not printed."""
+    since = _time(args.since, "--since")
+    until = _time(args.until, "--until")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError("--limit must be at least 1")
+    selected: list[dict[str, Any]] = []
+    bad = 0
+    for name, line_no, rec in _records(args.paths):
+        if rec is None or not isinstance(rec.get("data"), dict):
+            bad += 1
+            continue
+        data = rec["data"]
+        if args.rtype and rec.get("type") != args.rtype:
+            continue
+        if args.event_type and data.get("event_type") != args.event_type:
+            continue
+        if args.shard and data.get("shard_id") != args.shard:
+            continue
+        if since or until:
+            when = _record_time(data)
+            if when is None or (since and when < since) or (until and when > until):
+                continue
+        selected.append({"file": name, "line": line_no, **rec})
+    if args.limit is not None:
+        selected = selected[-args.limit :]
+    lines = [
+        _printable(
+            f"{r.get('seq', '?'):>8} {_record_time(r['data']) or '-'} {r.get('type', '?'):<10} "
+            f"{_summary(str(r.get('type')), r['data'])}"
+        )
+        for r in selected
+    ]
+    if bad:
+        lines.append(f"({bad} unreadable line(s) skipped; run `vramcore audit verify`)")
+    lines.append(f"({len(selected)} record(s) shown, NOT verified; use `vramcore audit verify`)")
+    console.result(
+        {"records": selected, "count": len(selected), "unreadable": bad}, "\n".join(lines)
+    )
+    return EXIT_OK
+
+
+def cmd_public_key(args: argparse.Namespace, console: Console) -> int:
+    """Print the public key that checks this worker's checkpoints."""
+    raw = os.environ.get("VRAMCORE_WORKER_TOKEN", "")
+    if not raw:
+        raise UsageError("set VRAMCORE_WORKER_TOKEN to the worker's token")
+    token = WorkerToken(raw)
+    try:
+        public = public_key_hex(signing_key(token))
+    finally:
+        token.wipe()
+    console.result({"public_key": public}, public)
+    return EXIT_OK

@@ -1,0 +1,112 @@
+"""The audit sink the plugin gives every manager: events into the chain, a verdict at close."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from vramcore.audit import AuditSink, SinkContext
+from vramcore.errors import ConfigError
+from vramcore.events import AuditEvent
+from vramcore_audit_chain._config import ChainConfig
+from vramcore_audit_chain._encode import encode_event
+from vramcore_audit_chain._keys import load_key_file, load_public_key
+from vramcore_audit_chain._verify import verify_log
+from vramcore_audit_chain._writer import ChainWriter
+
+__all__ = ["ChainSink"]
+
+
+class ChainSink(AuditSink):
+    """Writes every event to the hash-chained log in ``config.directory``.
+
+    :param config: the chain settings (:meth:`ChainConfig.from_env` reads them).
+    :param context: the manager's worker id, device and token.
+    :raises ConfigError: the directory is held by another writer or unusable.
+    :raises AuditError: the existing log does not continue cleanly.
+    """
+
+    name = "audit_chain"
+
+    def __init__(self, config: ChainConfig, context: SinkContext) -> None:
+        self.config = config
+        self._writer = ChainWriter(
+            config, context.token, worker_id=context.worker_id, device=context.device
+        )
+        self._closed = False
+        self._report: dict[str, Any] | None = None
+
+    @property
+    def public_key(self) -> str:
+        """The checkpoint public key (hex)."""
+        return self._writer.public_key
+
+    @property
+    def recovered(self) -> Mapping[str, Any] | None:
+        """What start-up recovery quarantined, if anything."""
+        return self._writer.recovered
+
+    def emit(self, event: AuditEvent) -> None:
+        """Append ``event``; returns once it is as durable as the durability mode promises."""
+        self._writer.append_event(encode_event(event), critical=event.critical)
+
+    def flush(self) -> None:
+        """Fsync everything emitted so far."""
+        self._writer.flush()
+
+    def close(self) -> None:
+        """Write the closing checkpoint and release the log."""
+        if self._closed:
+            return
+        self._closed = True
+        self._writer.close()
+
+    def report(self) -> Mapping[str, Any] | None:
+        """After :meth:`close`: verify the log just written and summarise it.
+
+        Verifies with the auditor's initial key file while it is still where setup wrote it
+        (full verification), else with the public key (checkpoints only).
+        """
+        base: dict[str, Any] = {
+            "path": str(self.config.directory),
+            "written": self._writer.records,
+            "durability": self.config.durability.value,
+            "public_key": self.public_key,
+        }
+        if not self._closed:
+            return {**base, "open": True}
+        if self._report is None:
+            self._report = {**base, **self._verify()}
+        return self._report
+
+    def _verify(self) -> dict[str, Any]:
+        key_path = self.config.initial_key_path
+        try:
+            if key_path.exists():
+                key = load_key_file(key_path)
+                result = verify_log(
+                    [self.config.directory],
+                    initial_key=key.initial_key,
+                    expected_log_id=key.log_id,
+                )
+            else:
+                result = verify_log(
+                    [self.config.directory], public_key=load_public_key(self.public_key)
+                )
+        except ConfigError as exc:
+            return {"verified": False, "reason": "unverifiable", "detail": str(exc)}
+        out: dict[str, Any] = {
+            "verified": result.ok,
+            "mode": result.mode,
+            "records": result.records,
+            "checkpoints": result.checkpoints,
+            "log_id": result.log_id,
+        }
+        if not result.ok:
+            out.update(reason=result.reason, detail=result.detail, file=result.file)
+        if key_path.exists():
+            out["warning"] = (
+                f"the auditor's initial key is still at {key_path}: move it off this host "
+                "(to the auditor); while it is here the log is not forward-secure"
+            )
+        return out
