@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import logging
 import os
 import resource
 import secrets
@@ -251,10 +252,18 @@ def _progress_printer(console: Console, total: int) -> Any:
 
 
 def _report_lines(reports: list[dict[str, Any]]) -> list[str]:
+    """One line per sink report (short values); its hint and warning on lines of their own."""
     lines = []
     for report in reports:
-        details = ", ".join(f"{k}={v}" for k, v in report.items() if k != "sink")
-        lines.append(f"audit    {report['sink']}: {details}")
+        shown = [
+            f"{k}={v}"
+            for k, v in report.items()
+            if k not in ("sink", "warning", "hint") and (k == "path" or len(str(v)) <= 24)
+        ]
+        lines.append(f"audit    {report['sink']}: {', '.join(shown)}")
+        for label in ("hint", "warning"):
+            if report.get(label):
+                lines.append(f"         {label}: {report[label]}")
     return lines
 
 
@@ -300,13 +309,13 @@ def cmd_demo(args: argparse.Namespace, console: Console, pm: VramcorePluginManag
             )
             args.no_audit = True
             manager = _manager(args, console, pm)
-        if not args.no_audit:
-            lines.append(f"audit    log directory {os.environ['VRAMCORE_AUDIT_LOG']}")
         with manager:
             lines.append(
                 f"backend  {manager.backend_name}, GPU {manager.device} "
                 f"({manager.device_info.name}), token fingerprint {manager.token_fingerprint}"
             )
+            if not args.no_audit:
+                lines.append(f"audit    log directory {os.environ['VRAMCORE_AUDIT_LOG']}")
             t0 = time.perf_counter()
             shard = manager.seal_file(model, expected_sha256=published)
             t1 = time.perf_counter()
@@ -461,11 +470,34 @@ def build_parser(pm: VramcorePluginManager) -> argparse.ArgumentParser:
     return parser
 
 
+_QUIET_LOGGERS = ("vramcore.narration", "vramcore.events")
+
+
+def _configure_logging(verbose: bool) -> None:
+    """Warnings of vramcore and its plugins to stderr; narration and events only with -v.
+
+    The CLI prints what matters itself; per-operation narration would repeat it.
+    """
+    logger = logging.getLogger("vramcore")
+    for old in [h for h in logger.handlers if getattr(h, "_vramcore_cli", False)]:
+        logger.removeHandler(old)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("vramcore: %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO if verbose else logging.WARNING)
+    if not verbose:
+        handler.addFilter(lambda record: not record.name.startswith(_QUIET_LOGGERS))
+    handler._vramcore_cli = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    logger.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     json_mode = "--json" in argv
     console = Console(json_mode=json_mode)
+    _configure_logging("-v" in argv or "--verbose" in argv)
     try:
         pm = get_plugin_manager()
         parser = build_parser(pm)

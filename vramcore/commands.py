@@ -77,6 +77,9 @@ class Commands:
             name, help=help, description=help
         )
         parser.add_argument("--json", action="store_true", help="print one JSON document")
+        parser.add_argument(
+            "-v", "--verbose", action="store_true", help="log narration and audit events to stderr"
+        )
         parser.set_defaults(handler=handler)
         return parser
 

@@ -104,6 +104,9 @@ class ChainSink(AuditSink):
         }
         if not result.ok:
             out.update(reason=result.reason, detail=result.detail, file=result.file)
+        out["hint"] = f"check it offline: vramcore audit verify {self.config.directory} " + (
+            f"--key-file {key_path}" if key_path.exists() else "--public-key checkpoint.pub"
+        )
         if key_path.exists():
             out["warning"] = (
                 f"the auditor's initial key is still at {key_path}: move it off this host "
