@@ -196,6 +196,7 @@ def cmd_seal(args: argparse.Namespace, console: Console, pm: VramcorePluginManag
         raise UsageError(f"{path}: no such file")
     size = path.stat().st_size
     with _manager(args, console, pm) as manager:
+        rss_before = _peak_rss()
         console.progress(
             f"sealing {path} ({_human_bytes(size)}) on {manager.backend_name} GPU {manager.device}"
         )
@@ -211,7 +212,10 @@ def cmd_seal(args: argparse.Namespace, console: Console, pm: VramcorePluginManag
         t2 = time.perf_counter()
         manager.deallocate(shard)
     reports = _sink_reports(manager)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _peak_rss()
+    # The mock keeps its "VRAM" in host memory; that part is not host overhead of sealing.
+    stand_in = size if manager.backend_name == "mock" else 0
+    overhead = max(0, peak - rss_before - stand_in)
     data = {
         "attestation": shard.to_dict(include_signature=False),
         "seal_seconds": round(t1 - t0, 6),
@@ -219,6 +223,9 @@ def cmd_seal(args: argparse.Namespace, console: Console, pm: VramcorePluginManag
         "seal_throughput_gib_s": round(size / max(t1 - t0, 1e-9) / _GIB, 3),
         "verify_throughput_gib_s": round(size / max(t2 - t1, 1e-9) / _GIB, 3),
         "peak_rss_bytes": peak,
+        "rss_before_seal_bytes": rss_before,
+        "mock_vram_in_host_bytes": stand_in,
+        "host_overhead_bytes": overhead,
         "audit": reports,
     }
     lines = [
@@ -228,12 +235,18 @@ def cmd_seal(args: argparse.Namespace, console: Console, pm: VramcorePluginManag
         f"tensors  {len(shard.tensors)}",
         f"seal     {(t1 - t0) * 1000:.1f} ms ({_rate(size, t1 - t0)})",
         f"verify   {(t2 - t1) * 1000:.1f} ms ({_rate(size, t2 - t1)})",
-        f"peak RSS {_human_bytes(peak)}"
-        + (" (includes the mock's stand-in VRAM)" if manager.backend_name == "mock" else ""),
+        f"memory   peak RSS {_human_bytes(peak)} = {_human_bytes(rss_before)} before sealing"
+        + (f" + {_human_bytes(stand_in)} mock stand-in VRAM" if stand_in else "")
+        + f" + {_human_bytes(overhead)} for sealing ({overhead * 100 / size:.1f}% of the file)",
     ]
     lines.extend(_report_lines(reports))
     console.result(data, "\n".join(lines))
     return EXIT_OK
+
+
+def _peak_rss() -> int:
+    """This process's peak resident set size in bytes (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _progress_printer(console: Console, total: int) -> Any:
