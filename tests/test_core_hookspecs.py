@@ -226,7 +226,7 @@ def test_audit_failure_hook_is_told_of_every_sink_failure(
     reporter = FailureReporter()
     capture = CapturingSink()
     manager = new_manager(mock_backend, reporter, sink=capture, audit="required", worker_id="w")
-    manager._sinks.append(FailingSink(["vram.allocated"]))  # a second, failing sink
+    manager._audit._sinks.append(FailingSink(["vram.allocated"]))  # a second, failing sink
     manager.seal_model(b"x" * 100, shard_id="s")
     assert reporter.seen == [("failing", "vram.allocated", "OSError")]
     # delivery went on: the capturing sink still got everything

@@ -20,7 +20,7 @@ from vramcore.errors import AuditError
 from vramcore.events import AuditEvent
 from vramcore.seal import WorkerToken
 
-__all__ = ["AuditSink", "SinkContext", "deliver"]
+__all__ = ["AuditSink", "AuditTrail", "SinkContext", "deliver"]
 
 log = logging.getLogger("vramcore.audit")
 
@@ -94,3 +94,60 @@ def deliver(
             "the operation was refused (fail closed). Check the sink's storage and restart."
         ) from failures[0][1]
     return failures
+
+
+class AuditTrail:
+    """The audit sinks of one manager: collected from plugins, fed every event, closed once.
+
+    :param hook: the plugin manager's hook relay (``pm.hook``).
+    """
+
+    def __init__(self, hook: Any) -> None:
+        self._hook = hook
+        self._sinks: list[AuditSink] = []
+
+    @property
+    def sinks(self) -> tuple[AuditSink, ...]:
+        """The sinks events go to."""
+        return tuple(self._sinks)
+
+    def collect(self, context: SinkContext) -> None:
+        """Ask every plugin for its sinks (``vramcore_audit_sinks``)."""
+        for sinks in self._hook.vramcore_audit_sinks(context=context):
+            self._sinks.extend(sinks)
+
+    def require_durable(self) -> None:
+        """Raise unless at least one sink keeps a lasting record.
+
+        :raises AuditError: (``configuration=True``) no durable sink was collected.
+        """
+        if any(sink.durable for sink in self._sinks):
+            return
+        names = ", ".join(sink.name for sink in self._sinks) or "none"
+        raise AuditError(
+            f"no durable audit sink is configured (sinks: {names}) and audit='required': "
+            "install vramcore-audit-chain and set VRAMCORE_AUDIT_LOG=/path/to/dir, or pass "
+            "audit='disabled' to run without an audit trail on purpose",
+            configuration=True,
+        )
+
+    def emit(self, event: AuditEvent) -> None:
+        """Deliver ``event`` to every sink (see :func:`deliver`); failures are reported."""
+        deliver(self._sinks, event, on_failure=self._report_failure)
+
+    def _report_failure(self, sink: AuditSink, event: AuditEvent, exc: BaseException) -> None:
+        try:
+            self._hook.vramcore_audit_failure(sink_name=sink.name, event=event, error=exc)
+        except Exception:  # a reporting plugin must not mask the original failure
+            log.exception("vramcore_audit_failure hook raised")
+
+    def close(self) -> list[BaseException]:
+        """Close every sink (each flushes first); return what failed instead of raising."""
+        errors: list[BaseException] = []
+        for sink in self._sinks:
+            try:
+                sink.close()
+            except Exception as exc:
+                log.error("audit sink %s failed to close: %s", sink.name, type(exc).__name__)
+                errors.append(exc)
+        return errors

@@ -28,7 +28,7 @@ from typing import Any, Literal, NoReturn
 import attrs
 
 from vramcore import events
-from vramcore.audit import AuditSink, SinkContext, deliver
+from vramcore.audit import AuditSink, AuditTrail, SinkContext
 from vramcore.backend import AllocatorBackend, DeviceBuffer, DeviceInfo
 from vramcore.digest import (
     DEFAULT_LEAF_SIZE,
@@ -131,7 +131,7 @@ class VramManager:
         self._hook = self._pm.hook
         self._residency = Residency()
         self._closed = False
-        self._sinks: list[AuditSink] = []
+        self._audit = AuditTrail(self._hook)
         self._key: SecretKey | None = None
         self._owns_backend = not isinstance(allocator, AllocatorBackend)
         self._backend = self._make_backend(allocator)
@@ -156,17 +156,8 @@ class VramManager:
         self.device_info = devices[self.device]
         if audit == "required":
             context = SinkContext(worker_id=self.worker_id, device=self.device, token=self._token)
-            for sinks in self._hook.vramcore_audit_sinks(context=context):
-                self._sinks.extend(sinks)
-            if not any(sink.durable for sink in self._sinks):
-                names = ", ".join(sink.name for sink in self._sinks) or "none"
-                raise AuditError(
-                    f"no durable audit sink is configured (sinks: {names}) and "
-                    "audit='required': install "
-                    "vramcore-audit-chain and set VRAMCORE_AUDIT_LOG=/path/to/dir, or pass "
-                    "audit='disabled' to run without an audit trail on purpose",
-                    configuration=True,
-                )
+            self._audit.collect(context)
+            self._audit.require_durable()
         self._enforce(self.policy.check_device(self.device_info))
         key = self._hook.vramcore_seal_key(token=self._token, worker_id=self.worker_id)
         if not isinstance(key, SecretKey):
@@ -179,7 +170,7 @@ class VramManager:
             self.device_info.name,
             self.worker_id,
             self._token.fingerprint,
-            len(self._sinks),
+            len(self._audit.sinks),
         )
 
     def _probe(self) -> Sequence[DeviceInfo]:
@@ -206,15 +197,7 @@ class VramManager:
     # -- audit --------------------------------------------------------------------
 
     def _emit(self, event: events.AuditEvent) -> None:
-        deliver(self._sinks, event, on_failure=self._report_sink_failure)
-
-    def _report_sink_failure(
-        self, sink: AuditSink, event: events.AuditEvent, exc: BaseException
-    ) -> None:
-        try:
-            self._hook.vramcore_audit_failure(sink_name=sink.name, event=event, error=exc)
-        except Exception:  # a reporting plugin must not mask the original failure
-            log.exception("vramcore_audit_failure hook raised")
+        self._audit.emit(event)
 
     # -- narration ----------------------------------------------------------------
 
@@ -707,13 +690,7 @@ class VramManager:
 
     def _teardown(self) -> list[BaseException]:
         self._closed = True
-        errors: list[BaseException] = []
-        for sink in self._sinks:
-            try:
-                sink.close()
-            except Exception as exc:
-                log.error("audit sink %s failed to close: %s", sink.name, type(exc).__name__)
-                errors.append(exc)
+        errors = self._audit.close()
         if self._owns_backend and getattr(self, "_backend", None) is not None:
             try:
                 self._backend.close()
@@ -727,7 +704,7 @@ class VramManager:
     @property
     def sinks(self) -> tuple[AuditSink, ...]:
         """The audit sinks this manager delivers to."""
-        return tuple(self._sinks)
+        return self._audit.sinks
 
     @property
     def backend_name(self) -> str:
