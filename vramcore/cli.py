@@ -14,20 +14,27 @@ show only its fingerprint.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
-import os
 import resource
-import secrets
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from vramcore import __version__
+from vramcore._cli_support import (
+    GIB,
+    add_manager_options,
+    human_bytes,
+    make_manager,
+    parse_size,
+    rate,
+    report_lines,
+    sink_reports,
+)
 from vramcore.commands import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Commands, Console, UsageError
+from vramcore.demo import cmd_bench, cmd_demo
 from vramcore.errors import (
     AuditError,
     ConfigError,
@@ -40,71 +47,6 @@ from vramcore.errors import (
 from vramcore.plugins import VramcorePluginManager, collect_backends, get_plugin_manager
 
 __all__ = ["build_parser", "main"]
-
-_GIB = 1 << 30
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
-def _rate(nbytes: int, seconds: float) -> str:
-    return f"{nbytes / max(seconds, 1e-9) / _GIB:.2f} GiB/s"
-
-
-def _parse_size(text: str) -> int:
-    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    unit = t[-1:] if t[-1:] in units else ""
-    try:
-        value = float(t[: len(t) - len(unit)])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 64MiB or 1GiB)") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("size must be positive")
-    return int(value * units[unit])
-
-
-def _token(console: Console) -> str:
-    token = os.environ.get("VRAMCORE_WORKER_TOKEN")
-    if token:
-        return token
-    console.progress("VRAMCORE_WORKER_TOKEN is unset: using an ephemeral random token")
-    return secrets.token_urlsafe(32)
-
-
-def _manager(args: argparse.Namespace, console: Console, pm: VramcorePluginManager) -> Any:
-    from vramcore.manager import VramManager
-
-    return VramManager(
-        _token(console),
-        device=args.device,
-        allocator=args.allocator,
-        plugin_manager=pm,
-        audit="disabled" if args.no_audit else "required",
-    )
-
-
-def _add_manager_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--allocator", help="backend name (default: VRAMCORE_ALLOCATOR or best)")
-    parser.add_argument("--device", type=int, default=0, help="device index (default 0)")
-    parser.add_argument(
-        "--no-audit", action="store_true", help="run without audit sinks (audit='disabled')"
-    )
-
-
-def _sink_reports(manager: Any) -> list[dict[str, Any]]:
-    reports = []
-    for sink in manager.sinks:
-        report = sink.report()
-        if report is not None:
-            reports.append({"sink": sink.name, **dict(report)})
-    return reports
-
 
 # -- plugins / devices -------------------------------------------------------------------
 
@@ -176,8 +118,8 @@ def cmd_devices(args: argparse.Namespace, console: Console, pm: VramcorePluginMa
         )
         verdict = "OK" if not findings else "REFUSED: " + "; ".join(f.detail for f in findings)
         lines.append(
-            f"  GPU {info.index}: {info.name}, {_human_bytes(info.total_bytes)} "
-            f"({_human_bytes(info.free_bytes)} free) - {verdict}"
+            f"  GPU {info.index}: {info.name}, {human_bytes(info.total_bytes)} "
+            f"({human_bytes(info.free_bytes)} free) - {verdict}"
         )
     refused = any(not r["policy_ok"] for r in rows)
     console.result(
@@ -195,10 +137,10 @@ def cmd_seal(args: argparse.Namespace, console: Console, pm: VramcorePluginManag
     if not path.is_file():
         raise UsageError(f"{path}: no such file")
     size = path.stat().st_size
-    with _manager(args, console, pm) as manager:
+    with make_manager(args, console, pm) as manager:
         rss_before = _peak_rss()
         console.progress(
-            f"sealing {path} ({_human_bytes(size)}) on {manager.backend_name} GPU {manager.device}"
+            f"sealing {path} ({human_bytes(size)}) on {manager.backend_name} GPU {manager.device}"
         )
         t0 = time.perf_counter()
         shard = manager.seal_file(
@@ -211,7 +153,7 @@ def cmd_seal(args: argparse.Namespace, console: Console, pm: VramcorePluginManag
         manager.verify_sealed(shard)
         t2 = time.perf_counter()
         manager.deallocate(shard)
-    reports = _sink_reports(manager)
+    reports = sink_reports(manager)
     peak = _peak_rss()
     # The mock keeps its "VRAM" in host memory; that part is not host overhead of sealing.
     stand_in = size if manager.backend_name == "mock" else 0
@@ -220,8 +162,8 @@ def cmd_seal(args: argparse.Namespace, console: Console, pm: VramcorePluginManag
         "attestation": shard.to_dict(include_signature=False),
         "seal_seconds": round(t1 - t0, 6),
         "verify_seconds": round(t2 - t1, 6),
-        "seal_throughput_gib_s": round(size / max(t1 - t0, 1e-9) / _GIB, 3),
-        "verify_throughput_gib_s": round(size / max(t2 - t1, 1e-9) / _GIB, 3),
+        "seal_throughput_gib_s": round(size / max(t1 - t0, 1e-9) / GIB, 3),
+        "verify_throughput_gib_s": round(size / max(t2 - t1, 1e-9) / GIB, 3),
         "peak_rss_bytes": peak,
         "rss_before_seal_bytes": rss_before,
         "mock_vram_in_host_bytes": stand_in,
@@ -229,17 +171,17 @@ def cmd_seal(args: argparse.Namespace, console: Console, pm: VramcorePluginManag
         "audit": reports,
     }
     lines = [
-        f"sealed   {shard.shard_id}: {_human_bytes(size)} on GPU {shard.gpu_device}",
+        f"sealed   {shard.shard_id}: {human_bytes(size)} on GPU {shard.gpu_device}",
         f"digest   {shard.digest_alg} {shard.digest}",
         f"file     sha256 {shard.file_sha256}",
         f"tensors  {len(shard.tensors)}",
-        f"seal     {(t1 - t0) * 1000:.1f} ms ({_rate(size, t1 - t0)})",
-        f"verify   {(t2 - t1) * 1000:.1f} ms ({_rate(size, t2 - t1)})",
-        f"memory   peak RSS {_human_bytes(peak)} = {_human_bytes(rss_before)} before sealing"
-        + (f" + {_human_bytes(stand_in)} mock stand-in VRAM" if stand_in else "")
-        + f" + {_human_bytes(overhead)} for sealing ({overhead * 100 / size:.1f}% of the file)",
+        f"seal     {(t1 - t0) * 1000:.1f} ms ({rate(size, t1 - t0)})",
+        f"verify   {(t2 - t1) * 1000:.1f} ms ({rate(size, t2 - t1)})",
+        f"memory   peak RSS {human_bytes(peak)} = {human_bytes(rss_before)} before sealing"
+        + (f" + {human_bytes(stand_in)} mock stand-in VRAM" if stand_in else "")
+        + f" + {human_bytes(overhead)} for sealing ({overhead * 100 / size:.1f}% of the file)",
     ]
-    lines.extend(_report_lines(reports))
+    lines.extend(report_lines(reports))
     console.result(data, "\n".join(lines))
     return EXIT_OK
 
@@ -256,184 +198,12 @@ def _progress_printer(console: Console, total: int) -> Any:
     start = time.perf_counter()
 
     def show(done: int, _total: int) -> None:
-        rate = _rate(done, time.perf_counter() - start)
+        speed = rate(done, time.perf_counter() - start)
         end = "\n" if done >= total else ""
-        line = f"\r  loaded {done * 100 // total:3d}% ({rate})"
+        line = f"\r  loaded {done * 100 // total:3d}% ({speed})"
         print(line, end=end, file=sys.stderr, flush=True)
 
     return show
-
-
-def _report_lines(reports: list[dict[str, Any]]) -> list[str]:
-    """One line per sink report (short values); its hint and warning on lines of their own."""
-    lines = []
-    for report in reports:
-        shown = [
-            f"{k}={v}"
-            for k, v in report.items()
-            if k not in ("sink", "warning", "hint") and (k == "path" or len(str(v)) <= 24)
-        ]
-        lines.append(f"audit    {report['sink']}: {', '.join(shown)}")
-        for label in ("hint", "warning"):
-            if report.get(label):
-                lines.append(f"         {label}: {report[label]}")
-    return lines
-
-
-# -- demo -----------------------------------------------------------------------------------
-
-
-def _demo_model(directory: Path) -> Path:
-    from vramcore.safetensors import write_safetensors
-
-    rng = secrets.token_bytes
-    tensors = {
-        "embed.weight": ("F16", [1024, 1024], rng(2 << 20)),
-        "layers.0.attn.qkv.weight": ("F16", [768, 1024], rng(1536 << 10)),
-        "layers.0.mlp.up.weight": ("F16", [1024, 768], rng(1536 << 10)),
-        "layers.1.attn.qkv.weight": ("F16", [768, 1024], rng(1536 << 10)),
-        "layers.1.mlp.up.weight": ("F16", [1024, 768], rng(1536 << 10)),
-        "lm_head.weight": ("F16", [512, 1024], rng(1 << 20)),
-    }
-    path = directory / "demo-model.safetensors"
-    with path.open("wb") as fh:
-        write_safetensors(fh, tensors)
-    return path
-
-
-def cmd_demo(args: argparse.Namespace, console: Console, pm: VramcorePluginManager) -> int:
-    """Seal a synthetic model, verify it, tamper with one bit, show the detection."""
-    if not os.environ.get("VRAMCORE_AUDIT_LOG") and not args.no_audit:
-        # Kept after the demo so the log can be inspected: `vramcore audit verify DIR`.
-        os.environ["VRAMCORE_AUDIT_LOG"] = tempfile.mkdtemp(prefix="vramcore-demo-audit-")
-    with tempfile.TemporaryDirectory(prefix="vramcore-demo-") as tmp:
-        model = _demo_model(Path(tmp))
-        size = model.stat().st_size
-        published = hashlib.sha256(model.read_bytes()).hexdigest()
-        console.progress(f"wrote a synthetic model: {model.name}, {_human_bytes(size)}")
-        steps: dict[str, Any] = {"model_bytes": size}
-        lines = []
-        try:
-            manager = _manager(args, console, pm)
-        except AuditError:
-            console.progress(
-                "no audit sink available (install vramcore-audit-chain); running "
-                "the demo with audit disabled"
-            )
-            args.no_audit = True
-            manager = _manager(args, console, pm)
-        with manager:
-            lines.append(
-                f"backend  {manager.backend_name}, GPU {manager.device} "
-                f"({manager.device_info.name}), token fingerprint {manager.token_fingerprint}"
-            )
-            if not args.no_audit:
-                lines.append(f"audit    log directory {os.environ['VRAMCORE_AUDIT_LOG']}")
-            t0 = time.perf_counter()
-            shard = manager.seal_file(model, expected_sha256=published)
-            t1 = time.perf_counter()
-            manager.verify_sealed(shard)
-            t2 = time.perf_counter()
-            steps |= {
-                "seal_seconds": t1 - t0,
-                "verify_seconds": t2 - t1,
-                "digest": shard.digest,
-                "tensors": len(shard.tensors),
-            }
-            lines += [
-                f"sealed   {shard.shard_id}: {_human_bytes(size)}, {len(shard.tensors)} tensors, "
-                f"{shard.digest_alg} {shard.digest[:16]}...",
-                f"         in {(t1 - t0) * 1000:.1f} ms ({_rate(size, t1 - t0)}); file SHA-256 "
-                "matched the published hash",
-                f"verified from VRAM in {(t2 - t1) * 1000:.1f} ms ({_rate(size, t2 - t1)})",
-            ]
-            detected = _demo_tamper(manager, shard, steps, lines)
-            manager.deallocate(shard)
-        reports = _sink_reports(manager)
-        lines.extend(_report_lines(reports))
-        audit_ok = all(r.get("verified", True) for r in reports)
-        steps["audit"] = reports
-        ok = detected is not False and audit_ok
-        lines.append("demo     OK" if ok else "demo     FAILED")
-        console.result({**steps, "ok": ok}, "\n".join(lines))
-        return EXIT_OK if ok else EXIT_FAILURE
-
-
-def _demo_tamper(manager: Any, shard: Any, steps: dict[str, Any], lines: list[str]) -> bool | None:
-    """Flip one bit through the mock's fault injection; ``None`` when not on the mock."""
-    backend = manager._backend  # the demo is allowed to reach the mock's fault injection
-    if not hasattr(backend, "flip_bit"):
-        lines.append("tamper   skipped: the backend has no fault injection (not the mock)")
-        return None
-    target = next(t for t in shard.tensors if t.name == "layers.1.mlp.up.weight")
-    offset = target.start + (target.end - target.start) // 3
-    with manager.verified(shard) as buf:
-        backend.flip_bit(buf, offset, 5)
-    try:
-        manager.verify_sealed(shard)
-    except SealVerificationFailed as exc:
-        start, end = exc.byte_range or (0, 0)
-        steps["tamper"] = {
-            "offset": offset,
-            "detected": True,
-            "byte_range": [start, end],
-            "tensors": list(exc.tensors),
-        }
-        lines.append(
-            f"tamper   flipped bit 5 of byte {offset} in VRAM -> verification FAILED as it must:"
-        )
-        lines.append(f"         bytes {start}-{end - 1} changed, tensor {', '.join(exc.tensors)}")
-        return target.name in exc.tensors
-    steps["tamper"] = {"offset": offset, "detected": False}
-    lines.append("tamper   NOT detected: this is a bug")
-    return False
-
-
-# -- bench ----------------------------------------------------------------------------------
-
-
-def cmd_bench(args: argparse.Namespace, console: Console, pm: VramcorePluginManager) -> int:
-    """Digest and seal/verify throughput, against a one-thread SHA-256 baseline (same run)."""
-    from vramcore.digest import hash_leaves, merkle_root
-
-    size = args.size
-    data = secrets.token_bytes(size)
-    results: dict[str, Any] = {"bytes": size, "repeat": args.repeat}
-
-    def best(fn: Any) -> float:
-        times = []
-        for _ in range(args.repeat):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return min(times)
-
-    console.progress(f"benchmarking on {_human_bytes(size)}, best of {args.repeat}")
-    baseline = best(lambda: hashlib.sha256(data).digest())
-    merkle = best(lambda: merkle_root(hash_leaves(data)))
-    with _manager(args, console, pm) as manager:
-        shards: list[Any] = []
-
-        def seal() -> None:
-            if shards:
-                manager.deallocate(shards.pop())
-            shards.append(manager.seal_model(data))
-
-        seal_t = best(seal)
-        verify_t = best(lambda: manager.verify_sealed(shards[0]))
-        backend = manager.backend_name
-    rows = [
-        ("sha256, 1 thread (baseline)", baseline),
-        (f"merkle leaves, {os.cpu_count()} threads", merkle),
-        (f"seal_model ({backend})", seal_t),
-        (f"verify_sealed ({backend})", verify_t),
-    ]
-    lines = [f"{'what':<36} {'GiB/s':>8} {'vs baseline':>12}"]
-    for name, t in rows:
-        results[name] = {"seconds": t, "gib_s": size / t / _GIB, "ratio": baseline / t}
-        lines.append(f"{name:<36} {size / t / _GIB:>8.2f} {baseline / t:>11.2f}x")
-    console.result(results, "\n".join(lines))
-    return EXIT_OK
 
 
 # -- main -----------------------------------------------------------------------------------
@@ -455,7 +225,7 @@ def build_parser(pm: VramcorePluginManager) -> argparse.ArgumentParser:
     p = commands.add(
         "demo", help="seal, verify and tamper with a synthetic model", handler=core(cmd_demo)
     )
-    _add_manager_options(p)
+    add_manager_options(p)
     commands.add(
         "plugins", help="list plugins, hooks and allocator backends", handler=core(cmd_plugins)
     )
@@ -474,11 +244,11 @@ def build_parser(pm: VramcorePluginManager) -> argparse.ArgumentParser:
     p.add_argument("path", help="file to seal (a .safetensors file gets a tensor map)")
     p.add_argument("--expect-sha256", help="the file's published SHA-256, checked while loading")
     p.add_argument("--shard-id", help="shard id (default: the file name)")
-    _add_manager_options(p)
+    add_manager_options(p)
     p = commands.add("bench", help="digest and seal/verify throughput", handler=core(cmd_bench))
-    p.add_argument("--size", type=_parse_size, default=256 << 20, help="bytes (default 256MiB)")
+    p.add_argument("--size", type=parse_size, default=256 << 20, help="bytes (default 256MiB)")
     p.add_argument("--repeat", type=int, default=3, help="runs per measurement, best kept")
-    _add_manager_options(p)
+    add_manager_options(p)
     pm.hook.vramcore_add_commands(commands=commands)
     return parser
 
