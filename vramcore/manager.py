@@ -57,12 +57,12 @@ from vramcore.safetensors import read_tensor_map
 from vramcore.seal import SecretKey, WorkerToken
 from vramcore.shard import SealedShard, TensorRange
 from vramcore.validation import (
-    _is_unsafe_char,
     check_device_index,
     check_sha256_hex,
     check_shard_id,
     check_size,
     clean_text,
+    scrub_text,
 )
 from vramcore.verification import Problem, digest_problem, seal_problem
 
@@ -134,8 +134,8 @@ class VramManager:
         self._audit = AuditTrail(self._hook)
         self._key: SecretKey | None = None
         self._owns_backend = not isinstance(allocator, AllocatorBackend)
-        self._backend = self._make_backend(allocator)
         try:
+            self._backend = self._make_backend(allocator)
             self._start(device, audit)
         except BaseException:
             self._teardown()
@@ -436,7 +436,7 @@ class VramManager:
             f"{type(exc).__name__}: {exc}" if isinstance(exc, VramError) else type(exc).__name__
         )
         # A backend's message may carry a newline or an escape; the event must still be written.
-        reason = "".join("?" if _is_unsafe_char(ch) else ch for ch in reason)
+        reason = scrub_text(reason)
         try:
             with contextlib.suppress(AuditError):  # the original error matters more
                 self._emit_alloc_failed(shard_id, nbytes, reason)

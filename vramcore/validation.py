@@ -21,6 +21,7 @@ __all__ = [
     "check_size",
     "clean_text",
     "safe_repr",
+    "scrub_text",
 ]
 
 MAX_SHARD_ID_CHARS = 256
@@ -50,6 +51,14 @@ def _is_unsafe_char(ch: str) -> bool:
     # Cf: every format character (bidi, zero-width, tag characters U+E0000...); Zl/Zp: the
     # Unicode line and paragraph separators, which split a log line like a newline does.
     return ch in _INVISIBLE or unicodedata.category(ch) in _UNSAFE_CATEGORIES
+
+
+def scrub_text(value: str) -> str:
+    """Replace every character :func:`clean_text` would reject with ``?``.
+
+    For text vramcore did not write (a driver's error message) that must still be recorded.
+    """
+    return "".join("?" if _is_unsafe_char(ch) else ch for ch in value)
 
 
 def clean_text(value: str, *, field: str, limit: int = MAX_FIELD_CHARS) -> str:
