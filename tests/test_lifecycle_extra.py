@@ -96,3 +96,69 @@ def test_seal_finishing_after_close_frees_its_buffer(
     assert manager.used_vram() == 0
     assert mock_backend.live_allocations == 0
     assert sink.types()[-1] == "vram.deallocated"
+
+
+def _seal_file_manager(make_plugin_manager: Any, mock_backend: Any) -> Any:
+    from vramcore import VramManager
+    from vramcore.testing import TEST_TOKEN
+
+    return VramManager(
+        TEST_TOKEN,
+        allocator=mock_backend,
+        plugin_manager=make_plugin_manager(),
+        audit="disabled",
+        chunk_bytes=65536,
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [("truncate", "shrank while it was loaded"), ("append", "grew while it was loaded")],
+)
+def test_file_changing_size_while_loading_is_refused(
+    make_plugin_manager: Any, mock_backend: Any, tmp_path: Path, change: str, message: str
+) -> None:
+    from vramcore.errors import IntegrityViolation
+
+    path = tmp_path / "moving.bin"
+    path.write_bytes(b"m" * (4 * 65536))
+
+    def meddle(done: int, total: int) -> None:
+        if done == 65536:
+            with path.open("r+b") as fh:
+                if change == "truncate":
+                    fh.truncate(2 * 65536)
+                else:
+                    fh.seek(0, 2)
+                    fh.write(b"extra")
+
+    with _seal_file_manager(make_plugin_manager, mock_backend) as vram:
+        with pytest.raises(IntegrityViolation, match=message):
+            vram.seal_file(path, progress=meddle)
+        assert vram.used_vram() == 0
+        assert mock_backend.live_allocations == 0
+
+
+def test_safetensors_header_rewritten_before_loading_is_refused(
+    make_plugin_manager: Any, mock_backend: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import vramcore.manager
+    from vramcore.errors import IntegrityViolation
+    from vramcore.safetensors import read_tensor_map, write_safetensors
+
+    path = tmp_path / "m.safetensors"
+    with path.open("wb") as fh:
+        write_safetensors(fh, {"alpha": ("U8", [70000], b"a" * 70000)})
+
+    def read_then_rename(fh: Any, size: int) -> Any:
+        tensors = read_tensor_map(fh, size)
+        # Same length, other name: only the header changes, the file size does not.
+        path.write_bytes(path.read_bytes().replace(b'"alpha"', b'"omega"', 1))
+        return tensors
+
+    monkeypatch.setattr(vramcore.manager, "read_tensor_map", read_then_rename)
+    with _seal_file_manager(make_plugin_manager, mock_backend) as vram:
+        with pytest.raises(IntegrityViolation, match="safetensors header"):
+            vram.seal_file(path)
+        assert vram.used_vram() == 0
+        assert mock_backend.live_allocations == 0

@@ -18,7 +18,7 @@ from vramcore.digest import StagingPool, _pool
 from vramcore.errors import IntegrityViolation
 from vramcore.validation import check_sha256_hex
 
-__all__ = ["check_expected_sha256", "stream_file"]
+__all__ = ["check_expected_sha256", "device_reader", "stream_file"]
 
 
 def stream_file(
@@ -62,6 +62,26 @@ def stream_file(
             if pending is not None:
                 pending.result()
     return sha.hexdigest()
+
+
+def device_reader(backend: AllocatorBackend, buf: DeviceBuffer) -> Callable[[int], bytes]:
+    """A sequential ``read(n) -> bytes`` over ``buf``, from its start, copying from the device.
+
+    Used to parse a safetensors header from the bytes actually in VRAM, so the tensor map
+    describes what was sealed even if the file changed while it was loaded.
+    """
+    position = 0
+
+    def read(n: int) -> bytes:
+        nonlocal position
+        n = max(0, min(n, buf.nbytes - position))
+        out = bytearray(n)
+        if n:
+            backend.read_into(buf, position, memoryview(out))
+        position += n
+        return bytes(out)
+
+    return read
 
 
 def check_expected_sha256(actual: str, expected: str) -> str:

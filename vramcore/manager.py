@@ -42,18 +42,19 @@ from vramcore.errors import (
     AuditError,
     ConfigError,
     InsufficientVram,
+    IntegrityViolation,
     InvalidInput,
     NotSealed,
     PolicyViolation,
     SealVerificationFailed,
     VramError,
 )
-from vramcore.loading import check_expected_sha256, stream_file
+from vramcore.loading import check_expected_sha256, device_reader, stream_file
 from vramcore.narration import Operation
 from vramcore.plugins import get_plugin_manager, select_backend
 from vramcore.policy import Finding, VramPolicy
 from vramcore.residency import Residency, Resident
-from vramcore.safetensors import read_tensor_map
+from vramcore.safetensors import parse_tensor_map, read_tensor_map
 from vramcore.seal import SecretKey, WorkerToken
 from vramcore.shard import SealedShard, TensorRange
 from vramcore.validation import (
@@ -297,7 +298,9 @@ class VramManager:
         :param progress: called as ``progress(bytes_loaded, total_bytes)`` after each chunk.
         :raises InvalidInput: the path is missing, not a regular file, or empty.
         :raises IntegrityViolation: SHA-256 mismatch, a malformed safetensors header, or the
-            file changed size while being read.
+            file changed size (or its safetensors header changed) while being read. The tensor
+            map recorded is parsed again from the bytes in VRAM and must equal the one read
+            before loading.
         """
         self._check_open()
         p = Path(path)
@@ -327,6 +330,9 @@ class VramManager:
             )
             if expected is not None:
                 check_expected_sha256(digest_of_file[0], expected)
+            if tensors and parse_tensor_map(device_reader(self._backend, buf), nbytes) != tensors:
+                # Without expected_sha256 nothing else notices a header rewritten mid-load.
+                raise IntegrityViolation(f"{p} changed while it was loaded (safetensors header)")
 
         return self._seal(sid, nbytes, write, "file", tensors, lambda: digest_of_file[0])
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 from typing import BinaryIO
 
 from vramcore.errors import IntegrityViolation, InvalidInput
 from vramcore.shard import TensorRange
 from vramcore.validation import clean_text, safe_repr
 
-__all__ = ["MAX_HEADER_BYTES", "read_tensor_map", "write_safetensors"]
+__all__ = ["MAX_HEADER_BYTES", "parse_tensor_map", "read_tensor_map", "write_safetensors"]
 
 #: Larger headers are refused (the reference implementation caps them at 100 MB too).
 MAX_HEADER_BYTES = 100_000_000
@@ -28,7 +29,15 @@ def read_tensor_map(fh: BinaryIO, file_size: int) -> tuple[TensorRange, ...]:
 
     :raises IntegrityViolation: the header is malformed or a range falls outside the file.
     """
-    raw = fh.read(8)
+    return parse_tensor_map(fh.read, file_size)
+
+
+def parse_tensor_map(read: Callable[[int], bytes], file_size: int) -> tuple[TensorRange, ...]:
+    """Like :func:`read_tensor_map`, reading the header through ``read(n) -> bytes``.
+
+    ``read`` is called twice: for the 8-byte length, then for the header itself.
+    """
+    raw = read(8)
     if len(raw) != 8:
         raise IntegrityViolation("not a safetensors file: shorter than its 8-byte header length")
     (header_len,) = struct.unpack("<Q", raw)
@@ -38,7 +47,7 @@ def read_tensor_map(fh: BinaryIO, file_size: int) -> tuple[TensorRange, ...]:
             f"({file_size} bytes) or the {MAX_HEADER_BYTES}-byte limit"
         )
     try:
-        header = json.loads(fh.read(header_len))
+        header = json.loads(read(header_len))
     except (ValueError, UnicodeDecodeError) as exc:
         raise IntegrityViolation(f"safetensors header is not valid JSON: {exc}") from None
     if not isinstance(header, dict):
