@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -199,3 +200,36 @@ def test_console_script_runs_as_a_process(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["ok"] is True
     assert TOKEN not in proc.stdout + proc.stderr
+
+
+def test_plugins_reports_a_broken_plugin_and_keeps_going(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import importlib.metadata
+
+    import vramcore.plugins
+
+    (tmp_path / "broken_vramcore_plugin.py").write_text("raise ImportError('no CUDA here')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    real = importlib.metadata.entry_points
+
+    def with_broken(**kwargs: Any) -> Any:
+        found = list(real(**kwargs))
+        if kwargs.get("group") == "vramcore":
+            found.append(
+                importlib.metadata.EntryPoint("broken", "broken_vramcore_plugin", "vramcore")
+            )
+        return found
+
+    monkeypatch.setattr(vramcore.plugins.importlib.metadata, "entry_points", with_broken)
+    with pytest.warns(RuntimeWarning, match="broken"):
+        code, out, _ = run(capsys, "plugins", "--json")
+    data = json.loads(out)
+    assert code == 0
+    assert [f["name"] for f in data["failures"]] == ["broken"]
+    assert "no CUDA here" in data["failures"][0]["error"]
+    assert "mock" in {p["name"] for p in data["plugins"]}
+    with pytest.warns(RuntimeWarning):
+        code, out, _ = run(capsys, "plugins")
+    assert "Failed plugins (skipped):" in out
+    assert "no CUDA here" in out
