@@ -19,6 +19,8 @@ Outside pytest, :class:`CapturingSink` and :class:`CapturePlugin` work on their 
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -40,6 +42,7 @@ __all__ = [
     "make_plugin_manager",
     "mock_backend",
     "mock_manager",
+    "undocumented_public_names",
 ]
 
 #: A worker token for tests; never use a fixed token in production.
@@ -111,6 +114,30 @@ class CapturePlugin:
         """Hand out the sinks."""
         self.contexts.append(context)
         return self.sinks
+
+
+def undocumented_public_names(module_name: str) -> list[str]:
+    """Names in ``module_name``'s ``__all__`` (and their public methods) without a docstring.
+
+    Also lists ``"<module>"`` when the module itself has none. Plugin authors use it in a
+    one-line test; ``AttributeError`` means ``__all__`` names something that does not exist.
+    """
+    module = importlib.import_module(module_name)
+    missing = [] if inspect.getdoc(module) else ["<module>"]
+    for attr in getattr(module, "__all__", ()):
+        obj = getattr(module, attr)
+        if not (inspect.isclass(obj) or inspect.isfunction(obj)):
+            continue
+        if not inspect.getdoc(obj):
+            missing.append(attr)
+        if inspect.isclass(obj):
+            for name, member in vars(obj).items():
+                target = member.fget if isinstance(member, property) else member
+                if name.startswith("_") or not (callable(target) or isinstance(member, property)):
+                    continue
+                if not inspect.getdoc(target):
+                    missing.append(f"{attr}.{name}")
+    return missing
 
 
 def _mock_plugin() -> Any:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
-import inspect
-
 import pytest
+
+from vramcore.testing import undocumented_public_names
 
 MODULES = [
     "vramcore_audit_chain",
@@ -23,22 +22,7 @@ MODULES = [
 
 @pytest.mark.parametrize("name", MODULES)
 def test_public_names_are_documented(name: str) -> None:
-    module = importlib.import_module(name)
-    assert inspect.getdoc(module)
-    undocumented = []
-    for attr in module.__all__:
-        obj = getattr(module, attr)
-        if inspect.isclass(obj) or inspect.isfunction(obj):
-            if not obj.__doc__:
-                undocumented.append(attr)
-            if inspect.isclass(obj):
-                for meth_name, meth in vars(obj).items():
-                    doc = getattr(meth, "__doc__", None) or getattr(
-                        getattr(meth, "fget", None), "__doc__", None
-                    )
-                    if not meth_name.startswith("_") and callable(meth) and not doc:
-                        undocumented.append(f"{attr}.{meth_name}")
-    assert not undocumented, undocumented
+    assert undocumented_public_names(name) == []
 
 
 def test_every_reason_is_documented_in_the_format() -> None:
