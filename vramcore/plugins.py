@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -202,7 +203,7 @@ def select_backend(
         if spec is None:
             raise BackendUnavailable(
                 f"unknown {source} {wanted!r}; choose one of: {', '.join(choices) or '(none)'}"
-                f"{_install_advice(backends)}",
+                f"{_install_advice(backends)}{_plugin_hint(wanted)}",
                 choices=choices,
             )
         reason = spec.why_not()
@@ -221,6 +222,15 @@ def select_backend(
     detail = "; ".join(reasons) if reasons else "no allocator plugin is installed"
     raise BackendUnavailable(
         f"no viable allocator backend ({detail}){_install_advice(backends)}", choices=choices
+    )
+
+
+def _plugin_hint(name: str) -> str:
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,40}", name):
+        return ""
+    return (
+        f". Backends come from plugins: for {name!r}, install its plugin "
+        f"(by convention: pip install vramcore-allocator-{name})"
     )
 
 
