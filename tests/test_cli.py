@@ -233,3 +233,17 @@ def test_plugins_reports_a_broken_plugin_and_keeps_going(
         code, out, _ = run(capsys, "plugins")
     assert "Failed plugins (skipped):" in out
     assert "no CUDA here" in out
+
+
+def test_unknown_backend_says_what_to_install_and_escapes_hostile_names(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VRAMCORE_ALLOCATOR", "cupy")
+    code, _, err = run(capsys, "devices")
+    assert code == 2
+    assert "pip install vramcore-allocator-cupy" in err
+    monkeypatch.setenv("VRAMCORE_ALLOCATOR", "x\x1b[31m")
+    code, _, err = run(capsys, "devices")
+    assert code == 2
+    assert "\x1b" not in err
+    assert "pip install" not in err
