@@ -108,8 +108,12 @@ class AuditEvent:
                 raise InvalidInput(f"{field.name} must be an integer, got {type(value).__name__}")
             if isinstance(value, str) and field.name != "severity":
                 object.__setattr__(self, field.name, clean_text(value, field=field.name))
-            elif isinstance(value, tuple):
-                object.__setattr__(self, field.name, _clean_tuple(value, field.name))
+            elif str(field.type).startswith("tuple"):
+                if not isinstance(value, tuple | list):
+                    raise InvalidInput(f"{field.name} must be a list, got {type(value).__name__}")
+                strings = field.type in ("tuple[str, ...]", tuple[str, ...])
+                cleaned = _clean_tuple(tuple(value), field.name, strings=strings)
+                object.__setattr__(self, field.name, cleaned)
 
     def to_dict(self) -> dict[str, Any]:
         """The stable JSON form: plain types only, tagged with ``event_type``."""
@@ -130,15 +134,27 @@ class AuditEvent:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
 
 
-def _clean_tuple(values: tuple[Any, ...], field: str) -> tuple[Any, ...]:
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _clean_tuple(values: tuple[Any, ...], field: str, *, strings: bool) -> tuple[Any, ...]:
+    """Check a tuple field: strings (tensor names) or ``(start, end)`` byte ranges."""
     cleaned: list[Any] = []
     for v in values:
-        if isinstance(v, str):
+        if strings and isinstance(v, str):
             cleaned.append(clean_text(v, field=field))
-        elif isinstance(v, list | tuple):
+        elif (
+            not strings
+            and isinstance(v, list | tuple)
+            and len(v) == 2
+            and all(_is_int(x) for x in v)
+            and 0 <= v[0] <= v[1]
+        ):
             cleaned.append(tuple(v))
         else:
-            cleaned.append(v)
+            wanted = "strings" if strings else "(start, end) byte ranges"
+            raise InvalidInput(f"{field} must hold {wanted}, got {type(v).__name__}")
     return tuple(cleaned)
 
 
@@ -257,8 +273,8 @@ def event_from_dict(data: Mapping[str, Any]) -> AuditEvent:
     if "timestamp" in kwargs:
         kwargs["timestamp"] = parse_timestamp(kwargs["timestamp"])
     for name in ("byte_ranges", "tensors"):
-        if name in kwargs:
-            kwargs[name] = tuple(tuple(v) if isinstance(v, list) else v for v in kwargs[name])
+        if name in kwargs and not isinstance(kwargs[name], list | tuple):
+            raise InvalidInput(f"{name} must be a list, got {type(kwargs[name]).__name__}")
     try:
         return cls(**kwargs)
     except InvalidInput:

@@ -1,0 +1,172 @@
+"""Hostile input never escapes as anything but vramcore's own typed errors.
+
+Property-based: safetensors headers, attestations and event dictionaries built by hypothesis
+either parse into something valid or raise the documented error, never a KeyError,
+TypeError, OverflowError or the like.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import struct
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vramcore.errors import IntegrityViolation, InvalidInput
+from vramcore.events import EVENT_TYPES, event_from_dict
+from vramcore.safetensors import read_tensor_map
+from vramcore.shard import SealedShard
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+def _safetensors(header: Any, data_len: int) -> bytes:
+    blob = json.dumps(header).encode()
+    return struct.pack("<Q", len(blob)) + blob + b"\0" * data_len
+
+
+@settings(max_examples=300)
+@given(header=json_values, data_len=st.integers(0, 256))
+def test_any_json_header_parses_or_raises_integrity_violation(header: Any, data_len: int) -> None:
+    raw = _safetensors(header, data_len)
+    try:
+        tensors = read_tensor_map(io.BytesIO(raw), len(raw))
+    except IntegrityViolation:
+        return
+    for t in tensors:
+        assert 0 <= t.start <= t.end <= len(raw)
+
+
+@settings(max_examples=300)
+@given(
+    names=st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=4, unique=True),
+    offsets=st.lists(st.tuples(st.integers(-5, 300), st.integers(-5, 300)), min_size=4, max_size=4),
+    data_len=st.integers(0, 256),
+)
+def test_tensor_offsets_are_checked_against_the_file(
+    names: list[str], offsets: list[tuple[int, int]], data_len: int
+) -> None:
+    header = {
+        name: {"dtype": "U8", "shape": [1], "data_offsets": list(offsets[i])}
+        for i, name in enumerate(names)
+    }
+    raw = _safetensors(header, data_len)
+    try:
+        tensors = read_tensor_map(io.BytesIO(raw), len(raw))
+    except IntegrityViolation:
+        return
+    base = len(raw) - data_len
+    for t in tensors:
+        assert base <= t.start <= t.end <= len(raw)
+
+
+@settings(max_examples=200)
+@given(raw=st.binary(max_size=64), claimed=st.integers(0, 2**64 - 1))
+def test_garbage_and_lying_header_lengths_are_refused(raw: bytes, claimed: int) -> None:
+    blob = struct.pack("<Q", claimed) + raw
+    with contextlib.suppress(IntegrityViolation):
+        read_tensor_map(io.BytesIO(blob), len(blob))
+
+
+@settings(max_examples=300)
+@given(doc=json_values)
+def test_any_json_attestation_parses_or_raises_invalid_input(doc: Any) -> None:
+    with contextlib.suppress(InvalidInput):
+        SealedShard.from_json(json.dumps(doc))
+
+
+@settings(max_examples=300)
+@given(
+    overrides=st.dictionaries(
+        st.sampled_from(
+            [
+                "shard_id",
+                "gpu_device",
+                "vram_bytes",
+                "digest",
+                "leaf_size",
+                "sealed_at",
+                "signature",
+                "tensors",
+                "file_sha256",
+                "digest_alg",
+                "attestation_version",
+            ]
+        ),
+        json_values,
+        max_size=3,
+    )
+)
+def test_attestation_with_mangled_fields_raises_invalid_input(overrides: dict[str, Any]) -> None:
+    good = {
+        "attestation_version": 1,
+        "shard_id": "s",
+        "gpu_device": 0,
+        "vram_bytes": 10,
+        "digest": "ab" * 32,
+        "digest_alg": "rfc6962-sha256",
+        "leaf_size": 65536,
+        "sealed_at": "2026-01-01T00:00:00.000000Z",
+        "tensors": [],
+        "file_sha256": None,
+        "signature": "cd" * 32,
+    }
+    try:
+        shard = SealedShard.from_json(json.dumps({**good, **overrides}))
+    except InvalidInput:
+        return
+    assert SealedShard.from_json(shard.to_json()) == shard
+
+
+@settings(max_examples=300)
+@given(
+    event_type=st.sampled_from(sorted(EVENT_TYPES)),
+    fields=st.dictionaries(
+        st.sampled_from(
+            [
+                "worker_id",
+                "timestamp",
+                "severity",
+                "correlation_id",
+                "shard_id",
+                "device",
+                "nbytes",
+                "backend",
+                "reason",
+                "detail",
+                "digest",
+                "digest_alg",
+                "leaf_size",
+                "rule",
+                "byte_ranges",
+                "tensors",
+                "file_sha256",
+                "bogus",
+            ]
+        ),
+        json_values,
+        max_size=6,
+    ),
+)
+def test_any_event_dict_builds_or_raises_invalid_input(
+    event_type: str, fields: dict[str, Any]
+) -> None:
+    try:
+        event = event_from_dict({"event_type": event_type, **fields})
+    except InvalidInput:
+        return
+    assert event_from_dict(event.to_dict()) == event
