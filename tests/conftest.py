@@ -15,16 +15,11 @@ from typing import Any
 
 import pytest
 import vramcore_allocator_mock as mock_plugin
-from hypothesis import settings
 
 from vramcore import VramManager
 from vramcore.plugins import VramcorePluginManager
 from vramcore.safetensors import write_safetensors
 from vramcore.testing import TEST_TOKEN, CapturePlugin, CapturingSink
-
-# No example database: the runs stay reproducible and leave nothing in the working tree.
-settings.register_profile("vramcore", database=None, deadline=None)
-settings.load_profile("vramcore")
 
 #: Hook names called with a non-default implementation while a test in tests/ ran.
 EXERCISED_HOOKS: set[str] = set()

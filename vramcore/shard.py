@@ -162,8 +162,11 @@ class SealedShard:
                 raise InvalidInput(f"attestation field {key!r} must be a string")
         if not isinstance(signature_hex, str) or not _HEX64.fullmatch(signature_hex):
             raise InvalidInput("attestation field 'signature' must be 64 hex digits")
+        raw_tensors = data.get("tensors")
+        if raw_tensors is not None and not isinstance(raw_tensors, list):
+            raise InvalidInput("attestation field 'tensors' must be a list or null")
         tensors = []
-        for item in data.get("tensors") or ():
+        for item in raw_tensors or ():
             if (
                 not isinstance(item, list)
                 or len(item) != 3
