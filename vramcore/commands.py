@@ -66,9 +66,8 @@ Handler = Callable[[argparse.Namespace, Console], int]
 class Commands:
     """A level of subcommands; plugins receive one in ``vramcore_add_commands``."""
 
-    def __init__(self, subparsers: Any, *, prefix: str = "vramcore") -> None:
+    def __init__(self, subparsers: Any) -> None:
         self._subparsers = subparsers
-        self._prefix = prefix
         self._groups: dict[str, Commands] = {}
 
     def add(self, name: str, *, help: str, handler: Handler) -> argparse.ArgumentParser:
@@ -92,6 +91,6 @@ class Commands:
         )
         parser.set_defaults(handler=None, group_parser=parser)
         sub = parser.add_subparsers(title="commands", metavar="COMMAND")
-        group = Commands(sub, prefix=f"{self._prefix} {name}")
+        group = Commands(sub)
         self._groups[name] = group
         return group

@@ -16,6 +16,7 @@ import itertools
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,54 +50,57 @@ class Resume:
     quarantine: dict[str, Any] | None
 
 
+def _tail_windows(path: Path, chunk: int) -> Iterator[tuple[int, bytes]]:
+    """Yield ``(offset, bytes from offset to end of file)``, each window 4x the last.
+
+    The last window is the whole file (offset 0); callers stop as soon as they have enough.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        while True:
+            start = max(0, size - chunk)
+            f.seek(start)
+            yield start, f.read(size - start)
+            if start == 0:
+                return
+            chunk *= 4
+
+
 def _tail_from_checkpoint(path: Path) -> tuple[int | None, bytes]:
     """The bytes from the start of the last complete checkpoint line to the end of file.
 
     Returns ``(None, whole file)`` when the file holds no complete checkpoint line.
     """
-    size = path.stat().st_size
-    chunk = 1 << 20
-    with path.open("rb") as f:
+    buf = b""
+    for start, buf in _tail_windows(path, 1 << 20):
+        end = len(buf)
         while True:
-            start = max(0, size - chunk)
-            f.seek(start)
-            buf = f.read(size - start)
-            end = len(buf)
-            while True:
-                i = buf.rfind(_CP_MARKER, 0, end)
-                if i < 0:
-                    break
-                line_start = buf.rfind(b"\n", 0, i) + 1
-                if line_start == 0 and start > 0:
-                    break  # the line may begin before this buffer: read more
-                m = fmt.header_match(buf[line_start : i + len(_CP_MARKER)])
-                if (
-                    m is not None
-                    and m.group(4) == b"checkpoint"
-                    and line_start + m.end() == i + len(_CP_MARKER)
-                    and buf.find(b"\n", i) >= 0
-                ):
-                    return start + line_start, buf[line_start:]
-                end = i
-            if start == 0:
-                return None, buf
-            chunk *= 4
+            i = buf.rfind(_CP_MARKER, 0, end)
+            if i < 0:
+                break
+            line_start = buf.rfind(b"\n", 0, i) + 1
+            if line_start == 0 and start > 0:
+                break  # the line may begin before this window: read a larger one
+            m = fmt.header_match(buf[line_start : i + len(_CP_MARKER)])
+            if (
+                m is not None
+                and m.group(4) == b"checkpoint"
+                and line_start + m.end() == i + len(_CP_MARKER)
+                and buf.find(b"\n", i) >= 0
+            ):
+                return start + line_start, buf[line_start:]
+            end = i
+    return None, buf
 
 
 def _last_line(path: Path) -> bytes | None:
-    size = path.stat().st_size
-    chunk = 1 << 16
-    with path.open("rb") as f:
-        while True:
-            start = max(0, size - chunk)
-            f.seek(start)
-            buf = f.read(size - start)
-            if not buf.endswith(b"\n"):
-                return None
-            cut = buf.rfind(b"\n", 0, len(buf) - 1)
-            if cut >= 0 or start == 0:
-                return buf[cut + 1 : -1]
-            chunk *= 4
+    for start, buf in _tail_windows(path, 1 << 16):
+        if not buf.endswith(b"\n"):
+            return None
+        cut = buf.rfind(b"\n", 0, len(buf) - 1)
+        if cut >= 0 or start == 0:
+            return buf[cut + 1 : -1]
+    return None
 
 
 def _damaged(directory: Path, where: str, why: str) -> AuditError:
