@@ -9,15 +9,18 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
+from attrs import fields as attrs_fields
 
 from vramcore import hookimpl, hookspecs
-from vramcore.audit import SinkContext
+from vramcore.audit import AuditWitness, SinkContext
+from vramcore.backend import DeviceDigest as VramDeviceDigest
 from vramcore.backend import DeviceInfo
 from vramcore.commands import Commands, Console
 from vramcore.digest import hash_leaves, merkle_root
 from vramcore.errors import (
     AuditError,
     ConfigError,
+    InvalidInput,
     NotSealed,
     PolicyViolation,
     SealVerificationFailed,
@@ -38,6 +41,7 @@ def test_hookspecs_module_declares_the_expected_hook_kinds() -> None:
         "vramcore_seal_key",
         "vramcore_device_digest",
         "vramcore_audit_sinks",
+        "vramcore_audit_witnesses",
         "vramcore_audit_failure",
         "vramcore_operation",
         "vramcore_add_commands",
@@ -166,10 +170,13 @@ class DeviceDigest:
         self.corrupt = corrupt
 
     @hookimpl
-    def vramcore_device_digest(self, backend: Any, buffer: Any, leaf_size: int) -> Any:
+    def vramcore_device_digest(
+        self, backend: Any, buffer: Any, leaf_size: int, leaf_range: Any
+    ) -> Any:
         self.calls += 1
         leaves = hash_leaves(buffer.native, leaf_size)
-        return leaves[:-1] if self.corrupt else leaves
+        leaves = leaves[:-1] if self.corrupt else leaves
+        return VramDeviceDigest(root=merkle_root(leaves), leaves=b"".join(leaves))
 
 
 def test_device_digest_hook_is_used_and_matches_the_host_path(
@@ -209,6 +216,98 @@ def test_audit_sinks_hook_gets_the_context(new_manager: Any, mock_backend: Any) 
     assert TEST_TOKEN not in repr(context)
     manager.close()
     assert sink.closed
+
+
+def test_sink_context_gives_plugin_keys_never_the_token_or_seal_key(
+    new_manager: Any, mock_backend: Any
+) -> None:
+    from vramcore.testing import CapturePlugin
+
+    plugin = CapturePlugin(CapturingSink())
+    manager = new_manager(mock_backend, plugin)
+    (context,) = plugin.contexts
+    names = {f.name for f in attrs_fields(type(context))}
+    assert not any("token" in n for n in names - {"token_fingerprint"})
+    assert context.token_fingerprint == manager.token_fingerprint
+    seal_key = WorkerToken(TEST_TOKEN).derive(SEAL_KEY_INFO).export()
+    key = context.derive_key("my_plugin/state")
+    assert key.export() == context.derive_key("my_plugin/state").export()  # stable per purpose
+    assert key.export() != context.derive_key("my_plugin/other").export()
+    # No purpose, however chosen, reaches the seal key: plugin keys hang off a master key.
+    for purpose in ("seal-key", "x/../seal-key", "vramcore/v1/seal-key"):
+        assert context.derive_key(purpose).export() != seal_key
+    for bad in ("", "a b", "x" * 129, "\x1b[31m", "é"):
+        with pytest.raises(InvalidInput):
+            context.derive_key(bad)
+    manager.close()
+    with pytest.raises(InvalidInput, match="wiped"):
+        context.derive_key("my_plugin/state")  # the master key dies with the manager
+
+
+class RecordingWitness(AuditWitness):
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.heads: list[Any] = []
+        self.closed = False
+
+    def publish(self, head: Any) -> None:
+        self.heads.append(head)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class WitnessPlugin:
+    def __init__(self) -> None:
+        self.witness = RecordingWitness()
+
+    @hookimpl
+    def vramcore_audit_witnesses(self, context: SinkContext) -> Sequence[AuditWitness]:
+        return [self.witness]
+
+
+class HeadPublishingSink(CapturingSink):
+    """A log sink that publishes a (toy) head to its witnesses after each event."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.witnesses: Sequence[AuditWitness] = ()
+
+    def attach_witnesses(self, witnesses: Sequence[AuditWitness]) -> None:
+        self.witnesses = witnesses
+
+    def emit(self, event: AuditEvent) -> None:
+        super().emit(event)
+        for witness in self.witnesses:
+            witness.publish({"sequence": len(self.events)})
+
+
+def test_witnesses_hook_feeds_the_sinks_and_closes_after_them(
+    new_manager: Any, mock_backend: Any
+) -> None:
+    sink = HeadPublishingSink()
+    witnesses = WitnessPlugin()
+    manager = new_manager(mock_backend, witnesses, sink=sink)
+    assert sink.witnesses == (witnesses.witness,)
+    manager.seal_model(b"w" * 5000, shard_id="witnessed")
+    assert witnesses.witness.heads[-1] == {"sequence": len(sink.events)}
+    manager.close()
+    assert sink.closed
+    assert witnesses.witness.closed
+
+
+def test_witnesses_hook_returning_garbage_is_a_config_error(
+    new_manager: Any, mock_backend: Any
+) -> None:
+    class Garbage:
+        @hookimpl
+        def vramcore_audit_witnesses(self, context: SinkContext) -> Any:
+            return ["not a witness"]
+
+    with pytest.raises(ConfigError, match="vramcore_audit_witnesses"):
+        new_manager(mock_backend, Garbage(), sink=CapturingSink())
+    assert mock_backend.live_allocations == 0
 
 
 class FailureReporter:

@@ -11,8 +11,16 @@ devices where weights could live in host memory, and audit everything through pl
 """
 
 from vramcore._context import correlate
-from vramcore.audit import AuditSink, SinkContext
-from vramcore.backend import AllocatorBackend, BackendSpec, DeviceBuffer, DeviceInfo, MemoryKind
+from vramcore.audit import AuditSink, AuditWitness, SinkContext
+from vramcore.backend import (
+    AllocatorBackend,
+    BackendSpec,
+    CopyHandle,
+    DeviceBuffer,
+    DeviceDigest,
+    DeviceInfo,
+    MemoryKind,
+)
 from vramcore.digest import DEFAULT_LEAF_SIZE, DIGEST_ALG
 from vramcore.hookspecs import hookimpl, hookspec
 from vramcore.manager import VramManager
@@ -28,8 +36,11 @@ __all__ = [
     "DIGEST_ALG",
     "AllocatorBackend",
     "AuditSink",
+    "AuditWitness",
     "BackendSpec",
+    "CopyHandle",
     "DeviceBuffer",
+    "DeviceDigest",
     "DeviceInfo",
     "MemoryKind",
     "SealedShard",

@@ -11,33 +11,96 @@ reported through :func:`~vramcore.hookspecs.vramcore_audit_failure` and delivery
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
 
-from vramcore.errors import AuditError
+from vramcore.errors import AuditError, ConfigError, InvalidInput
 from vramcore.events import AuditEvent
-from vramcore.seal import WorkerToken
+from vramcore.seal import SecretKey, WorkerToken
 
-__all__ = ["AuditSink", "AuditTrail", "SinkContext", "deliver"]
+__all__ = [
+    "PLUGIN_KEY_INFO_PREFIX",
+    "PLUGIN_MASTER_INFO",
+    "AuditSink",
+    "AuditTrail",
+    "AuditWitness",
+    "SinkContext",
+    "deliver",
+]
 
 log = logging.getLogger("vramcore.audit")
 
 
+#: HKDF ``info`` of the plugin master key, derived from the worker token. Plugin keys are
+#: derived from this master key, never from the token, so no purpose a plugin names can ever
+#: produce the seal key (HKDF is one-way), and a context holds nothing that could.
+PLUGIN_MASTER_INFO = b"vramcore/v1/plugin-master-key"
+#: HKDF ``info`` prefix of every key a plugin derives through :meth:`SinkContext.derive_key`.
+PLUGIN_KEY_INFO_PREFIX = b"vramcore/v1/plugin-key/"
+_PURPOSE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
+
+
 @attrs.frozen(kw_only=True)
 class SinkContext:
-    """What a sink factory may know about the manager it serves.
+    """What a sink or witness factory may know about the manager it serves.
+
+    It holds no worker token and nothing that can sign a seal: keys of a plugin's own come
+    from :meth:`derive_key`, derived from a plugin master key that is itself derived one way
+    from the token (``HKDF(HKDF(token, PLUGIN_MASTER_INFO), PLUGIN_KEY_INFO_PREFIX ‖
+    purpose)``). The manager wipes that master key when it closes.
 
     :attr worker_id: the worker's public id.
     :attr device: the device index the manager runs on.
-    :attr token: the worker token; call ``token.derive(info)`` for a key of the sink's own
-        (use an ``info`` string of your own, never the seal key's). Its repr is a fingerprint.
+    :attr token_fingerprint: the worker token's fingerprint (public; tells logs of different
+        tokens apart).
     """
 
     worker_id: str
     device: int
-    token: WorkerToken = attrs.field(repr=False)
+    token_fingerprint: str = ""
+    _master: SecretKey | None = attrs.field(default=None, repr=False, eq=False, alias="master")
+
+    @classmethod
+    def from_token(cls, token: WorkerToken, *, worker_id: str, device: int) -> SinkContext:
+        """A context whose :meth:`derive_key` derives from ``token`` (the manager uses this)."""
+        return cls(
+            worker_id=worker_id,
+            device=device,
+            token_fingerprint=token.fingerprint,
+            master=token.derive(PLUGIN_MASTER_INFO),
+        )
+
+    def wipe(self) -> None:
+        """Wipe the plugin master key; :meth:`derive_key` fails afterwards."""
+        if self._master is not None:
+            self._master.wipe()
+
+    def derive_key(self, purpose: str, length: int = 32) -> SecretKey:
+        """A key of the plugin's own, derived (HKDF-SHA256) from the worker token.
+
+        The HKDF ``info`` is :data:`PLUGIN_KEY_INFO_PREFIX` followed by ``purpose``, so a key
+        derived here is independent of the seal key and of every other purpose. Name the
+        purpose after your plugin (``"audit_chain/state"``); the same purpose gives the same
+        key for the same token, across restarts.
+
+        :param purpose: 1-128 characters of ``[A-Za-z0-9._:/-]``.
+        :param length: key length in bytes (16-64).
+        :raises InvalidInput: a malformed purpose or length.
+        :raises ConfigError: the context carries no key material (made without a token).
+        """
+        if not isinstance(purpose, str) or not _PURPOSE.fullmatch(purpose):
+            raise InvalidInput(
+                "a plugin key purpose must be 1-128 characters of [A-Za-z0-9._:/-], "
+                "e.g. 'my_plugin/state'"
+            )
+        if isinstance(length, bool) or not isinstance(length, int) or not 16 <= length <= 64:
+            raise InvalidInput("a plugin key length must be an integer from 16 to 64 bytes")
+        if self._master is None:
+            raise ConfigError("this SinkContext carries no key material (no worker token)")
+        return self._master.derive(PLUGIN_KEY_INFO_PREFIX + purpose.encode("ascii"), length)
 
 
 class AuditSink:
@@ -65,6 +128,36 @@ class AuditSink:
     def report(self) -> Mapping[str, Any] | None:
         """After :meth:`close`: a short summary for the CLI (records written, verified...)."""
         return None
+
+    def attach_witnesses(self, witnesses: Sequence[AuditWitness]) -> None:
+        """Receive the manager's witnesses (before the first event); a log sink publishes its
+        head to them. The default ignores them."""
+
+
+class AuditWitness:
+    """Base class of a witness: a place off the worker's disk that keeps an audit log's heads.
+
+    A log sink calls :meth:`publish` with each head it commits (a JSON-ready mapping, signed
+    by the log; its fields are the log's to define, see the audit chain's FORMAT.md).
+
+    :attr name: shown in errors and reports.
+    :attr required: when ``True`` a failed publish of a head that covers a critical event
+        fails that operation (fail closed), as a failing sink does.
+    """
+
+    name: str = "witness"
+    required: bool = False
+
+    def publish(self, head: Mapping[str, Any]) -> None:
+        """Keep ``head``; return only when it is as durable as the witness promises."""
+        raise NotImplementedError
+
+    def latest(self, log_id: str) -> Mapping[str, Any] | None:
+        """The newest head this witness holds for ``log_id``, if it can read it back."""
+        return None
+
+    def close(self) -> None:
+        """Release resources; called once, after the sinks are closed."""
 
 
 def deliver(
@@ -105,16 +198,29 @@ class AuditTrail:
     def __init__(self, hook: Any) -> None:
         self._hook = hook
         self._sinks: list[AuditSink] = []
+        self._witnesses: list[AuditWitness] = []
 
     @property
     def sinks(self) -> tuple[AuditSink, ...]:
         """The sinks events go to."""
         return tuple(self._sinks)
 
+    @property
+    def witnesses(self) -> tuple[AuditWitness, ...]:
+        """The witnesses the sinks publish to."""
+        return tuple(self._witnesses)
+
     def collect(self, context: SinkContext) -> None:
-        """Ask every plugin for its sinks (``vramcore_audit_sinks``)."""
+        """Ask every plugin for its witnesses and sinks, and give the sinks the witnesses.
+
+        :raises ConfigError: a plugin returned something that is not a sink or a witness.
+        """
+        for witnesses in self._hook.vramcore_audit_witnesses(context=context):
+            self._witnesses.extend(_checked(witnesses, AuditWitness, "vramcore_audit_witnesses"))
         for sinks in self._hook.vramcore_audit_sinks(context=context):
-            self._sinks.extend(sinks)
+            self._sinks.extend(_checked(sinks, AuditSink, "vramcore_audit_sinks"))
+        for sink in self._sinks:
+            sink.attach_witnesses(self.witnesses)
 
     def require_durable(self) -> None:
         """Raise unless at least one sink keeps a lasting record.
@@ -142,12 +248,25 @@ class AuditTrail:
             log.exception("vramcore_audit_failure hook raised")
 
     def close(self) -> list[BaseException]:
-        """Close every sink (each flushes first); return what failed instead of raising."""
+        """Close every sink (each flushes first), then every witness; return what failed."""
         errors: list[BaseException] = []
-        for sink in self._sinks:
+        parts: list[AuditSink | AuditWitness] = [*self._sinks, *self._witnesses]
+        for part in parts:
             try:
-                sink.close()
+                part.close()
             except Exception as exc:
-                log.error("audit sink %s failed to close: %s", sink.name, type(exc).__name__)
+                log.error("audit %s failed to close: %s", part.name, type(exc).__name__)
                 errors.append(exc)
         return errors
+
+
+def _checked(items: object, kind: type, hook: str) -> list[Any]:
+    """``items`` as a list of ``kind`` instances, or a :class:`ConfigError` naming the hook."""
+    if not isinstance(items, list | tuple):
+        raise ConfigError(f"a {hook} implementation returned {type(items).__name__}, not a list")
+    for item in items:
+        if not isinstance(item, kind):
+            raise ConfigError(
+                f"a {hook} implementation returned {type(item).__name__}, not an {kind.__name__}"
+            )
+    return list(items)

@@ -8,23 +8,81 @@ calls, so the hot path costs no hook dispatch.
 
 Device pointers stay inside the backend: a :class:`DeviceBuffer` shows its device, size and
 backend, never its address.
+
+The copy contract
+-----------------
+
+:meth:`AllocatorBackend.copy_in` may be asynchronous. A backend either
+
+* finishes reading the host ``data`` before ``copy_in`` returns (and returns ``None``), or
+* returns a :class:`CopyHandle` whose :meth:`~CopyHandle.wait` returns once the backend no
+  longer reads ``data`` (the device has its own copy; on CUDA: an event recorded after the
+  ``cudaMemcpyAsync`` on the copy's stream).
+
+Until the handle's ``wait()`` returned, the core neither writes, reuses, frees nor hashes the
+memory behind ``data``; it waits on every handle before it reports the copy done, so a shard
+is never digested or sealed while a copy into it is still running. ``wait()`` raises the
+copy's error (a :class:`~vramcore.errors.VramError`), if any. A backend may also lend the
+host staging buffers the core reads files into (:meth:`AllocatorBackend.staging`): pinned
+memory on CUDA, so a chunk goes to the device by DMA with no extra host copy while the next
+chunk is read and the previous one hashed (double buffering).
+
+:meth:`AllocatorBackend.read_into` is synchronous: ``out`` holds the bytes when it returns.
+
+Every method may be called from any thread, not only the one that made the backend.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 import enum
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol, runtime_checkable
 
 import attrs
 
 __all__ = [
     "AllocatorBackend",
     "BackendSpec",
+    "CopyHandle",
     "DeviceBuffer",
+    "DeviceDigest",
     "DeviceInfo",
     "MemoryKind",
 ]
+
+
+@runtime_checkable
+class CopyHandle(Protocol):
+    """Completion of an asynchronous :meth:`AllocatorBackend.copy_in` (see the copy contract).
+
+    ``wait()`` blocks until the backend no longer reads the host buffer it was given, and
+    raises the copy's error if it failed. Calling it again returns at once (or raises again).
+    """
+
+    def wait(self) -> None:
+        """Block until the copy has finished reading its host buffer."""
+
+
+@attrs.frozen(kw_only=True)
+class DeviceDigest:
+    """What a device-side digest returns (:func:`~vramcore.hookspecs.vramcore_device_digest`).
+
+    :attr root: the RFC 6962 root over *all* of the buffer's leaves (32 bytes), or ``None``
+        when only a leaf range was asked for.
+    :attr leaves: the packed leaf hashes, 32 bytes each, of leaves ``first_leaf`` onwards.
+    :attr first_leaf: index of the first leaf in :attr:`leaves`.
+    """
+
+    root: bytes | None
+    leaves: bytes | bytearray | memoryview
+    first_leaf: int = 0
+
+    @property
+    def leaf_count(self) -> int:
+        """Number of leaf hashes held."""
+        return len(self.leaves) // 32
 
 
 class MemoryKind(enum.StrEnum):
@@ -136,12 +194,32 @@ class AllocatorBackend(abc.ABC):
         """
 
     @abc.abstractmethod
-    def copy_in(self, buf: DeviceBuffer, offset: int, data: memoryview) -> None:
-        """Copy host ``data`` into ``buf`` at byte ``offset`` (bounds-checked)."""
+    def copy_in(self, buf: DeviceBuffer, offset: int, data: memoryview) -> CopyHandle | None:
+        """Copy host ``data`` into ``buf`` at byte ``offset`` (bounds-checked).
+
+        Return ``None`` when ``data`` was fully read before returning, else a
+        :class:`CopyHandle` the caller waits on before it touches ``data`` again (see the copy
+        contract in the module docstring). Errors found before the copy starts (bounds, a
+        freed buffer) raise here; errors of the copy itself may surface from ``wait()``.
+        """
 
     @abc.abstractmethod
     def read_into(self, buf: DeviceBuffer, offset: int, out: memoryview) -> None:
-        """Copy ``len(out)`` bytes of ``buf`` from byte ``offset`` into host ``out``."""
+        """Copy ``len(out)`` bytes of ``buf`` from byte ``offset`` into host ``out``.
+
+        Synchronous: ``out`` holds the bytes when this returns.
+        """
+
+    @contextlib.contextmanager
+    def staging(self, count: int, nbytes: int) -> Iterator[list[memoryview]]:
+        """Lend ``count`` host buffers of ``nbytes`` for file reads feeding :meth:`copy_in`.
+
+        The default lends ordinary host memory; a CUDA backend overrides it with pinned
+        (page-locked) memory it keeps and reuses, so copies run by DMA without a bounce
+        buffer. The buffers are only valid inside the block; the core waits for every copy
+        handle before leaving it.
+        """
+        yield [memoryview(bytearray(nbytes)) for _ in range(count)]
 
     @abc.abstractmethod
     def free(self, buf: DeviceBuffer) -> None:
@@ -152,7 +230,11 @@ class AllocatorBackend(abc.ABC):
         """Ask the driver where ``buf`` lives (the policy accepts only ``DEVICE``)."""
 
     def close(self) -> None:  # noqa: B027 - optional hook with a do-nothing default
-        """Release backend resources (contexts, pools). Called once by the manager."""
+        """Release backend resources (contexts, pools). Called once by the manager.
+
+        The manager calls it only after every seal and verification it ran has finished. A
+        backend may refuse any later call with a :class:`~vramcore.errors.VramError`.
+        """
 
 
 @attrs.frozen(kw_only=True)

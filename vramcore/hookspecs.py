@@ -14,8 +14,14 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from vramcore.audit import AuditSink, SinkContext
-    from vramcore.backend import AllocatorBackend, BackendSpec, DeviceBuffer, DeviceInfo
+    from vramcore.audit import AuditSink, AuditWitness, SinkContext
+    from vramcore.backend import (
+        AllocatorBackend,
+        BackendSpec,
+        DeviceBuffer,
+        DeviceDigest,
+        DeviceInfo,
+    )
     from vramcore.commands import Commands
     from vramcore.events import AuditEvent
     from vramcore.narration import Operation
@@ -92,19 +98,27 @@ def vramcore_seal_key(token: WorkerToken, worker_id: str) -> SecretKey | None:
 
 @hookspec(firstresult=True)
 def vramcore_device_digest(
-    backend: AllocatorBackend, buffer: DeviceBuffer, leaf_size: int
-) -> Sequence[bytes] | None:
-    """Compute the RFC 6962 leaf hashes of ``buffer`` on the device itself.
+    backend: AllocatorBackend,
+    buffer: DeviceBuffer,
+    leaf_size: int,
+    leaf_range: tuple[int, int] | None,
+) -> DeviceDigest | None:
+    """Compute the ``rfc6962-sha256`` digest of ``buffer`` on the device itself.
 
-    Return one 32-byte leaf hash (``SHA-256(0x00 || leaf)``) per ``leaf_size`` leaf, the last
-    leaf possibly shorter; the core builds the tree from them, so the root and the corrupted
-    range report are identical to the host path. Return ``None`` when this plugin cannot
-    digest this backend's buffers (the core then reads the buffer back and hashes on host).
+    For the whole buffer (``leaf_range`` is ``None``) return the Merkle root and every packed
+    leaf hash (``SHA-256(0x00 || leaf)``, 32 bytes each, the last leaf possibly shorter). For a
+    range ``(first, stop)`` of leaf indices, return the packed hashes of those leaves
+    (``root=None``, ``first_leaf=first``): the core uses ranges for localisation and sampled
+    checks. The core never rebuilds the tree on the host when the device did; it checks only
+    the shape of the answer (a wrong shape is an error naming the plugin). Return ``None``
+    when this plugin cannot digest this backend's buffers: the core then reads the buffer
+    back and hashes it on the host.
 
     :param backend: the backend that owns ``buffer``.
     :param buffer: the allocation to digest.
     :param leaf_size: leaf size in bytes.
-    :return: the leaf hashes, or ``None`` to defer.
+    :param leaf_range: ``None`` for the whole buffer, else ``(first, stop)`` leaf indices.
+    :return: a :class:`~vramcore.backend.DeviceDigest`, or ``None`` to defer.
 
     firstresult. Called on every seal and every verification.
     """
@@ -122,10 +136,31 @@ def vramcore_audit_sinks(context: SinkContext) -> Sequence[AuditSink]:
 
     Every sink receives every event; the manager flushes and closes them when it closes.
 
-    :param context: the worker id, device and token (derive keys of your own from it).
+    :param context: the worker id and device, and :meth:`~vramcore.audit.SinkContext.derive_key`
+        for keys of the sink's own. A sink never sees the worker token or anything that can
+        sign a seal.
     :return: the sinks this plugin provides (may be empty, e.g. when not configured).
 
     Not firstresult: all sinks are collected. Called once when a manager starts.
+    """
+    raise NotImplementedError
+
+
+@hookspec
+def vramcore_audit_witnesses(context: SinkContext) -> Sequence[AuditWitness]:
+    """Create witnesses: places off the worker's disk where an audit log publishes its head.
+
+    A tamper-evident log on one disk cannot prove its own completeness to someone who
+    controls that disk. A log sink (the audit chain) hands each head it commits (log id,
+    sequence, last record hash, epoch, time, signature) to every witness; an auditor later
+    checks that the log still reaches the heads the witnesses hold.
+
+    :param context: as for :func:`vramcore_audit_sinks`.
+    :return: the witnesses this plugin provides (may be empty).
+
+    Not firstresult: all witnesses are collected. Called once when a manager starts, after
+    the sinks; the manager gives them to every sink through
+    :meth:`~vramcore.audit.AuditSink.attach_witnesses` and closes them after the sinks.
     """
     raise NotImplementedError
 

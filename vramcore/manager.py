@@ -134,6 +134,7 @@ class VramManager:
         self._closed = False
         self._audit = AuditTrail(self._hook)
         self._key: SecretKey | None = None
+        self._sink_context: SinkContext | None = None
         self._owns_backend = not isinstance(allocator, AllocatorBackend)
         try:
             self._backend = self._make_backend(allocator)
@@ -156,8 +157,10 @@ class VramManager:
         self.device = check_device_index(device, len(devices))
         self.device_info = devices[self.device]
         if audit == "required":
-            context = SinkContext(worker_id=self.worker_id, device=self.device, token=self._token)
-            self._audit.collect(context)
+            self._sink_context = SinkContext.from_token(
+                self._token, worker_id=self.worker_id, device=self.device
+            )
+            self._audit.collect(self._sink_context)
             self._audit.require_durable()
         self._enforce(self.policy.check_device(self.device_info))
         key = self._hook.vramcore_seal_key(token=self._token, worker_id=self.worker_id)
@@ -477,12 +480,13 @@ class VramManager:
 
         def digest(op: Operation) -> list[bytes]:
             offered = self._hook.vramcore_device_digest(
-                backend=self._backend, buffer=buf, leaf_size=self.leaf_size
+                backend=self._backend, buffer=buf, leaf_size=self.leaf_size, leaf_range=None
             )
             leaves: list[bytes]
             if offered is not None:
                 op.attributes["source"] = "device"
-                leaves = list(offered)
+                packed = bytes(offered.leaves)
+                leaves = [packed[i : i + 32] for i in range(0, len(packed), 32)]
                 if len(leaves) != expected_leaves or any(len(h) != 32 for h in leaves):
                     raise VramError(
                         "the device digest plugin returned a malformed leaf list "
@@ -704,6 +708,8 @@ class VramManager:
                 errors.append(exc)
         if self._key is not None:
             self._key.wipe()
+        if self._sink_context is not None:
+            self._sink_context.wipe()
         self._token.wipe()
         return errors
 

@@ -60,7 +60,9 @@ def bench_mode(
 ) -> tuple[float, Path]:
     """Emit ``events`` through a sink in ``mode``; events/s including the final close."""
     cfg = ChainConfig(directory=directory, durability=mode)
-    sink = ChainSink(cfg, SinkContext(worker_id="bench", device=0, token=WorkerToken("b" * 32)))
+    sink = ChainSink(
+        cfg, SinkContext.from_token(WorkerToken("b" * 32), worker_id="bench", device=0)
+    )
     per = len(events) // threads
 
     def work(part: list[SealVerified]) -> None:

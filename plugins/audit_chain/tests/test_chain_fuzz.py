@@ -28,7 +28,9 @@ edits = st.lists(
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("pristine") / "log"
-    context = SinkContext(worker_id="w1", device=0, token=WorkerToken("fuzz-token-" + "y" * 24))
+    context = SinkContext.from_token(
+        WorkerToken("fuzz-token-" + "y" * 24), worker_id="w1", device=0
+    )
     sink = ChainSink(
         ChainConfig(directory=directory, durability="batched", checkpoint_records=8), context
     )

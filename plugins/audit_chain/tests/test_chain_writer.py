@@ -143,7 +143,7 @@ def test_rotation_continues_the_chain_into_the_next_file(chain_dir: Path, chain:
 
 def test_state_holds_only_the_current_epoch_key(chain_dir: Path, chain: Any) -> None:
     chain.write_log(chain_dir, 30, checkpoint_records=4)
-    state = read_state(chain_dir / fmt.STATE_NAME, state_cipher(chain.context().token))
+    state = read_state(chain_dir / fmt.STATE_NAME, state_cipher(chain.context()))
     assert state is not None
     key = bytes(vramcore_audit_chain.load_key_file(chain_dir / "auditor-initial.key").initial_key)
     for _ in range(state.epoch):
@@ -308,7 +308,7 @@ def test_unclean_shutdown_without_torn_line_is_recorded(chain_dir: Path, chain: 
     lines = last.read_bytes().splitlines(keepends=True)
     # a crash before the closing checkpoint: the state still names the previous checkpoint
     last.write_bytes(b"".join(lines[:-1]))
-    state_before = read_state(chain_dir / fmt.STATE_NAME, state_cipher(chain.context().token))
+    state_before = read_state(chain_dir / fmt.STATE_NAME, state_cipher(chain.context()))
     assert state_before is not None
     (chain_dir / fmt.STATE_NAME).unlink()
     with pytest.raises(AuditError, match="no chain state"):
@@ -406,13 +406,13 @@ def test_setup_interrupted_before_the_genesis_resumes(chain_dir: Path, chain: An
     chain.write_log(chain_dir, 1)
     first = fmt.log_files(chain_dir)[0][1]
     # Rebuild the moment after setup saved its state and created the empty first file.
-    state = read_state(chain_dir / fmt.STATE_NAME, state_cipher(chain.context().token))
+    state = read_state(chain_dir / fmt.STATE_NAME, state_cipher(chain.context()))
     assert state is not None
     key = vramcore_audit_chain.load_key_file(chain_dir / "auditor-initial.key").initial_key
     state.epoch, state.seq, state.head, state.key = 0, -1, fmt.GENESIS_PREV, bytearray(key)
     from vramcore_audit_chain._keys import write_state
 
-    write_state(chain_dir / fmt.STATE_NAME, state_cipher(chain.context().token), state)
+    write_state(chain_dir / fmt.STATE_NAME, state_cipher(chain.context()), state)
     first.write_bytes(b"")
     chain.write_log(chain_dir, 2)
     result = chain.verify(chain_dir)

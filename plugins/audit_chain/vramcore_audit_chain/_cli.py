@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from vramcore.audit import SinkContext
 from vramcore.commands import EXIT_FAILURE, EXIT_OK, Commands, Console, UsageError
 from vramcore.seal import WorkerToken
 from vramcore_audit_chain import _format as fmt
@@ -189,7 +190,7 @@ def cmd_public_key(args: argparse.Namespace, console: Console) -> int:
         raise UsageError("set VRAMCORE_WORKER_TOKEN to the worker's token")
     token = WorkerToken(raw)
     try:
-        public = public_key_hex(signing_key(token))
+        public = public_key_hex(signing_key(SinkContext.from_token(token, worker_id="", device=-1)))
     finally:
         token.wipe()
     console.result({"public_key": public}, public)

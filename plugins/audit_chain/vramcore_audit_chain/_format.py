@@ -27,13 +27,13 @@ import attrs
 from vramcore.seal import derive_key
 
 __all__ = [
-    "CHAIN_KEY_INFO",
-    "CHECKPOINT_SIGNING_INFO",
+    "CHAIN_KEY_PURPOSE",
+    "CHECKPOINT_SIGNING_PURPOSE",
     "EVOLVE_INFO",
     "FORMAT",
     "GENESIS_PREV",
     "INITIAL_KEY_INFO",
-    "STATE_KEY_INFO",
+    "STATE_KEY_PURPOSE",
     "ParsedLine",
     "build_line",
     "canonical_json",
@@ -49,15 +49,15 @@ __all__ = [
 #: Format tag written into the genesis record.
 FORMAT = "vramcore-audit-chain/1"
 #: HKDF info of the token-derived base of the chain key (never the seal key's info).
-CHAIN_KEY_INFO = b"vramcore/v1/audit-chain-key"
+CHAIN_KEY_PURPOSE = "audit_chain/chain-key"
 #: HKDF info that turns base key + setup nonce into the epoch-0 key.
 INITIAL_KEY_INFO = b"vramcore/v1/audit-chain/epoch-0"
 #: HKDF info of the one-way evolution K(e+1) = HKDF(K(e), EVOLVE_INFO).
 EVOLVE_INFO = b"vramcore/v1/audit-chain/evolve"
 #: HKDF info of the 32-byte Ed25519 seed that signs checkpoints.
-CHECKPOINT_SIGNING_INFO = b"vramcore/v1/audit-checkpoint-signing-key"
+CHECKPOINT_SIGNING_PURPOSE = "audit_chain/checkpoint-signing-key"
 #: HKDF info of the AES-256-GCM key that encrypts the writer's state file.
-STATE_KEY_INFO = b"vramcore/v1/audit-chain/state-key"
+STATE_KEY_PURPOSE = "audit_chain/state-key"
 #: Domain separation prefix of the Ed25519 checkpoint signature.
 CHECKPOINT_SIG_PREFIX = b"vramcore-audit-checkpoint/1\n"
 #: Domain separation prefix of the public key id.

@@ -25,11 +25,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from vramcore.audit import SinkContext
 from vramcore.errors import ConfigError
-from vramcore.seal import WorkerToken
 from vramcore_audit_chain._format import (
-    CHECKPOINT_SIGNING_INFO,
-    STATE_KEY_INFO,
+    CHECKPOINT_SIGNING_PURPOSE,
+    STATE_KEY_PURPOSE,
     canonical_json,
     key_id,
 )
@@ -85,9 +85,9 @@ def write_private_file(path: Path, data: bytes, *, replace: bool) -> None:
     fsync_dir(path.parent)
 
 
-def signing_key(token: WorkerToken) -> Ed25519PrivateKey:
+def signing_key(keys: SinkContext) -> Ed25519PrivateKey:
     """The checkpoint signing key, derived from the worker token."""
-    seed = token.derive(CHECKPOINT_SIGNING_INFO)
+    seed = keys.derive_key(CHECKPOINT_SIGNING_PURPOSE)
     try:
         return Ed25519PrivateKey.from_private_bytes(seed.export())
     finally:
@@ -196,9 +196,9 @@ class ChainState:
         self.key[:] = bytes(len(self.key))
 
 
-def state_cipher(token: WorkerToken) -> AESGCM:
+def state_cipher(keys: SinkContext) -> AESGCM:
     """The AES-256-GCM cipher that seals the state file (key derived from the token)."""
-    k = token.derive(STATE_KEY_INFO)
+    k = keys.derive_key(STATE_KEY_PURPOSE)
     try:
         return AESGCM(k.export())
     finally:

@@ -31,7 +31,7 @@ class ChainSink(AuditSink):
     def __init__(self, config: ChainConfig, context: SinkContext) -> None:
         self.config = config
         self._writer = ChainWriter(
-            config, context.token, worker_id=context.worker_id, device=context.device
+            config, context, worker_id=context.worker_id, device=context.device
         )
         self._closed = False
         self._report: dict[str, Any] | None = None

@@ -27,8 +27,8 @@ from typing import Any
 
 import attrs
 
+from vramcore.audit import SinkContext
 from vramcore.errors import AuditError, ConfigError
-from vramcore.seal import WorkerToken
 from vramcore_audit_chain import _format as fmt
 from vramcore_audit_chain._config import ChainConfig, Durability
 from vramcore_audit_chain._keys import (
@@ -74,8 +74,8 @@ class ChainWriter:
     """Appends records to one audit chain directory; one writer per directory (flock).
 
     :param config: where and how to write.
-    :param token: the worker token; used while opening (setup, signing key, state key) and
-        not kept.
+    :param keys: the sink context; its plugin keys (signing key, state key, initial chain key)
+        are derived while opening and not kept.
     :param worker_id: written into the genesis and open records.
     :param device: likewise.
     :raises ConfigError: another process holds the log, or the directory is unusable.
@@ -84,7 +84,7 @@ class ChainWriter:
     """
 
     def __init__(
-        self, config: ChainConfig, token: WorkerToken, *, worker_id: str = "", device: int = -1
+        self, config: ChainConfig, keys: SinkContext, *, worker_id: str = "", device: int = -1
     ) -> None:
         self._cfg = config
         self._sync_all = config.durability is Durability.IMMEDIATE
@@ -119,12 +119,12 @@ class ChainWriter:
         self._file_index = 1
         self._file_bytes = 0
         self.recovered: dict[str, Any] | None = None
-        self._signer = signing_key(token)
+        self._signer = signing_key(keys)
         self.public_key = public_key_hex(self._signer)
-        self._cipher = state_cipher(token)
+        self._cipher = state_cipher(keys)
         try:
             self._acquire_lock()
-            self._open(token)
+            self._open(keys)
         except BaseException:
             self._release()
             raise
@@ -442,7 +442,7 @@ class ChainWriter:
             fsync_dir(self._dir)
         return fd
 
-    def _open(self, token: WorkerToken) -> None:
+    def _open(self, keys: SinkContext) -> None:
         files = fmt.log_files(self._dir)
         state = read_state(self._dir / fmt.STATE_NAME, self._cipher)
         if (
@@ -462,7 +462,7 @@ class ChainWriter:
                     f"{state.seq + 1} records, but no log file is there: the log was deleted "
                     "or moved. Restore it, or move the directory away to start a new log"
                 )
-            self._setup(token, state)
+            self._setup(keys, state)
             clean = True
         else:
             if state is None:
@@ -508,10 +508,10 @@ class ChainWriter:
         self._write(items)
         self._durable_seq = self._seq_next - 1
 
-    def _setup(self, token: WorkerToken, state: ChainState | None) -> None:
+    def _setup(self, keys: SinkContext, state: ChainState | None) -> None:
         if state is None:
             log_id = secrets.token_hex(16)
-            base = token.derive(fmt.CHAIN_KEY_INFO)
+            base = keys.derive_key(fmt.CHAIN_KEY_PURPOSE)
             key = fmt.initial_key(base.export(), secrets.token_bytes(32))
             base.wipe()
             write_key_file(

@@ -17,7 +17,7 @@ TOKEN = "tracing-test-token-0123456789abcdef"
 
 
 def make_sink(pm: Any, **kwargs: Any) -> AuditSink:
-    ctx = SinkContext(worker_id="w1", device=0, token=WorkerToken(TOKEN))
+    ctx = SinkContext.from_token(WorkerToken(TOKEN), worker_id="w1", device=0)
     sinks = [s for group in pm.hook.vramcore_audit_sinks(context=ctx) for s in group]
     [sink] = sinks
     return sink
