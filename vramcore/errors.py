@@ -18,6 +18,7 @@ __all__ = [
     "InsufficientVram",
     "IntegrityViolation",
     "InvalidInput",
+    "ManagerClosed",
     "NotSealed",
     "PolicyViolation",
     "SealVerificationFailed",
@@ -153,3 +154,10 @@ class AuditError(VramError):
     def __init__(self, message: str, *, configuration: bool = False) -> None:
         super().__init__(message)
         self.configuration = configuration
+
+
+class ManagerClosed(VramError):
+    """The :class:`vramcore.VramManager` was closed, or closed while this call was running.
+
+    Fatal for the manager: create a new one. Nothing the failed call allocated stays allocated.
+    """
