@@ -200,13 +200,20 @@ class VramSealed(AuditEvent):
 
 @attrs.frozen(kw_only=True)
 class SealVerified(AuditEvent):
-    """A seal verified: signature valid and the digest recomputed from VRAM matched."""
+    """A seal verified: signature valid and the digest recomputed from VRAM matched.
+
+    :attr mode: ``"full"`` (every byte re-hashed, the root compared) or ``"sampled"`` (a
+        random subset of leaves compared with the sealed leaves).
+    :attr leaves_checked: how many leaves were re-hashed from VRAM.
+    """
 
     event_type: ClassVar[str] = "seal.verified"
     shard_id: str
     device: int
     nbytes: int
     digest: str
+    mode: str = "full"
+    leaves_checked: int = 0
 
 
 @attrs.frozen(kw_only=True)
