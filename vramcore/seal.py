@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import struct
+import sys
+from array import array
 from collections.abc import Iterable, Sequence
 from typing import NoReturn
 
@@ -34,21 +37,48 @@ __all__ = [
     "MIN_TOKEN_BYTES",
     "SEAL_FORMAT_VERSION",
     "SEAL_KEY_INFO",
+    "TOKEN_ADVICE",
     "SecretKey",
     "WorkerToken",
     "canonical_seal_message",
     "derive_key",
+    "tensor_map_digest",
+    "token_problem",
 ]
 
 #: Version of the signed encoding; bumped on any change to :func:`canonical_seal_message`.
-SEAL_FORMAT_VERSION = 1
+#: Version 2 tags every field with its type, so ``gpu_device="0"`` and ``0`` sign differently.
+SEAL_FORMAT_VERSION = 2
 #: HKDF ``info`` for the seal key. Other purposes must use other strings.
 SEAL_KEY_INFO = b"vramcore/v1/seal-key"
 #: HKDF salt: fixed and public (RFC 5869 allows it); domain-separates vramcore's derivations.
 _HKDF_SALT = b"vramcore/v1/hkdf-salt"
 #: A shorter token is refused: it could be guessed from a fingerprint or a signature.
 MIN_TOKEN_BYTES = 16
+#: How to make a good token; appended to every refusal.
+TOKEN_ADVICE = (
+    "make one with `python3 -c 'import secrets; print(secrets.token_urlsafe(32))'` "  # noqa: S105
+    "and keep it like any other service secret"
+)
 _MAGIC = b"vramcore-seal"
+_WHITESPACE = frozenset(b" \t\n\r\x0b\x0c")
+
+
+def token_problem(raw: bytes | bytearray) -> str | None:
+    """Why ``raw`` cannot be a worker token, or ``None`` when it can.
+
+    Refuses what obviously holds no entropy: fewer than :data:`MIN_TOKEN_BYTES` bytes, only
+    whitespace, or one character repeated (whitespace aside). This cannot prove a token is
+    random; it catches placeholders and typos such as an unset variable padded with spaces.
+    """
+    if len(raw) < MIN_TOKEN_BYTES:
+        return f"is too short ({len(raw)} bytes; at least {MIN_TOKEN_BYTES} random bytes)"
+    meaningful = set(raw) - _WHITESPACE
+    if not meaningful:
+        return "is only whitespace"
+    if len(meaningful) == 1:
+        return "is one character repeated: it holds no secret"
+    return None
 
 
 def _fingerprint(material: bytes | bytearray, label: bytes) -> str:
@@ -58,24 +88,27 @@ def _fingerprint(material: bytes | bytearray, label: bytes) -> str:
 class WorkerToken:
     """The worker's secret token. Its repr, str and every message show a fingerprint only.
 
-    :param token: at least :data:`MIN_TOKEN_BYTES` bytes (a ``str`` is UTF-8 encoded).
+    :param token: at least :data:`MIN_TOKEN_BYTES` bytes (a ``str`` is UTF-8 encoded), not
+        only whitespace, not one character repeated (see :func:`token_problem`).
+    :param source: what the user called the token (``"VRAMCORE_WORKER_TOKEN"`` in the CLI),
+        named in error messages.
     """
 
     __slots__ = ("_fingerprint", "_token")
 
-    def __init__(self, token: str | bytes | bytearray) -> None:
+    def __init__(self, token: str | bytes | bytearray, *, source: str = "worker_token") -> None:
         if isinstance(token, str):
-            raw = bytearray(token.encode("utf-8"))
+            raw = bytearray(token.encode("utf-8", "surrogatepass"))
         elif isinstance(token, bytes | bytearray):
             raw = bytearray(token)
         else:
-            raise InvalidInput("worker_token must be str or bytes")
-        if len(raw) < MIN_TOKEN_BYTES:
             raise InvalidInput(
-                f"worker_token is too short ({len(raw)} bytes); use at least "
-                f"{MIN_TOKEN_BYTES} random bytes, e.g. `python -c 'import secrets; "
-                "print(secrets.token_urlsafe(32))'`"
+                f"{source} must be str or bytes, got {type(token).__name__}; {TOKEN_ADVICE}"
             )
+        problem = token_problem(raw)
+        if problem is not None:
+            raw[:] = bytes(len(raw))
+            raise InvalidInput(f"{source} {problem}; {TOKEN_ADVICE}")
         self._token = raw
         self._fingerprint = _fingerprint(raw, b"vramcore/v1/token-fingerprint\x00")
 
@@ -173,15 +206,18 @@ class SecretKey:
 
 
 def _field(value: str | int | bytes) -> bytes:
+    """One item: a type tag (``i`` integer, ``s`` text, ``b`` bytes), a length, the value."""
     if isinstance(value, bool):
         raise TypeError("booleans are not seal fields")
     if isinstance(value, int):
-        raw = str(value).encode("ascii")
+        tag, raw = b"i", str(value).encode("ascii")
     elif isinstance(value, str):
-        raw = value.encode("utf-8")
+        tag, raw = b"s", value.encode("utf-8")
+    elif isinstance(value, bytes):
+        tag, raw = b"b", value
     else:
-        raw = value
-    return struct.pack(">I", len(raw)) + raw
+        raise TypeError(f"a seal field must be int, str or bytes, not {type(value).__name__}")
+    return tag + struct.pack(">I", len(raw)) + raw
 
 
 def canonical_seal_message(
@@ -193,17 +229,20 @@ def canonical_seal_message(
     leaf_size: int,
     digest: str,
     sealed_at: str,
-    tensors: Sequence[tuple[str, int, int]] = (),
+    tensors: Sequence[tuple[str, int, int]] | bytes = (),
     file_sha256: str = "",
 ) -> bytes:
     """The exact bytes the seal HMAC covers.
 
-    ``magic ‖ version ‖ field...`` with every item as a 4-byte big-endian length and its
-    UTF-8 (integers in decimal ASCII). The tensor map, when present, is covered through the
-    SHA-256 of its own length-prefixed encoding, so a tampered map cannot misname a tensor.
-    The file SHA-256 checked while loading (``""`` when none) is covered too, so an
-    attestation cannot claim another file.
+    ``magic ‖ version ‖ field...`` with every item as a one-byte type tag (``i``, ``s``,
+    ``b``), a 4-byte big-endian length and its value (integers in decimal ASCII, text in
+    UTF-8), so no two different field lists, and no two field types, encode to the same bytes.
+    The tensor map is covered through its :func:`tensor_map_digest` (pass the digest itself
+    as ``bytes`` when it is already known), so a tampered map cannot misname a tensor. The file
+    SHA-256 checked while loading (``""`` when none) is covered too, so an attestation cannot
+    claim another file.
     """
+    map_digest = tensors if isinstance(tensors, bytes) else tensor_map_digest(tensors)
     parts: Iterable[str | int | bytes] = (
         _MAGIC,
         SEAL_FORMAT_VERSION,
@@ -214,14 +253,36 @@ def canonical_seal_message(
         leaf_size,
         digest,
         sealed_at,
-        _tensor_map_digest(tensors),
+        map_digest,
         file_sha256,
     )
     return b"".join(_field(p) for p in parts)
 
 
-def _tensor_map_digest(tensors: Sequence[tuple[str, int, int]]) -> bytes:
+def tensor_map_digest(
+    tensors: Sequence[tuple[str, int, int]],
+    *,
+    names: Sequence[str] | None = None,
+    starts: Sequence[int] | None = None,
+    ends: Sequence[int] | None = None,
+) -> bytes:
+    """SHA-256 of a tensor map: the count, the names, the starts, the ends, each a field.
+
+    Names are one JSON array (ASCII-escaped, compact: one byte string per map, encoded in C),
+    starts and ends unsigned 64-bit big-endian integers. A caller holding the columns already
+    (:class:`vramcore.shard.TensorMap`) passes them as ``names``/``starts``/``ends`` so a map
+    of a million tensors digests in milliseconds.
+    """
+    if names is None or starts is None or ends is None:
+        names = [t[0] for t in tensors]
+        starts = [t[1] for t in tensors]
+        ends = [t[2] for t in tensors]
     h = hashlib.sha256()
-    for name, start, end in tensors:
-        h.update(_field(name) + _field(start) + _field(end))
+    h.update(_field(len(names)))
+    h.update(_field(json.dumps(list(names), ensure_ascii=True, separators=(",", ":")).encode()))
+    for column in (starts, ends):
+        packed = array("Q", column)
+        if sys.byteorder == "little":
+            packed.byteswap()
+        h.update(_field(packed.tobytes()))
     return h.digest()

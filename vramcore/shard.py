@@ -8,24 +8,53 @@ it (an attestation without it cannot be checked) unless asked not to.
 
 from __future__ import annotations
 
+import bisect
+import functools
 import json
 import re
-from collections.abc import Mapping, Sequence
+from array import array
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, overload
 
 import attrs
 
 from vramcore.digest import DIGEST_ALG
 from vramcore.errors import InvalidInput
 from vramcore.events import format_timestamp, parse_timestamp
-from vramcore.seal import canonical_seal_message
-from vramcore.validation import check_shard_id, safe_repr
+from vramcore.seal import canonical_seal_message, tensor_map_digest
+from vramcore.validation import check_shard_id, clean_text, safe_repr
 
-__all__ = ["ATTESTATION_VERSION", "SealedShard", "TensorRange"]
+__all__ = [
+    "ATTESTATION_VERSION",
+    "MAX_ATTESTATION_BYTES",
+    "SealedShard",
+    "TensorMap",
+    "TensorRange",
+]
 
 ATTESTATION_VERSION = 1
+#: Larger attestations are refused before parsing (a million-tensor map takes about 60 MB).
+MAX_ATTESTATION_BYTES = 256 << 20
+#: Longest tensor name accepted (the audit events carry names whole).
+MAX_TENSOR_NAME_CHARS = 1024
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_MAX_OFFSET = (1 << 63) - 1
+_ATTESTATION_FIELDS = frozenset(
+    {
+        "attestation_version",
+        "shard_id",
+        "gpu_device",
+        "vram_bytes",
+        "digest",
+        "digest_alg",
+        "leaf_size",
+        "sealed_at",
+        "tensors",
+        "file_sha256",
+        "signature",
+    }
+)
 
 
 @attrs.frozen
@@ -41,13 +70,191 @@ class TensorRange:
         return self.start < end and start < self.end
 
 
+def check_tensor_name(name: object) -> str:
+    """A tensor name safe to show and audit: a string, printable, at most 1024 characters."""
+    if not isinstance(name, str):
+        raise InvalidInput(f"tensor name must be a string, got {type(name).__name__}")
+    if len(name) > MAX_TENSOR_NAME_CHARS:
+        raise InvalidInput(
+            f"tensor name {safe_repr(name)} is {len(name)} characters long "
+            f"(at most {MAX_TENSOR_NAME_CHARS})"
+        )
+    if not (name.isascii() and name.isprintable()):  # the fast path covers real models
+        clean_text(name, field="tensor name")
+    return name
+
+
+def _offset(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_OFFSET:
+        raise InvalidInput(f"{what} must be an integer from 0 to 2**63-1, got {safe_repr(value)}")
+    return value
+
+
+class TensorMap(Sequence[TensorRange]):
+    """A shard's tensor map, stored as columns: a million tensors cost tens of MB, not a GB.
+
+    Behaves as a read-only sequence of :class:`TensorRange`, sorted by ``(start, end, name)``.
+    Equality compares the columns, the hash and the signed :attr:`digest` are computed once.
+    Build one with :meth:`from_ranges` (checks and sorts) or :func:`vramcore.safetensors`'s
+    parser.
+    """
+
+    __slots__ = ("__weakref__", "_digest", "_disjoint", "_ends", "_names", "_starts")
+
+    def __init__(self, names: Sequence[str], starts: Sequence[int], ends: Sequence[int]) -> None:
+        """Columns already sorted by ``(start, end, name)`` and checked; see :meth:`from_ranges`."""
+        if not len(names) == len(starts) == len(ends):
+            raise InvalidInput("tensor map columns must have the same length")
+        self._names = tuple(names)
+        self._starts = array("q", starts)
+        self._ends = array("q", ends)
+        self._digest: bytes | None = None
+        # Non-overlapping ranges in order have non-decreasing ends: bisect finds a byte's tensor.
+        self._disjoint = all(map(int.__le__, self._ends[:-1], self._starts[1:]))
+
+    @classmethod
+    def from_ranges(
+        cls, ranges: Iterable[TensorRange | Sequence[Any]] | TensorMap | None
+    ) -> TensorMap:
+        """Check and sort ``(name, start, end)`` items (or :class:`TensorRange` objects).
+
+        :raises InvalidInput: a name is not printable text, an offset is not an integer,
+            ``start > end``, or a name appears twice.
+        """
+        if isinstance(ranges, TensorMap):
+            return ranges
+        items = []
+        for item in ranges or ():
+            if isinstance(item, TensorRange):
+                name, start, end = item.name, item.start, item.end
+            else:
+                name, start, end = item
+            check_tensor_name(name)
+            if _offset(start, "tensor start") > _offset(end, "tensor end"):
+                raise InvalidInput(f"tensor {safe_repr(name)} ends before it starts")
+            items.append((start, end, name))
+        items.sort()
+        names = [n for _s, _e, n in items]
+        if len(set(names)) != len(names):
+            raise InvalidInput("a tensor name appears twice in the tensor map")
+        return cls(names, [s for s, _e, _n in items], [e for _s, e, _n in items])
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Tensor names, in shard order."""
+        return self._names
+
+    @property
+    def digest(self) -> bytes:
+        """SHA-256 of the map as the seal signs it (:func:`vramcore.seal.tensor_map_digest`)."""
+        if self._digest is None:
+            self._digest = tensor_map_digest(
+                (), names=self._names, starts=self._starts, ends=self._ends
+            )
+        return self._digest
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    @overload
+    def __getitem__(self, index: int) -> TensorRange: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> TensorMap: ...
+
+    def __getitem__(self, index: int | slice) -> TensorRange | TensorMap:
+        if isinstance(index, slice):
+            return TensorMap(self._names[index], self._starts[index], self._ends[index])
+        return TensorRange(self._names[index], self._starts[index], self._ends[index])
+
+    def __iter__(self) -> Iterator[TensorRange]:
+        return map(TensorRange, self._names, self._starts, self._ends)
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        if isinstance(other, TensorMap):
+            return (
+                self._names == other._names
+                and self._starts == other._starts
+                and self._ends == other._ends
+            )
+        if isinstance(other, tuple | list):
+            return len(other) == len(self) and all(a == b for a, b in zip(self, other, strict=True))
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.digest)
+
+    def __bool__(self) -> bool:
+        return bool(self._names)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(self._names[:3]) + (", ..." if len(self) > 3 else "")
+        return f"TensorMap({len(self)} tensors: {shown})"
+
+    def to_list(self) -> list[list[Any]]:
+        """``[[name, start, end], ...]`` as the attestation writes it."""
+        return [list(t) for t in zip(self._names, self._starts, self._ends, strict=True)]
+
+    def overlapping(self, ranges: Sequence[tuple[int, int]]) -> list[str]:
+        """Names of the tensors sharing a byte with any of ``ranges`` (shard order, once each)."""
+        hits: set[int] = set()
+        for a, b in ranges:
+            if self._disjoint:
+                i = bisect.bisect_right(self._ends, a)
+                while i < len(self._names) and self._starts[i] < b:
+                    if a < self._ends[i]:
+                        hits.add(i)
+                    i += 1
+            else:
+                hits.update(
+                    i for i in range(len(self._names)) if self._starts[i] < b and a < self._ends[i]
+                )
+        return [self._names[i] for i in sorted(hits)]
+
+
+_EMPTY_MAP = TensorMap((), (), ())
+
+
+def _tensors(value: Iterable[TensorRange | Sequence[Any]] | TensorMap | None) -> TensorMap:
+    if value is None or (isinstance(value, tuple | list) and not value):
+        return _EMPTY_MAP
+    return TensorMap.from_ranges(value)
+
+
 def _hex64(_inst: object, attr: attrs.Attribute[str], value: str) -> None:
     if not isinstance(value, str) or not _HEX64.fullmatch(value):
-        raise InvalidInput(f"{attr.name} must be 64 lower-case hex digits")
+        raise InvalidInput(f"{attr.name} must be 64 lower-case hex digits, got {safe_repr(value)}")
 
 
-def _tensors(value: Sequence[TensorRange] | None) -> tuple[TensorRange, ...]:
-    return tuple(value or ())
+def _optional_hex64(inst: object, attr: attrs.Attribute[str | None], value: str | None) -> None:
+    if value is not None:
+        _hex64(inst, attr, value)  # type: ignore[arg-type]
+
+
+def _non_negative_int(_inst: object, attr: attrs.Attribute[int], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidInput(f"{attr.name} must be a non-negative integer, got {safe_repr(value)}")
+
+
+def _positive_int(_inst: object, attr: attrs.Attribute[int], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise InvalidInput(f"{attr.name} must be a positive integer, got {safe_repr(value)}")
+
+
+def _text(_inst: object, attr: attrs.Attribute[str], value: str) -> None:
+    clean_text(value, field=attr.name, limit=256)
+
+
+def _aware(_inst: object, attr: attrs.Attribute[datetime], value: datetime) -> None:
+    if not isinstance(value, datetime) or value.tzinfo is None:
+        raise InvalidInput(f"{attr.name} must be a timezone-aware datetime")
+
+
+def _bytes(_inst: object, attr: attrs.Attribute[bytes], value: bytes) -> None:
+    if not isinstance(value, bytes):
+        raise InvalidInput(f"{attr.name} must be bytes, got {type(value).__name__}")
 
 
 @attrs.frozen(kw_only=True)
@@ -62,23 +269,27 @@ class SealedShard:
     :attr leaf_size: Merkle leaf size in bytes.
     :attr sealed_at: when it was sealed (UTC, microseconds).
     :attr signature: HMAC-SHA256 over the canonical seal message (never shown in repr).
-    :attr tensors: tensor name → byte range, when sealed from a safetensors file.
+    :attr tensors: tensor name → byte range (a :class:`TensorMap`), when sealed from a
+        safetensors file; empty otherwise.
     :attr file_sha256: the whole-file SHA-256 checked while loading, when one was given.
+
+    Every field is type-checked (:class:`~vramcore.errors.InvalidInput` otherwise), so the
+    signed encoding cannot confuse ``gpu_device=0`` with ``"0"``.
     """
 
     shard_id: str = attrs.field(validator=lambda _i, _a, v: check_shard_id(v))
-    gpu_device: int
-    vram_bytes: int
+    gpu_device: int = attrs.field(validator=_non_negative_int)
+    vram_bytes: int = attrs.field(validator=_positive_int)
     digest: str = attrs.field(validator=_hex64)
-    digest_alg: str = DIGEST_ALG
-    leaf_size: int
-    sealed_at: datetime
-    signature: bytes = attrs.field(repr=False)
-    tensors: tuple[TensorRange, ...] = attrs.field(default=(), converter=_tensors)
-    file_sha256: str | None = None
+    digest_alg: str = attrs.field(default=DIGEST_ALG, validator=_text)
+    leaf_size: int = attrs.field(validator=_positive_int)
+    sealed_at: datetime = attrs.field(validator=_aware)
+    signature: bytes = attrs.field(repr=False, validator=_bytes)
+    tensors: TensorMap = attrs.field(default=_EMPTY_MAP, converter=_tensors)
+    file_sha256: str | None = attrs.field(default=None, validator=_optional_hex64)
 
-    def signed_message(self) -> bytes:
-        """The canonical bytes the signature covers (see :mod:`vramcore.seal`)."""
+    @functools.cached_property
+    def _signed_message(self) -> bytes:
         return canonical_seal_message(
             shard_id=self.shard_id,
             gpu_device=self.gpu_device,
@@ -87,13 +298,17 @@ class SealedShard:
             leaf_size=self.leaf_size,
             digest=self.digest,
             sealed_at=format_timestamp(self.sealed_at),
-            tensors=[(t.name, t.start, t.end) for t in self.tensors],
+            tensors=self.tensors.digest,
             file_sha256=self.file_sha256 or "",
         )
 
+    def signed_message(self) -> bytes:
+        """The canonical bytes the signature covers (see :mod:`vramcore.seal`); computed once."""
+        return self._signed_message
+
     def tensors_in(self, ranges: Sequence[tuple[int, int]]) -> list[str]:
         """Names of the tensors overlapping any of ``ranges`` (shard order, no repeats)."""
-        return [t.name for t in self.tensors if any(t.overlaps(a, b) for a, b in ranges)]
+        return self.tensors.overlapping(ranges)
 
     def __str__(self) -> str:
         return (
@@ -112,7 +327,7 @@ class SealedShard:
             "digest_alg": self.digest_alg,
             "leaf_size": self.leaf_size,
             "sealed_at": format_timestamp(self.sealed_at),
-            "tensors": [[t.name, t.start, t.end] for t in self.tensors],
+            "tensors": self.tensors.to_list(),
             "file_sha256": self.file_sha256,
         }
         if include_signature:
@@ -120,7 +335,7 @@ class SealedShard:
         return out
 
     def to_json(self, *, include_signature: bool = True) -> str:
-        """The attestation as compact JSON with sorted keys."""
+        """The attestation as compact JSON with sorted keys: its one canonical form."""
         return json.dumps(
             self.to_dict(include_signature=include_signature),
             sort_keys=True,
@@ -131,64 +346,83 @@ class SealedShard:
     def from_json(cls, text: str | bytes) -> SealedShard:
         """Read an attestation written by :meth:`to_json` (with its signature).
 
-        :raises InvalidInput: malformed JSON, a missing or mistyped field, or an unknown version.
+        Only the canonical form is accepted: the attestation must be exactly what
+        :meth:`to_json` writes for the shard it describes (same keys, types, order, spacing
+        and timestamp format), so an attestation cannot be rewritten and still verify.
+
+        :raises InvalidInput: malformed JSON, a missing, unknown or mistyped field, an unknown
+            version, or any form other than the canonical one.
         """
+        if isinstance(text, str):
+            raw = text.encode("utf-8", "surrogatepass")
+        elif isinstance(text, bytes | bytearray | memoryview):
+            raw = bytes(text)
+        else:
+            raise InvalidInput(f"attestation must be str or bytes, got {type(text).__name__}")
+        if len(raw) > MAX_ATTESTATION_BYTES:
+            raise InvalidInput(
+                f"attestation is {len(raw)} bytes, over the {MAX_ATTESTATION_BYTES}-byte limit"
+            )
         try:
-            data = json.loads(text)
+            data = json.loads(raw)
+        except RecursionError:
+            raise InvalidInput("attestation is not valid JSON: nested too deeply") from None
         except (ValueError, TypeError) as exc:
             raise InvalidInput(f"attestation is not valid JSON: {exc}") from None
         if not isinstance(data, Mapping):
             raise InvalidInput("attestation must be a JSON object")
-        return cls._from_mapping(data)
+        shard = cls._from_mapping(data)
+        if shard.to_json().encode("utf-8") != raw:
+            raise InvalidInput(
+                "attestation is not in canonical form (compact JSON, sorted keys, as to_json() "
+                "writes it); refusing a rewritten attestation"
+            )
+        return shard
 
     @classmethod
     def _from_mapping(cls, data: Mapping[str, Any]) -> SealedShard:
-        if data.get("attestation_version") != ATTESTATION_VERSION:
+        version = data.get("attestation_version")
+        if isinstance(version, bool) or not isinstance(version, int) or version != 1:
             raise InvalidInput(
-                f"unsupported attestation_version {safe_repr(data.get('attestation_version'))}; "
+                f"unsupported attestation_version {safe_repr(version)}; "
                 f"this vramcore reads version {ATTESTATION_VERSION}"
             )
-        try:
-            ints = {k: data[k] for k in ("gpu_device", "vram_bytes", "leaf_size")}
-            strs = {k: data[k] for k in ("shard_id", "digest", "digest_alg", "sealed_at")}
-            signature_hex = data["signature"]
-        except KeyError as exc:
-            raise InvalidInput(f"attestation lacks field {exc.args[0]!r}") from None
-        for key, value in ints.items():
+        unknown = sorted(str(k) for k in data if k not in _ATTESTATION_FIELDS)
+        if unknown:
+            raise InvalidInput(f"attestation has unknown field(s) {safe_repr(unknown)}")
+        missing = sorted(_ATTESTATION_FIELDS - set(data))
+        if missing:
+            raise InvalidInput(f"attestation lacks field {missing[0]!r}")
+        for key in ("gpu_device", "vram_bytes", "leaf_size"):
+            value = data[key]
             if isinstance(value, bool) or not isinstance(value, int):
                 raise InvalidInput(f"attestation field {key!r} must be an integer")
-        for key, value in strs.items():
-            if not isinstance(value, str):
+        for key in ("shard_id", "digest", "digest_alg", "sealed_at"):
+            if not isinstance(data[key], str):
                 raise InvalidInput(f"attestation field {key!r} must be a string")
+        signature_hex = data["signature"]
         if not isinstance(signature_hex, str) or not _HEX64.fullmatch(signature_hex):
             raise InvalidInput("attestation field 'signature' must be 64 hex digits")
-        raw_tensors = data.get("tensors")
-        if raw_tensors is not None and not isinstance(raw_tensors, list):
-            raise InvalidInput("attestation field 'tensors' must be a list or null")
-        tensors = []
-        for item in raw_tensors or ():
-            if (
-                not isinstance(item, list)
-                or len(item) != 3
-                or not isinstance(item[0], str)
-                or not all(isinstance(x, int) and not isinstance(x, bool) for x in item[1:])
-            ):
+        raw_tensors = data["tensors"]
+        if not isinstance(raw_tensors, list):
+            raise InvalidInput("attestation field 'tensors' must be a list")
+        for item in raw_tensors:
+            if not isinstance(item, list) or len(item) != 3:
                 raise InvalidInput("attestation field 'tensors' must hold [name, start, end] items")
-            tensors.append(TensorRange(item[0], item[1], item[2]))
-        file_sha256 = data.get("file_sha256")
+        file_sha256 = data["file_sha256"]
         if file_sha256 is not None and (
             not isinstance(file_sha256, str) or not _HEX64.fullmatch(file_sha256)
         ):
             raise InvalidInput("attestation field 'file_sha256' must be 64 hex digits or null")
         return cls(
-            shard_id=strs["shard_id"],
-            gpu_device=ints["gpu_device"],
-            vram_bytes=ints["vram_bytes"],
-            digest=strs["digest"],
-            digest_alg=strs["digest_alg"],
-            leaf_size=ints["leaf_size"],
-            sealed_at=parse_timestamp(strs["sealed_at"]),
+            shard_id=data["shard_id"],
+            gpu_device=data["gpu_device"],
+            vram_bytes=data["vram_bytes"],
+            digest=data["digest"],
+            digest_alg=data["digest_alg"],
+            leaf_size=data["leaf_size"],
+            sealed_at=parse_timestamp(data["sealed_at"]),
             signature=bytes.fromhex(signature_hex),
-            tensors=tensors,
+            tensors=TensorMap.from_ranges(raw_tensors),
             file_sha256=file_sha256,
         )
