@@ -9,14 +9,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vramcore.backend import DeviceBuffer
 from vramcore.digest import (
     DEFAULT_LEAF_SIZE,
     DIGEST_ALG,
+    LeafHasher,
     corrupted_ranges,
     hash_leaves,
+    hash_leaves_packed,
+    host_leaves,
     leaf_count,
     merkle_root,
-    read_and_hash,
 )
 from vramcore.errors import InvalidInput
 
@@ -123,48 +126,83 @@ def test_leaf_and_node_hashes_are_domain_separated() -> None:
     assert merkle_root([a, b]) != hashlib.sha256(b"\x00" + a + b).digest()
 
 
-@pytest.mark.parametrize("leaf_size", [0, -4096, 1000, 4097, True, 4096.0])
+@pytest.mark.parametrize("leaf_size", [0, -4096, 1000, 4097, True, 4096.0, "65536"])
 def test_bad_leaf_size(leaf_size: object) -> None:
     with pytest.raises(InvalidInput):
         hash_leaves(b"x", leaf_size)  # type: ignore[arg-type]
     with pytest.raises(InvalidInput):
-        read_and_hash(1, lambda o, out: None, leaf_size)  # type: ignore[arg-type]
+        hash_leaves_packed(b"x", leaf_size)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3, 8])
+@pytest.mark.parametrize("nbytes", [1, 4096, 4097, 3 * (1 << 20) + 5], ids=lambda n: f"{n}B")
+def test_packed_leaves_are_the_same_on_any_worker_count(workers: int, nbytes: int) -> None:
+    data = os.urandom(nbytes)
+    packed = hash_leaves_packed(data, 4096, workers)
+    assert packed == b"".join(hash_leaves(data, 4096))
+    assert merkle_root(packed) == reference_digest(data, 4096)
+
+
+def test_leaf_hasher_takes_chunks_in_any_order_and_refuses_unaligned_ones() -> None:
+    data = os.urandom(10 * 4096 + 3)
+    hasher = LeafHasher(len(data), 4096, workers=2)
+    for offset in (8 * 4096, 0, 4 * 4096):  # chunks land where their offset says
+        stop = {0: 4 * 4096, 4 * 4096: 8 * 4096, 8 * 4096: len(data)}[offset]
+        hasher.feed(offset, memoryview(data)[offset:stop])()
+    assert hasher.packed() == hash_leaves_packed(data, 4096)
+    with pytest.raises(InvalidInput, match="leaf boundary"):
+        hasher.feed(100, memoryview(data)[100:200])
+
+
+class ReadBackOnly:
+    """A backend stand-in offering only read_into (no host view), recording reads."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.reads: list[tuple[int, int]] = []
+        self.buffers: set[int] = set()
+
+    def host_view(self, buf: object) -> None:
+        return None
+
+    def read_into(self, buf: object, offset: int, out: memoryview) -> None:
+        self.reads.append((offset, len(out)))
+        self.buffers.add(id(out.obj))
+        out[:] = self.data[offset : offset + len(out)]
 
 
 @settings(max_examples=40, deadline=None)
 @given(
     nbytes=st.integers(min_value=1, max_value=24 * 4096 + 7),
-    chunk_leaves=st.integers(min_value=0, max_value=5),
+    chunk_leaves=st.integers(min_value=1, max_value=5),
+    workers=st.integers(min_value=1, max_value=3),
 )
-def test_read_and_hash_equals_hash_leaves_with_small_chunks(nbytes: int, chunk_leaves: int) -> None:
+def test_host_read_back_equals_hash_leaves_through_two_staging_buffers(
+    nbytes: int, chunk_leaves: int, workers: int
+) -> None:
     data = os.urandom(nbytes)
-    reads: list[tuple[int, int]] = []
-
-    def read_into(offset: int, out: memoryview) -> None:
-        reads.append((offset, len(out)))
-        out[:] = data[offset : offset + len(out)]
-
-    chunk = chunk_leaves * 4096 + 100  # not a leaf multiple: rounded down, at least one leaf
-    assert read_and_hash(nbytes, read_into, 4096, chunk) == hash_leaves(data, 4096)
-    step = max(4096, chunk // 4096 * 4096)
-    assert reads == [(o, min(step, nbytes - o)) for o in range(0, nbytes, step)]
+    backend = ReadBackOnly(data)
+    buf = DeviceBuffer(device=0, nbytes=nbytes, backend="fake", native=None)
+    chunk = chunk_leaves * 4096
+    staging = [memoryview(bytearray(chunk + 100)) for _ in range(2)]  # rounded to leaves
+    packed = host_leaves(backend, buf, 4096, staging=staging, workers=workers)  # type: ignore[arg-type]
+    assert packed == hash_leaves_packed(data, 4096)
+    assert backend.reads == [(o, min(chunk, nbytes - o)) for o in range(0, nbytes, chunk)]
+    assert len(backend.buffers) <= 2
 
 
-def test_read_and_hash_keeps_at_most_two_staging_buffers() -> None:
-    nbytes, chunk = 10 * 4096, 4096
-    data = os.urandom(nbytes)
-    buffers: set[int] = set()
-
-    def read_into(offset: int, out: memoryview) -> None:
-        buffers.add(id(out.obj))
-        out[:] = data[offset : offset + len(out)]
-
-    assert read_and_hash(nbytes, read_into, 4096, chunk) == hash_leaves(data, 4096)
-    assert len(buffers) == 2
+def test_host_read_back_of_a_leaf_range_reads_only_those_leaves() -> None:
+    data = os.urandom(10 * 4096 + 3)
+    backend = ReadBackOnly(data)
+    buf = DeviceBuffer(device=0, nbytes=len(data), backend="fake", native=None)
+    staging = [memoryview(bytearray(4096)) for _ in range(2)]
+    packed = host_leaves(backend, buf, 4096, staging=staging, workers=1, leaf_range=(9, 11))  # type: ignore[arg-type]
+    assert packed == hash_leaves_packed(data, 4096)[9 * 32 :]
+    assert backend.reads == [(9 * 4096, 4096), (10 * 4096, 3)]
 
 
 def _leaves(n: int) -> list[bytes]:
-    return [hashlib.sha256(bytes([i])).digest() for i in range(n)]
+    return [hashlib.sha256(i.to_bytes(4, "big")).digest() for i in range(n)]
 
 
 def test_corrupted_ranges_names_and_merges_adjacent_leaves() -> None:
@@ -178,3 +216,14 @@ def test_corrupted_ranges_names_and_merges_adjacent_leaves() -> None:
     assert corrupted_ranges(good, bad, 4096, nbytes)[-1] == (6 * 4096, nbytes)
     assert corrupted_ranges(good, good, 4096, nbytes) == []
     assert corrupted_ranges(good, good[:-1], 4096, nbytes) == [(0, nbytes)]
+
+
+def test_corrupted_ranges_of_packed_leaves_and_leaf_ranges() -> None:
+    good = b"".join(_leaves(10_000))
+    bad = bytearray(good)
+    bad[9_000 * 32] ^= 1
+    assert corrupted_ranges(good, bytes(bad), 4096, 10_000 * 4096) == [(9_000 * 4096, 9_001 * 4096)]
+    # A range starting at leaf 500: indices are shifted by first_leaf.
+    assert corrupted_ranges(good[:64], bytes(bad[32:96]), 4096, 10**9, first_leaf=500) == [
+        (500 * 4096, 502 * 4096)
+    ]

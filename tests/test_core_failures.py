@@ -169,13 +169,21 @@ def test_expected_sha256_mismatch_on_a_file_leaks_nothing(
     assert mock_manager.shards() == []
 
 
-def test_expected_sha256_mismatch_on_bytes_allocates_nothing(
+def test_expected_sha256_mismatch_on_bytes_leaves_nothing_allocated(
     mock_manager: VramManager, mock_backend: Any, audit_capture: CapturingSink
 ) -> None:
-    with pytest.raises(IntegrityViolation):
+    # The hash is computed while the bytes are copied (not in a serial pass before), and
+    # checked before sealing: the allocation is undone and audited.
+    with pytest.raises(IntegrityViolation, match="SHA-256 mismatch"):
         mock_manager.seal_model(b"data", expected_sha256="0" * 64)
-    assert mock_backend.allocations == 0
-    assert audit_capture.events == []
+    assert mock_backend.live_allocations == 0
+    assert mock_manager.used_vram() == 0
+    assert mock_manager.shards() == []
+    assert audit_capture.types() == [
+        "vram.allocated",
+        "vram.allocation_failed",
+        "vram.deallocated",
+    ]
     with pytest.raises(InvalidInput, match="64 hexadecimal digits"):
         mock_manager.seal_model(b"data", expected_sha256="not-hex")
 

@@ -142,7 +142,7 @@ def test_file_changing_size_while_loading_is_refused(
 def test_safetensors_header_rewritten_before_loading_is_refused(
     make_plugin_manager: Any, mock_backend: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import vramcore.manager
+    import vramcore._loading
     from vramcore.errors import IntegrityViolation
     from vramcore.safetensors import read_tensor_map, write_safetensors
 
@@ -156,7 +156,7 @@ def test_safetensors_header_rewritten_before_loading_is_refused(
         path.write_bytes(path.read_bytes().replace(b'"alpha"', b'"omega"', 1))
         return tensors
 
-    monkeypatch.setattr(vramcore.manager, "read_tensor_map", read_then_rename)
+    monkeypatch.setattr(vramcore._loading, "read_tensor_map", read_then_rename)
     with _seal_file_manager(make_plugin_manager, mock_backend) as vram:
         with pytest.raises(IntegrityViolation, match="safetensors header"):
             vram.seal_file(path)

@@ -210,6 +210,15 @@ class AllocatorBackend(abc.ABC):
         Synchronous: ``out`` holds the bytes when this returns.
         """
 
+    def host_view(self, buf: DeviceBuffer) -> memoryview | None:
+        """A zero-copy host view of ``buf``'s bytes, when the backend's memory is host memory.
+
+        Only a backend whose "device" memory is host-addressable (the mock) returns one; the
+        core then hashes straight from it instead of reading the bytes back. GPU backends keep
+        the default, ``None``.
+        """
+        return None
+
     @contextlib.contextmanager
     def staging(self, count: int, nbytes: int) -> Iterator[list[memoryview]]:
         """Lend ``count`` host buffers of ``nbytes`` for file reads feeding :meth:`copy_in`.

@@ -3,49 +3,79 @@
 ``digest_alg = "rfc6962-sha256"``. The shard's bytes are cut into ``leaf_size`` leaves (the
 last may be shorter); leaf hash = SHA-256(0x00 ‖ leaf), node hash = SHA-256(0x01 ‖ left ‖
 right), the tree split at the largest power of two smaller than the leaf count. Keeping the
-leaf hashes lets a failed verification name the corrupted byte ranges.
+leaf hashes lets a failed verification name the corrupted byte ranges and lets a sampled check
+compare a few leaves against the sealed ones.
 
-Leaves are hashed on all host cores with threads (``hashlib`` releases the GIL while it
-hashes); :class:`LeafHasher` takes the buffer in chunks so a device buffer can be read back
-through a bounded staging area while earlier chunks hash.
+Leaf hashes are kept *packed*: one ``bytes`` of 32 x n, never a list of n objects (an 80 GiB
+shard has 1.3 million leaves). :class:`ShardDigest` pairs the root with them.
+
+Where the digest is computed (:func:`compute_digest`):
+
+* on the device, when a plugin answers :func:`~vramcore.hookspecs.vramcore_device_digest` for
+  the backend: the root and the packed leaves come back; the host never rebuilds the tree;
+* on the host otherwise: from a zero-copy view of the buffer when the backend's memory is
+  host-addressable (:meth:`~vramcore.backend.AllocatorBackend.host_view`, the mock), else read
+  back through two staging buffers, one hashed while the next is read. Leaves are hashed on a
+  pool of worker threads (``hashlib`` releases the GIL while it hashes a leaf), each worker
+  taking one contiguous span so the per-task overhead stays negligible.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import os
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
-from vramcore.errors import InvalidInput
+import attrs
+
+from vramcore.backend import AllocatorBackend, DeviceBuffer, DeviceDigest
+from vramcore.errors import ConfigError, InvalidInput
 
 __all__ = [
     "DEFAULT_LEAF_SIZE",
     "DIGEST_ALG",
-    "StagingPool",
+    "HASH_SIZE",
+    "LeafHasher",
+    "ShardDigest",
+    "compute_digest",
     "corrupted_ranges",
+    "default_workers",
     "hash_leaves",
+    "hash_leaves_packed",
     "leaf_count",
     "merkle_root",
-    "read_and_hash",
 ]
 
 DIGEST_ALG = "rfc6962-sha256"
 DEFAULT_LEAF_SIZE = 65536
-#: Leaves one worker task hashes in a row (2 MiB at the default size): few enough tasks to
-#: keep executor overhead negligible, enough to keep every core busy.
-_LEAVES_PER_TASK = 32
+#: Bytes of one leaf or node hash.
+HASH_SIZE = 32
+#: Below this many bytes a span is hashed on the calling thread: handing it to a worker costs
+#: more than it saves (and keeps the fixed cost of verifying a small shard low).
+_INLINE_BYTES = 1 << 20
 _LEAF_PREFIX = b"\x00"
 _NODE_PREFIX = b"\x01"
 
 
+def default_workers() -> int:
+    """Hashing threads when none are configured: ``VRAMCORE_HASH_WORKERS`` or the core count."""
+    text = os.environ.get("VRAMCORE_HASH_WORKERS", "").strip()
+    if text:
+        if not text.isdigit() or not 1 <= int(text) <= 1024:
+            raise ConfigError(
+                f"VRAMCORE_HASH_WORKERS={text[:20]!r} must be a whole number from 1 to 1024"
+            )
+        return int(text)
+    return os.cpu_count() or 2
+
+
 @functools.cache
-def _pool() -> ThreadPoolExecutor:
-    """Hashing threads shared by every manager of the process (idle threads cost nothing)."""
-    return ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="vramcore-hash")
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """Hashing threads shared by every manager with this worker count (idle ones cost nothing)."""
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vramcore-hash")
 
 
 def leaf_count(nbytes: int, leaf_size: int) -> int:
@@ -53,78 +83,168 @@ def leaf_count(nbytes: int, leaf_size: int) -> int:
     return max(1, -(-nbytes // leaf_size))
 
 
-def _check_leaf_size(leaf_size: int) -> None:
+def check_leaf_size(leaf_size: object) -> int:
+    """``leaf_size`` if it is a positive ``int`` multiple of 4096, else :class:`InvalidInput`."""
     if isinstance(leaf_size, bool) or not isinstance(leaf_size, int) or leaf_size <= 0:
-        raise InvalidInput("leaf_size must be a positive integer")
+        raise InvalidInput(f"leaf_size must be a positive integer, got {leaf_size!r:.40}")
     if leaf_size % 4096:
         raise InvalidInput(f"leaf_size must be a multiple of 4096 bytes, got {leaf_size}")
+    return leaf_size
 
 
-def _hash_range(view: memoryview, start: int, stop: int, leaf_size: int) -> list[bytes]:
-    out = []
+def _hash_span(view: memoryview, leaf_size: int, out: memoryview) -> None:
+    """Hash the leaves of ``view`` (leaf-aligned start) into ``out`` (32 bytes each)."""
     sha256 = hashlib.sha256
-    for off in range(start, stop, leaf_size):
+    pos = 0
+    for off in range(0, len(view), leaf_size):
         h = sha256(_LEAF_PREFIX)
-        h.update(view[off : min(off + leaf_size, stop)])
-        out.append(h.digest())
-    return out
+        h.update(view[off : off + leaf_size])
+        out[pos : pos + HASH_SIZE] = h.digest()
+        pos += HASH_SIZE
 
 
-def _submit(view: memoryview, leaf_size: int) -> list[Future[list[bytes]]]:
-    span = leaf_size * _LEAVES_PER_TASK
-    n = len(view)
-    return [
-        _pool().submit(_hash_range, view, start, min(start + span, n), leaf_size)
-        for start in range(0, n, span)
-    ]
+class LeafHasher:
+    """Hashes a shard's leaves chunk by chunk into one packed buffer, on worker threads.
+
+    :param nbytes: bytes covered, starting at leaf ``first_leaf`` of the shard.
+    :param leaf_size: leaf size.
+    :param workers: hashing threads (1: hash on the calling thread).
+    :param first_leaf: index of the first leaf hashed (for leaf ranges).
+
+    :meth:`feed` takes a leaf-aligned chunk and returns a waiter; the chunk's memory must stay
+    unchanged until that waiter returned. :meth:`packed` waits for everything.
+    """
+
+    def __init__(self, nbytes: int, leaf_size: int, workers: int, first_leaf: int = 0) -> None:
+        self.leaf_size = leaf_size
+        self.first_leaf = first_leaf
+        self._workers = max(1, workers)
+        self._out = bytearray(-(-nbytes // leaf_size) * HASH_SIZE)
+        self._futures: list[Future[None]] = []
+
+    def feed(self, offset: int, chunk: memoryview) -> Callable[[], None]:
+        """Hash ``chunk``, which holds the covered bytes from ``offset`` on (leaf-aligned)."""
+        if offset % self.leaf_size:
+            raise InvalidInput(f"chunk offset {offset} is not on a leaf boundary")
+        out = memoryview(self._out)
+        base = offset // self.leaf_size * HASH_SIZE
+        n = len(chunk)
+        if self._workers == 1 or n <= _INLINE_BYTES:
+            _hash_span(chunk, self.leaf_size, out[base : base + leaf_count(n, self.leaf_size) * 32])
+            return _done
+        leaves = leaf_count(n, self.leaf_size)
+        per = -(-leaves // self._workers)
+        span = per * self.leaf_size
+        futures = []
+        pool = _pool(self._workers)
+        for start in range(0, n, span):
+            piece = chunk[start : start + span]
+            dst = base + start // self.leaf_size * HASH_SIZE
+            futures.append(
+                pool.submit(
+                    _hash_span,
+                    piece,
+                    self.leaf_size,
+                    out[dst : dst + leaf_count(len(piece), self.leaf_size) * HASH_SIZE],
+                )
+            )
+        self._futures.extend(futures)
+        return functools.partial(_wait_all, futures)
+
+    def packed(self) -> bytes:
+        """The packed leaf hashes, once every chunk fed so far is hashed."""
+        _wait_all(self._futures)
+        return bytes(self._out)
+
+
+def _done() -> None:
+    return None
+
+
+def _wait_all(futures: Sequence[Future[None]]) -> None:
+    for fut in futures:
+        fut.result()
+
+
+def hash_leaves_packed(
+    data: bytes | bytearray | memoryview, leaf_size: int = DEFAULT_LEAF_SIZE, workers: int = 0
+) -> bytes:
+    """The packed leaf hashes of ``data`` (``b""`` for empty input), on ``workers`` threads.
+
+    ``workers=0`` uses :func:`default_workers`.
+    """
+    check_leaf_size(leaf_size)
+    view = memoryview(data).cast("B")
+    if not len(view):
+        return b""
+    hasher = LeafHasher(len(view), leaf_size, workers or default_workers())
+    hasher.feed(0, view)
+    return hasher.packed()
 
 
 def hash_leaves(
     data: bytes | bytearray | memoryview, leaf_size: int = DEFAULT_LEAF_SIZE
 ) -> list[bytes]:
-    """The leaf hashes of ``data`` (one per leaf; an empty input has none), on all cores."""
-    _check_leaf_size(leaf_size)
-    view = memoryview(data).cast("B")
-    out: list[bytes] = []
-    for fut in _submit(view, leaf_size):
-        out.extend(fut.result())
-    return out
+    """The leaf hashes of ``data`` as a list (one per leaf; an empty input has none)."""
+    return list(_split(hash_leaves_packed(data, leaf_size)))
 
 
-def merkle_root(leaves: Sequence[bytes]) -> bytes:
-    """The RFC 6962 tree head over leaf hashes (``SHA-256()`` of nothing for no leaves).
+def _split(packed: bytes | bytearray | memoryview) -> Iterator[bytes]:
+    view = memoryview(packed)
+    for i in range(0, len(view), HASH_SIZE):
+        yield bytes(view[i : i + HASH_SIZE])
 
-    Built bottom-up: adjacent pairs are hashed and an odd last node moves up unchanged, which
-    gives the same tree as RFC 6962's split at the largest power of two below ``n``.
+
+def merkle_root(leaves: Sequence[bytes] | bytes | bytearray | memoryview) -> bytes:
+    """The RFC 6962 tree head over leaf hashes, given as a list or packed (32 bytes each).
+
+    ``SHA-256()`` of nothing for no leaves. Built bottom-up: adjacent pairs are hashed and an
+    odd last node moves up unchanged, which gives the same tree as RFC 6962's split at the
+    largest power of two below ``n``.
     """
-    if not leaves:
+    level = list(_split(leaves)) if isinstance(leaves, bytes | bytearray | memoryview) else leaves
+    if not level:
         return hashlib.sha256(b"").digest()
-    level = list(leaves)
     sha256 = hashlib.sha256
-    while len(level) > 1:
+    nodes = list(level)
+    while len(nodes) > 1:
         nxt = [
-            sha256(_NODE_PREFIX + level[i] + level[i + 1]).digest()
-            for i in range(0, len(level) - 1, 2)
+            sha256(_NODE_PREFIX + nodes[i] + nodes[i + 1]).digest()
+            for i in range(0, len(nodes) - 1, 2)
         ]
-        if len(level) % 2:
-            nxt.append(level[-1])
-        level = nxt
-    return level[0]
+        if len(nodes) % 2:
+            nxt.append(nodes[-1])
+        nodes = nxt
+    return nodes[0]
 
 
 def corrupted_ranges(
-    expected: Sequence[bytes], actual: Sequence[bytes], leaf_size: int, nbytes: int
+    expected: Sequence[bytes] | bytes | bytearray | memoryview,
+    actual: Sequence[bytes] | bytes | bytearray | memoryview,
+    leaf_size: int,
+    nbytes: int,
+    first_leaf: int = 0,
 ) -> list[tuple[int, int]]:
     """Byte ranges ``(start, end)`` (end exclusive) of the leaves whose hashes differ.
 
-    Adjacent corrupted leaves are merged into one range.
+    Both sides are lists of hashes or packed hashes, starting at leaf ``first_leaf``. Adjacent
+    corrupted leaves are merged into one range.
     """
-    if len(expected) != len(actual):
-        return [(0, nbytes)]
+    exp = _packed(expected)
+    act = _packed(actual)
+    if len(exp) != len(act):
+        return [(first_leaf * leaf_size, nbytes)]
     ranges: list[tuple[int, int]] = []
-    for i, (a, b) in enumerate(zip(expected, actual, strict=True)):
-        if a != b:
-            start, end = i * leaf_size, min((i + 1) * leaf_size, nbytes)
+    # Compare big blocks first: a clean shard of a million leaves costs a few memcmp calls.
+    block = 4096 * HASH_SIZE
+    for b in range(0, len(exp), block):
+        if exp[b : b + block] == act[b : b + block]:
+            continue
+        for i in range(b, min(b + block, len(exp)), HASH_SIZE):
+            if exp[i : i + HASH_SIZE] == act[i : i + HASH_SIZE]:
+                continue
+            leaf = first_leaf + i // HASH_SIZE
+            start, end = leaf * leaf_size, min((leaf + 1) * leaf_size, nbytes)
             if ranges and ranges[-1][1] == start:
                 ranges[-1] = (ranges[-1][0], end)
             else:
@@ -132,68 +252,149 @@ def corrupted_ranges(
     return ranges
 
 
-class StagingPool:
-    """Reusable host staging buffers of one size.
+def _packed(leaves: Sequence[bytes] | bytes | bytearray | memoryview) -> bytes:
+    if isinstance(leaves, bytes):
+        return leaves
+    if isinstance(leaves, bytearray | memoryview):
+        return bytes(leaves)
+    return b"".join(leaves)
 
-    Fresh host memory is expensive to touch the first time (a page fault per 4 KiB page, which
-    costs more than the copy itself on many VMs), so staging buffers are kept and reused
-    rather than allocated per call. At most ``keep`` idle buffers are retained.
+
+@attrs.frozen(eq=False)
+class ShardDigest:
+    """A shard's Merkle root and its packed leaf hashes.
+
+    :attr root: the RFC 6962 root (32 bytes).
+    :attr leaves: packed leaf hashes, 32 bytes each, in leaf order.
+    :attr source: ``"device"`` or ``"host"``: where it was computed.
     """
 
-    def __init__(self, chunk_bytes: int, keep: int = 8) -> None:
-        self.chunk_bytes = chunk_bytes
-        self._keep = keep
-        self._idle: list[bytearray] = []
-        self._lock = threading.Lock()
+    root: bytes
+    leaves: bytes
+    source: str = "host"
 
-    @contextlib.contextmanager
-    def borrow(self, count: int) -> Iterator[list[bytearray]]:
-        """Lend ``count`` buffers of :attr:`chunk_bytes` for the duration of the block."""
-        with self._lock:
-            taken = [self._idle.pop() for _ in range(min(count, len(self._idle)))]
-        taken += [bytearray(self.chunk_bytes) for _ in range(count - len(taken))]
-        try:
-            yield taken
-        finally:
-            with self._lock:
-                self._idle.extend(taken[: max(0, self._keep - len(self._idle))])
+    @property
+    def leaf_count(self) -> int:
+        """Number of leaves."""
+        return len(self.leaves) // HASH_SIZE
 
-    def clear(self) -> None:
-        """Drop the idle buffers."""
-        with self._lock:
-            self._idle.clear()
+    def leaf(self, index: int) -> bytes:
+        """The hash of leaf ``index``."""
+        return self.leaves[index * HASH_SIZE : (index + 1) * HASH_SIZE]
+
+    def leaf_range(self, first: int, stop: int) -> bytes:
+        """The packed hashes of leaves ``first`` to ``stop - 1``."""
+        return self.leaves[first * HASH_SIZE : stop * HASH_SIZE]
 
 
-def read_and_hash(
-    nbytes: int,
-    read_into: Callable[[int, memoryview], None],
-    leaf_size: int = DEFAULT_LEAF_SIZE,
-    chunk_bytes: int = 32 << 20,
-    staging: Sequence[bytearray] | None = None,
-) -> list[bytes]:
-    """Leaf hashes of an ``nbytes`` buffer read through ``read_into(offset, out)``.
+# -- computing a buffer's digest -------------------------------------------------------------
 
-    Two staging buffers of ``chunk_bytes`` (rounded down to whole leaves) alternate: one is
-    hashed on the pool while the next chunk is read into the other, so host memory stays
-    bounded by ``2 * chunk_bytes`` whatever the buffer size. ``staging`` lends two buffers of
-    at least that size (see :class:`StagingPool`); without it they are allocated here.
+ReadInto = Callable[[int, memoryview], None]
+
+
+def host_leaves(
+    backend: AllocatorBackend,
+    buf: DeviceBuffer,
+    leaf_size: int,
+    *,
+    staging: Sequence[memoryview],
+    workers: int,
+    leaf_range: tuple[int, int] | None = None,
+) -> bytes:
+    """Packed leaf hashes of ``buf`` (or of leaves ``leaf_range``) computed on the host.
+
+    Hashes straight from :meth:`~vramcore.backend.AllocatorBackend.host_view` when the backend
+    offers one; else reads the bytes back through the two ``staging`` buffers (leaf-aligned,
+    equal sizes), hashing one while the next is read.
     """
-    _check_leaf_size(leaf_size)
-    chunk = max(leaf_size, chunk_bytes // leaf_size * leaf_size)
-    if staging is None:
-        staging = [bytearray(min(chunk, nbytes)), bytearray(min(chunk, max(0, nbytes - chunk)))]
-    elif len(staging) < 2 or min(len(b) for b in staging[:2]) < min(chunk, nbytes):
-        raise InvalidInput(f"read_and_hash needs two staging buffers of {chunk} bytes")
-    leaves: list[bytes] = []
-    in_flight: list[list[Future[list[bytes]]]] = []
-    for i, offset in enumerate(range(0, nbytes, chunk)):
-        if len(in_flight) == 2:  # the batch that used this staging buffer must be done
-            for fut in in_flight.pop(0):
-                leaves.extend(fut.result())
-        view = memoryview(staging[i % 2])[: min(chunk, nbytes - offset)]
-        read_into(offset, view)
-        in_flight.append(_submit(view, leaf_size))
-    for batch in in_flight:
-        for fut in batch:
-            leaves.extend(fut.result())
-    return leaves
+    first, stop = leaf_range if leaf_range is not None else (0, leaf_count(buf.nbytes, leaf_size))
+    start, end = first * leaf_size, min(stop * leaf_size, buf.nbytes)
+    hasher = LeafHasher(end - start, leaf_size, workers, first)
+    view = backend.host_view(buf)
+    if view is not None:
+        hasher.feed(0, view[start:end])
+        return hasher.packed()
+    chunk = len(staging[0]) // leaf_size * leaf_size
+    if chunk <= 0 or len(staging) < 2 or len(staging[1]) < chunk:
+        raise InvalidInput(f"host_leaves needs two staging buffers of at least {leaf_size} bytes")
+    waiters: list[Callable[[], None]] = []
+    for i, offset in enumerate(range(start, end, chunk)):
+        if len(waiters) == 2:  # the batch that used this staging buffer must be done
+            waiters.pop(0)()
+        out = staging[i % 2][: min(chunk, end - offset)]
+        backend.read_into(buf, offset, out)
+        waiters.append(hasher.feed(offset - start, out))
+    return hasher.packed()
+
+
+def compute_digest(
+    hook: Any,
+    backend: AllocatorBackend,
+    buf: DeviceBuffer,
+    leaf_size: int,
+    *,
+    staging: Callable[[], Any],
+    workers: int,
+    leaf_range: tuple[int, int] | None = None,
+) -> tuple[bytes | None, bytes, str]:
+    """``(root, packed leaves, source)`` of ``buf`` or of a leaf range (``root`` is ``None``).
+
+    Asks the device first (:func:`~vramcore.hookspecs.vramcore_device_digest`); a plugin's
+    answer is checked for shape (a malformed one raises :class:`ConfigError` naming the
+    implementing plugins). Otherwise hashes on the host; ``staging()`` is a context manager
+    lending two staging buffers, entered only when a read-back is needed.
+
+    :param hook: the plugin manager's hook relay.
+    """
+    total = leaf_count(buf.nbytes, leaf_size)
+    first, stop = leaf_range if leaf_range is not None else (0, total)
+    if not 0 <= first < stop <= total:
+        raise InvalidInput(f"leaf range {first}..{stop} is outside the shard's {total} leaves")
+    offered = hook.vramcore_device_digest(
+        backend=backend, buffer=buf, leaf_size=leaf_size, leaf_range=leaf_range
+    )
+    if offered is not None:
+        root, leaves = _check_device_digest(hook, offered, first, stop, leaf_range is None)
+        return root, leaves, "device"
+    if backend.host_view(buf) is not None:
+        leaves = host_leaves(
+            backend, buf, leaf_size, staging=(), workers=workers, leaf_range=(first, stop)
+        )
+    else:
+        with staging() as buffers:
+            leaves = host_leaves(
+                backend, buf, leaf_size, staging=buffers, workers=workers, leaf_range=(first, stop)
+            )
+    root = merkle_root(leaves) if leaf_range is None else None
+    return root, leaves, "host"
+
+
+def _check_device_digest(
+    hook: Any, offered: object, first: int, stop: int, whole: bool
+) -> tuple[bytes | None, bytes]:
+    def bad(what: str) -> ConfigError:
+        names = sorted(
+            {i.plugin_name for i in hook.vramcore_device_digest.get_hookimpls()}
+            - {"vramcore.builtin"}
+        )
+        return ConfigError(
+            f"the device digest plugin ({', '.join(names) or '?'}) returned {what}; "
+            "the digest was refused"
+        )
+
+    if not isinstance(offered, DeviceDigest):
+        return_type = type(offered).__name__
+        raise bad(f"a {return_type}, not a DeviceDigest")
+    try:
+        leaves = bytes(offered.leaves)
+    except TypeError:
+        raise bad("leaf hashes that are not bytes") from None
+    if len(leaves) != (stop - first) * HASH_SIZE or offered.first_leaf != first:
+        raise bad(
+            f"a malformed leaf list ({len(leaves) / HASH_SIZE:g} leaves from "
+            f"{offered.first_leaf!r:.20}, expected {stop - first} from {first})"
+        )
+    root = offered.root
+    if whole and not (isinstance(root, bytes) and len(root) == HASH_SIZE):
+        raise bad("no 32-byte root for a whole-shard digest")
+    return (root if whole else None), leaves

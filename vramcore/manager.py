@@ -1,12 +1,21 @@
 """The VramManager: seal shards into VRAM, verify them before use, free them, audit it all.
 
-One manager serves one device of one backend. It is thread-safe: seals, verifications and
-deallocations of different shards run in parallel; a shard being used inside
-:meth:`VramManager.verified` is freed only after every such block has left.
+One manager serves one device of one backend. It orchestrates; the work lives beside it:
+sources and loading in :mod:`vramcore._loading`, digests in :mod:`vramcore.digest`, the checks
+in :mod:`vramcore._verification`, shared state in :mod:`vramcore._residency`, audit events in
+:mod:`vramcore._emitter`, narration in :mod:`vramcore.narration`.
+
+It is thread-safe: seals, verifications and deallocations of different shards run in
+parallel; a shard being used inside :meth:`VramManager.verified` is freed only after every such
+block has left, and :meth:`VramManager.close` waits (bounded) for seals and verifications in
+progress before it closes the backend.
 
 Failure rules:
 
 * nothing stays allocated when a seal fails at any step (allocation, copy, digest, audit);
+* the core decides every outcome itself: a narration wrapper that swallows an exception or
+  returns something else cannot make a seal or a verification pass
+  (:func:`vramcore.narration.perform`), and a hook that returns garbage is a typed error;
 * a security-critical event (sealed, verification failed, policy violation) that an audit
   sink cannot record fails the operation with :class:`~vramcore.errors.AuditError`;
 * no message, event or repr carries the token, the seal key, a signature or a pointer.
@@ -15,9 +24,10 @@ Failure rules:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
+import math
 import os
+import secrets
 import socket
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -27,59 +37,64 @@ from typing import Any, Literal, NoReturn
 
 import attrs
 
-from vramcore import events
+from vramcore._emitter import Emitter
+from vramcore._hookutil import implementers
+from vramcore._loading import FileSource, MemorySource, Source, StagingPool
+from vramcore._residency import Residency, Resident
+from vramcore._verification import (
+    Problem,
+    Reason,
+    digest_problem,
+    leaves_problem,
+    quarantine_problem,
+    seal_problem,
+)
 from vramcore.audit import AuditSink, AuditTrail, SinkContext
 from vramcore.backend import AllocatorBackend, DeviceBuffer, DeviceInfo
 from vramcore.digest import (
     DEFAULT_LEAF_SIZE,
     DIGEST_ALG,
-    StagingPool,
-    leaf_count,
+    LeafHasher,
+    ShardDigest,
+    check_leaf_size,
+    compute_digest,
+    default_workers,
     merkle_root,
-    read_and_hash,
 )
 from vramcore.errors import (
     AuditError,
     ConfigError,
     InsufficientVram,
-    IntegrityViolation,
     InvalidInput,
+    ManagerClosed,
     NotSealed,
     PolicyViolation,
     SealVerificationFailed,
     VramError,
 )
-from vramcore.loading import check_expected_sha256, device_reader, stream_file
-from vramcore.narration import Operation
+from vramcore.narration import Operation, perform
 from vramcore.plugins import get_plugin_manager, select_backend
 from vramcore.policy import Finding, VramPolicy
-from vramcore.residency import Residency, Resident
-from vramcore.safetensors import parse_tensor_map, read_tensor_map
 from vramcore.seal import SecretKey, WorkerToken
-from vramcore.shard import SealedShard, TensorRange
-from vramcore.validation import (
-    check_device_index,
-    check_sha256_hex,
-    check_shard_id,
-    check_size,
-    clean_text,
-    scrub_text,
-)
-from vramcore.verification import Problem, digest_problem, seal_problem
+from vramcore.shard import SealedShard
+from vramcore.validation import check_device_index, check_shard_id, check_size, clean_text
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "VramManager"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "DEFAULT_CLOSE_TIMEOUT", "VramManager"]
 
 log = logging.getLogger("vramcore")
 
 #: Host staging size for file loads and VRAM read-back (two such buffers at most in flight).
 DEFAULT_CHUNK_BYTES = 8 << 20
+#: Seconds :meth:`VramManager.close` waits for seals and verifications in progress.
+DEFAULT_CLOSE_TIMEOUT = 30.0
+_CLOSED = "this VramManager is closed; create a new one"
 
 
 class VramManager:
     """Seal model shards into VRAM and verify them before every use.
 
     :param worker_token: the worker's secret (``str``/``bytes``, at least 16 bytes, or a
-        :class:`~vramcore.seal.WorkerToken`); defaults to nothing: it must be given.
+        :class:`~vramcore.seal.WorkerToken`); it must be given.
     :param device: device index on the backend.
     :param allocator: backend name, a ready :class:`~vramcore.backend.AllocatorBackend`
         (not closed by the manager), or ``None`` to use ``VRAMCORE_ALLOCATOR`` or the best
@@ -87,15 +102,20 @@ class VramManager:
     :param worker_id: public id put on every audit event (default ``host:pid``).
     :param plugin_manager: plugins to use (default: installed ones, see
         :func:`vramcore.plugins.get_plugin_manager`).
-    :param audit: ``"required"`` (refuse to start with no audit sink) or ``"disabled"``
-        (no sinks are created, explicitly).
-    :param policy: the VRAM-only policy (default: strict).
+    :param audit: ``"required"`` (refuse to start with no durable audit sink) or
+        ``"disabled"`` (no sinks are created, explicitly).
+    :param policy: the VRAM-only policy (default: :class:`~vramcore.policy.VramPolicy()`).
     :param leaf_size: Merkle leaf size (a multiple of 4096; default 65536).
     :param chunk_bytes: host staging buffer size for file loads and VRAM read-back.
+    :param hash_workers: threads hashing leaves on the host (default ``VRAMCORE_HASH_WORKERS``
+        or the number of cores).
+    :param close_timeout: seconds :meth:`close` waits for operations in progress.
 
-    :raises AuditError: ``audit="required"`` and no plugin provided a sink.
+    :raises InvalidInput: an argument of the wrong type or value.
+    :raises AuditError: ``audit="required"`` and no plugin provided a durable sink.
     :raises PolicyViolation: the device breaks the VRAM-only policy (audited first).
     :raises BackendUnavailable: the allocator cannot be used here.
+    :raises ConfigError: a plugin answered a hook with something unusable.
     """
 
     def __init__(
@@ -110,12 +130,26 @@ class VramManager:
         policy: VramPolicy | None = None,
         leaf_size: int = DEFAULT_LEAF_SIZE,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        hash_workers: int | None = None,
+        close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
     ) -> None:
         if audit not in ("required", "disabled"):
-            raise InvalidInput(f"audit must be 'required' or 'disabled', got {audit!r}")
-        if leaf_size <= 0 or leaf_size % 4096:
-            raise InvalidInput(f"leaf_size must be a positive multiple of 4096, got {leaf_size}")
+            raise InvalidInput(f"audit must be 'required' or 'disabled', got {audit!r:.40}")
+        if policy is not None and not isinstance(policy, VramPolicy):
+            raise InvalidInput(
+                f"policy must be a vramcore.VramPolicy, got {type(policy).__name__}; "
+                "e.g. VramPolicy(allow_host_access=False)"
+            )
+        self.leaf_size = check_leaf_size(leaf_size)
         check_size(chunk_bytes, field="chunk_bytes")
+        self._workers = _check_workers(hash_workers)
+        if (
+            isinstance(close_timeout, bool)
+            or not isinstance(close_timeout, int | float)
+            or not 0 < close_timeout < math.inf
+        ):
+            raise InvalidInput("close_timeout must be a positive number of seconds")
+        self._close_timeout = float(close_timeout)
         self._token = (
             worker_token if isinstance(worker_token, WorkerToken) else WorkerToken(worker_token)
         )
@@ -124,10 +158,8 @@ class VramManager:
             field="worker_id",
             limit=256,
         )
-        self.leaf_size = leaf_size
         self.policy = policy or VramPolicy()
-        self._chunk_bytes = max(leaf_size, chunk_bytes // leaf_size * leaf_size)
-        self._staging = StagingPool(self._chunk_bytes)
+        self._chunk_bytes = max(self.leaf_size, chunk_bytes // self.leaf_size * self.leaf_size)
         self._pm = plugin_manager if plugin_manager is not None else get_plugin_manager()
         self._hook = self._pm.hook
         self._residency = Residency()
@@ -136,11 +168,14 @@ class VramManager:
         self._key: SecretKey | None = None
         self._sink_context: SinkContext | None = None
         self._owns_backend = not isinstance(allocator, AllocatorBackend)
+        # Whether a device digest answers for this backend: None until the first digest.
+        self._device_digest: bool | None = None
         try:
             self._backend = self._make_backend(allocator)
+            self._staging = self._make_staging()
             self._start(device, audit)
         except BaseException:
-            self._teardown()
+            self._teardown(close_backend=True)
             raise
 
     # -- start-up -------------------------------------------------------------------
@@ -150,12 +185,29 @@ class VramManager:
             return allocator
         if allocator is not None and not isinstance(allocator, str):
             raise InvalidInput("allocator must be a backend name or an AllocatorBackend")
-        return select_backend(self._pm, allocator).factory()
+        backend = select_backend(self._pm, allocator).factory()
+        if not isinstance(backend, AllocatorBackend):
+            raise ConfigError(
+                f"the allocator plugin ({implementers(self._hook.vramcore_allocator_backends)}) "
+                f"built a {type(backend).__name__}, not an AllocatorBackend"
+            )
+        return backend
+
+    def _make_staging(self) -> Callable[[], contextlib.AbstractContextManager[list[memoryview]]]:
+        """Two staging buffers: the backend's own (pinned) when it lends them, else a pool."""
+        chunk = self._chunk_bytes
+        if type(self._backend).staging is not AllocatorBackend.staging:
+            return lambda: self._backend.staging(2, chunk)
+        pool = StagingPool(chunk)
+        return lambda: pool.borrow(2)
 
     def _start(self, device: int, audit: str) -> None:
         devices = self._probe()
         self.device = check_device_index(device, len(devices))
         self.device_info = devices[self.device]
+        self._emitter = Emitter(
+            self._audit, worker_id=self.worker_id, device=self.device, backend=self._backend.name
+        )
         if audit == "required":
             self._sink_context = SinkContext.from_token(
                 self._token, worker_id=self.worker_id, device=self.device
@@ -165,8 +217,16 @@ class VramManager:
         self._enforce(self.policy.check_device(self.device_info))
         key = self._hook.vramcore_seal_key(token=self._token, worker_id=self.worker_id)
         if not isinstance(key, SecretKey):
-            raise ConfigError("the seal key provider returned no SecretKey")
+            raise ConfigError(
+                f"the seal key provider ({implementers(self._hook.vramcore_seal_key)}) returned "
+                f"{type(key).__name__}, not a SecretKey; the manager did not start"
+            )
         self._key = key
+        if not any(
+            i.plugin_name != "vramcore.builtin"
+            for i in self._hook.vramcore_device_digest.get_hookimpls()
+        ):
+            self._device_digest = False
         log.info(
             "vramcore manager started: backend=%s GPU %d (%s), worker=%s, token %s, %d sink(s)",
             self._backend.name,
@@ -179,52 +239,34 @@ class VramManager:
 
     def _probe(self) -> Sequence[DeviceInfo]:
         devices = self._hook.vramcore_probe_devices(backend=self._backend)
-        return list(devices or ())
+        if not isinstance(devices, list | tuple) or not all(
+            isinstance(d, DeviceInfo) for d in devices
+        ):
+            raise ConfigError(
+                f"the device probe ({implementers(self._hook.vramcore_probe_devices)}) returned "
+                f"{type(devices).__name__}, not a list of DeviceInfo"
+            )
+        return list(devices)
 
-    def _enforce(self, findings: Sequence[Finding], device: int | None = None) -> None:
+    def _enforce(self, findings: Sequence[Finding]) -> None:
         if not findings:
             return
-        where = self.device if device is None else device
         for finding in findings:
-            self._emit(
-                events.PolicyViolation(
-                    worker_id=self.worker_id, device=where, rule=finding.rule, detail=finding.detail
-                )
-            )
-        first = findings[0]
+            self._emitter.policy_violation(self.device, finding.rule, finding.detail)
         raise PolicyViolation(
             f"VRAM-only policy refused: {'; '.join(f.detail for f in findings)}",
-            rule=first.rule,
-            device=where,
+            rule=findings[0].rule,
+            device=self.device,
         )
 
-    # -- audit --------------------------------------------------------------------
-
-    def _emit(self, event: events.AuditEvent) -> None:
-        self._audit.emit(event)
-
-    # -- narration ----------------------------------------------------------------
-
-    def _narrate(self, name: str, step: Callable[[Operation], Any], **attributes: Any) -> Any:
-        def run(op: Operation) -> Any:
-            try:
-                result = step(op)
-            except BaseException as exc:
-                op.attributes.setdefault("outcome", "error")
-                op.attributes["error_type"] = type(exc).__name__
-                raise
-            op.attributes.setdefault("outcome", "ok")
-            return result
-
-        return self._hook.vramcore_operation(op=Operation(name, run, **attributes))
-
-    def _base_attributes(self, shard_id: str, nbytes: int) -> dict[str, Any]:
+    def _attributes(self, shard_id: str, nbytes: int, **more: Any) -> dict[str, Any]:
         return {
             "shard_id": shard_id,
             "device": self.device,
             "device_name": self.device_info.name,
             "nbytes": nbytes,
             "backend": self._backend.name,
+            **more,
         }
 
     # -- capacity -------------------------------------------------------------------
@@ -251,13 +293,18 @@ class VramManager:
         *,
         shard_id: str | None = None,
         expected_sha256: str | None = None,
+        compute_sha256: bool = False,
     ) -> SealedShard:
         """Copy ``data`` into VRAM and seal it.
 
+        ``data`` must not change until this returns (the copy and the hashes read it).
+
         :param data: the shard's bytes (any C-contiguous buffer).
         :param shard_id: a name (1-256 of ``[A-Za-z0-9._:-]``, no ``..``); default a random id.
-        :param expected_sha256: the SHA-256 the bytes must have; checked before anything is
-            allocated.
+        :param expected_sha256: the SHA-256 the bytes must have; computed while copying and
+            checked before the shard is sealed (on mismatch nothing stays allocated).
+        :param compute_sha256: record the bytes' SHA-256 in the seal even without
+            ``expected_sha256`` (it costs one more pass of hashing, overlapped with the copy).
         :raises IntegrityViolation: ``expected_sha256`` does not match.
         :raises InsufficientVram: the device lacks room.
         """
@@ -269,17 +316,13 @@ class VramManager:
                 "data must be bytes or a C-contiguous buffer (bytes, bytearray, memoryview, "
                 f"numpy array), got {type(data).__name__}"
             ) from None
-        nbytes = check_size(view.nbytes, field="data size")
-        sid = self._shard_id(shard_id)
-        file_sha = None
-        if expected_sha256 is not None:
-            file_sha = check_expected_sha256(hashlib.sha256(view).hexdigest(), expected_sha256)
-
-        def write(buf: DeviceBuffer, op: Operation) -> None:
-            for offset in range(0, nbytes, self._chunk_bytes):
-                self._backend.copy_in(buf, offset, view[offset : offset + self._chunk_bytes])
-
-        return self._seal(sid, nbytes, write, "memory", (), file_sha)
+        source = MemorySource(
+            view,
+            self._chunk_bytes,
+            expected_sha256=expected_sha256,
+            want_sha256=_check_flag(compute_sha256, "compute_sha256"),
+        )
+        return self._seal(self._shard_id(shard_id), source)
 
     def seal_file(
         self,
@@ -287,17 +330,20 @@ class VramManager:
         *,
         shard_id: str | None = None,
         expected_sha256: str | None = None,
+        compute_sha256: bool = False,
         progress: Callable[[int, int], None] | None = None,
     ) -> SealedShard:
         """Stream a file into VRAM, byte for byte, and seal it.
 
-        The file is read in ``chunk_bytes`` chunks straight into the device buffer: host memory
-        stays bounded by two chunks whatever the file size. A ``.safetensors`` file is sealed
-        whole (header included) and its tensor map recorded, so a failed verification names the
-        tensors. ``expected_sha256`` (the file's published SHA-256) is computed while loading
-        and checked before the shard is sealed; on mismatch nothing stays allocated.
+        The file is read in ``chunk_bytes`` chunks through two staging buffers (pinned ones
+        when the backend lends them): host memory stays bounded whatever the file size, and
+        reading, copying and hashing overlap. A ``.safetensors`` file is sealed whole (header
+        included) and its tensor map recorded, so a failed verification names the tensors.
 
         :param shard_id: default: the file name when it is a valid shard id, else a random id.
+        :param expected_sha256: the file's published SHA-256; computed while loading (on a
+            thread of its own) and checked before the shard is sealed.
+        :param compute_sha256: record the file's SHA-256 in the seal without checking it.
         :param progress: called as ``progress(bytes_loaded, total_bytes)`` after each chunk.
         :raises InvalidInput: the path is missing, not a regular file, or empty.
         :raises IntegrityViolation: SHA-256 mismatch, a malformed safetensors header, or the
@@ -306,94 +352,70 @@ class VramManager:
             before loading.
         """
         self._check_open()
-        p = Path(path)
-        try:
-            st = p.stat()
-        except OSError as exc:
-            raise InvalidInput(f"cannot read {p}: {exc.strerror or exc}") from None
-        if not p.is_file():
-            raise InvalidInput(f"{p} is not a regular file")
-        nbytes = check_size(st.st_size, field=f"size of {p}")
-        if shard_id is None:
-            try:
-                shard_id = check_shard_id(p.name)
-            except InvalidInput:
-                shard_id = None
-        sid = self._shard_id(shard_id)
-        expected = check_sha256_hex(expected_sha256) if expected_sha256 is not None else None
-        tensors: tuple[TensorRange, ...] = ()
-        if p.suffix == ".safetensors":
-            with p.open("rb") as fh:
-                tensors = read_tensor_map(fh, nbytes)
-        digest_of_file: list[str] = []
-
-        def write(buf: DeviceBuffer, op: Operation) -> None:
-            digest_of_file.append(
-                stream_file(self._backend, buf, p, nbytes, self._staging, progress)
+        if not isinstance(path, str | os.PathLike) or "\0" in os.fspath(path):
+            raise InvalidInput(
+                f"path must be a file path (str or os.PathLike) without NUL, got "
+                f"{type(path).__name__}"
             )
-            if expected is not None:
-                check_expected_sha256(digest_of_file[0], expected)
-            if tensors and parse_tensor_map(device_reader(self._backend, buf), nbytes) != tensors:
-                # Without expected_sha256 nothing else notices a header rewritten mid-load.
-                raise IntegrityViolation(f"{p} changed while it was loaded (safetensors header)")
-
-        return self._seal(sid, nbytes, write, "file", tensors, lambda: digest_of_file[0])
+        if progress is not None and not callable(progress):
+            raise InvalidInput("progress must be callable as progress(done, total)")
+        p = Path(path)
+        if shard_id is None:
+            with contextlib.suppress(InvalidInput):
+                shard_id = check_shard_id(p.name)
+        source = FileSource(
+            p,
+            self._chunk_bytes,
+            expected_sha256=expected_sha256,
+            want_sha256=_check_flag(compute_sha256, "compute_sha256"),
+            progress=progress,
+        )
+        return self._seal(self._shard_id(shard_id), source)
 
     def _shard_id(self, shard_id: str | None) -> str:
         return check_shard_id(shard_id) if shard_id is not None else f"shard-{uuid.uuid4().hex}"
 
-    def _seal(
-        self,
-        shard_id: str,
-        nbytes: int,
-        write: Callable[[DeviceBuffer, Operation], None],
-        source: str,
-        tensors: tuple[TensorRange, ...],
-        file_sha: str | Callable[[], str | None] | None,
-    ) -> SealedShard:
-        attributes = self._base_attributes(shard_id, nbytes)
-        attributes |= {"digest_alg": DIGEST_ALG, "leaf_size": self.leaf_size}
+    def _seal(self, shard_id: str, source: Source) -> SealedShard:
+        nbytes = source.nbytes
+
+        committed: list[SealedShard] = []
 
         def seal(op: Operation) -> SealedShard:
             self._residency.reserve(shard_id)
+            allocated: list[DeviceBuffer] = []  # set even if a wrapper raises after allocating
             buf: DeviceBuffer | None = None
-            allocated: list[DeviceBuffer] = []  # set even if a narration wrapper then raises
             try:
                 buf = self._allocate(shard_id, nbytes, allocated)
-                self._narrate(
-                    "copy",
-                    lambda cop: write(buf, cop),
-                    **self._base_attributes(shard_id, nbytes),
-                    source=source,
-                )
-                leaves = self._digest(shard_id, buf)
-                op.attributes["leaf_count"] = len(leaves)
-                shard = self._sign(shard_id, buf, leaves, tensors, file_sha)
-                self._emit(
-                    events.VramSealed(
-                        worker_id=self.worker_id,
-                        shard_id=shard_id,
-                        device=self.device,
-                        nbytes=nbytes,
-                        digest=shard.digest,
-                        digest_alg=shard.digest_alg,
-                        leaf_size=shard.leaf_size,
-                        backend=self._backend.name,
-                        file_sha256=shard.file_sha256 or "",
-                    )
-                )
+                digest, file_sha256 = self._load(shard_id, buf, source)
+                op.attributes["leaf_count"] = digest.leaf_count
+                shard = self._sign(shard_id, buf, digest, source, file_sha256)
+                self._emitter.sealed(shard)
             except BaseException as exc:
                 self._abandon(shard_id, nbytes, allocated[0] if allocated else None, exc)
                 with contextlib.suppress(Exception):  # capacity as it is after the clean-up
                     self._capacity_attributes(op)
                 raise
-            if not self._residency.commit(Resident(shard, buf, leaves)):
+            resident = Resident(shard, buf, digest, leaves_checked=digest.source == "host")
+            if not self._residency.commit(resident):
                 # close() ran meanwhile: this shard must not outlive the manager.
                 self._release_buffer(shard_id, buf)
-                raise VramError("the manager was closed while the shard was being sealed")
+                raise ManagerClosed("the manager was closed while the shard was being sealed")
+            committed.append(shard)
             return shard
 
-        result: SealedShard = self._narrate("seal", seal, **attributes)
+        attributes = self._attributes(
+            shard_id, nbytes, digest_alg=DIGEST_ALG, leaf_size=self.leaf_size
+        )
+        with self._residency.operation():
+            try:
+                result: SealedShard = perform(self._hook, "seal", seal, **attributes)
+            except BaseException:
+                if committed:
+                    # A wrapper failed around a seal that succeeded: the caller never gets
+                    # the seal, so the shard must not stay resident.
+                    with contextlib.suppress(VramError):
+                        self._release_buffer(shard_id, self._residency.take(shard_id).buffer)
+                raise
         return result
 
     def _allocate(self, shard_id: str, nbytes: int, allocated: list[DeviceBuffer]) -> DeviceBuffer:
@@ -404,28 +426,112 @@ class VramManager:
             buf = self._backend.allocate(self.device, nbytes)
             self._residency.add_bytes(nbytes)
             try:
+                if not isinstance(buf, DeviceBuffer) or buf.nbytes != nbytes:
+                    raise ConfigError(
+                        f"backend {self._backend.name} returned a malformed allocation"
+                    )
                 finding = self.policy.check_allocation(self._backend.memory_kind(buf), self.device)
                 self._enforce([finding] if finding else [])
+                self._emitter.allocated(shard_id, nbytes)
             except BaseException:
                 self._free(buf)
                 raise
             allocated.append(buf)
-            self._emit(
-                events.VramAllocated(
-                    worker_id=self.worker_id,
-                    shard_id=shard_id,
-                    device=self.device,
-                    nbytes=nbytes,
-                    backend=self._backend.name,
-                )
-            )
             self._capacity_attributes(op)
             return buf
 
-        result: DeviceBuffer = self._narrate(
-            "allocate", allocate, **self._base_attributes(shard_id, nbytes)
+        result: DeviceBuffer = perform(
+            self._hook, "allocate", allocate, **self._attributes(shard_id, nbytes)
         )
         return result
+
+    def _load(
+        self, shard_id: str, buf: DeviceBuffer, source: Source
+    ) -> tuple[ShardDigest, str | None]:
+        """Copy the source in; return the shard's digest (device or host) and file SHA-256."""
+        hasher = (
+            LeafHasher(source.nbytes, self.leaf_size, self._workers)
+            if self._device_digest is False
+            else None
+        )
+        load = perform(
+            self._hook,
+            "copy",
+            lambda op: source.load(self._backend, buf, staging=self._staging, hasher=hasher),
+            **self._attributes(shard_id, source.nbytes, source=source.kind),
+        )
+        self._residency.check_running()
+        if load.leaves is not None:
+            # Hashed from the very bytes handed to the device; the first verification
+            # confirms them in VRAM.
+            leaves = load.leaves
+
+            def root(op: Operation) -> ShardDigest:
+                op.attributes["source"] = "host"
+                op.attributes["leaf_count"] = len(leaves) // 32
+                return ShardDigest(merkle_root(leaves), leaves, "host")
+
+            result: ShardDigest = perform(
+                self._hook, "digest", root, **self._digest_attributes(shard_id, buf)
+            )
+            return result, load.file_sha256
+        whole_root, leaves, where = self._digest(shard_id, buf, None)
+        assert whole_root is not None  # a whole-shard digest has a root
+        return ShardDigest(whole_root, leaves, where), load.file_sha256
+
+    def _digest_attributes(self, shard_id: str, buf: DeviceBuffer) -> dict[str, Any]:
+        return {
+            "shard_id": shard_id,
+            "device": self.device,
+            "nbytes": buf.nbytes,
+            "backend": self._backend.name,
+            "leaf_size": self.leaf_size,
+        }
+
+    def _digest(
+        self, shard_id: str, buf: DeviceBuffer, leaf_range: tuple[int, int] | None
+    ) -> tuple[bytes | None, bytes, str]:
+        def digest(op: Operation) -> tuple[bytes | None, bytes, str]:
+            root, leaves, where = compute_digest(
+                self._hook,
+                self._backend,
+                buf,
+                self.leaf_size,
+                staging=self._staging,
+                workers=self._workers,
+                leaf_range=leaf_range,
+            )
+            self._device_digest = where == "device"
+            op.attributes["source"] = where
+            op.attributes["leaf_count"] = len(leaves) // 32
+            return root, leaves, where
+
+        result: tuple[bytes | None, bytes, str] = perform(
+            self._hook, "digest", digest, **self._digest_attributes(shard_id, buf)
+        )
+        return result
+
+    def _sign(
+        self,
+        shard_id: str,
+        buf: DeviceBuffer,
+        digest: ShardDigest,
+        source: Source,
+        file_sha256: str | None,
+    ) -> SealedShard:
+        unsigned = SealedShard(
+            shard_id=shard_id,
+            gpu_device=self.device,
+            vram_bytes=buf.nbytes,
+            digest=digest.root.hex(),
+            digest_alg=DIGEST_ALG,
+            leaf_size=self.leaf_size,
+            sealed_at=datetime.now(UTC),
+            signature=b"\x00" * 32,
+            tensors=source.tensors,
+            file_sha256=file_sha256,
+        )
+        return attrs.evolve(unsigned, signature=self._require_key().mac(unsigned.signed_message()))
 
     def _capacity_attributes(self, op: Operation) -> None:
         free, total = self._backend.mem_info(self.device)
@@ -444,190 +550,148 @@ class VramManager:
         reason = (
             f"{type(exc).__name__}: {exc}" if isinstance(exc, VramError) else type(exc).__name__
         )
-        # A backend's message may carry a newline or an escape; the event must still be written.
-        reason = scrub_text(reason)
         try:
-            with contextlib.suppress(AuditError):  # the original error matters more
-                self._emit_alloc_failed(shard_id, nbytes, reason)
+            with contextlib.suppress(VramError):  # the original error matters more
+                self._emitter.allocation_failed(shard_id, nbytes, reason)
         finally:
             if buf is not None:
                 self._free(buf)
         if buf is not None:
-            with contextlib.suppress(AuditError):
-                self._emit(
-                    events.VramDeallocated(
-                        worker_id=self.worker_id,
-                        shard_id=shard_id,
-                        device=self.device,
-                        nbytes=nbytes,
-                    )
-                )
-
-    def _emit_alloc_failed(self, shard_id: str, nbytes: int, reason: str) -> None:
-        self._emit(
-            events.VramAllocationFailed(
-                worker_id=self.worker_id,
-                shard_id=shard_id,
-                device=self.device,
-                nbytes=nbytes,
-                backend=self._backend.name,
-                reason=reason,
-            )
-        )
-
-    def _digest(self, shard_id: str, buf: DeviceBuffer) -> list[bytes]:
-        expected_leaves = leaf_count(buf.nbytes, self.leaf_size)
-
-        def digest(op: Operation) -> list[bytes]:
-            offered = self._hook.vramcore_device_digest(
-                backend=self._backend, buffer=buf, leaf_size=self.leaf_size, leaf_range=None
-            )
-            leaves: list[bytes]
-            if offered is not None:
-                op.attributes["source"] = "device"
-                packed = bytes(offered.leaves)
-                leaves = [packed[i : i + 32] for i in range(0, len(packed), 32)]
-                if len(leaves) != expected_leaves or any(len(h) != 32 for h in leaves):
-                    raise VramError(
-                        "the device digest plugin returned a malformed leaf list "
-                        f"({len(leaves)} leaves, expected {expected_leaves})"
-                    )
-            else:
-                op.attributes["source"] = "host"
-                with self._staging.borrow(2) as staging:
-                    leaves = read_and_hash(
-                        buf.nbytes,
-                        lambda offset, out: self._backend.read_into(buf, offset, out),
-                        self.leaf_size,
-                        self._chunk_bytes,
-                        staging,
-                    )
-            op.attributes["leaf_count"] = len(leaves)
-            return leaves
-
-        result: list[bytes] = self._narrate(
-            "digest",
-            digest,
-            shard_id=shard_id,
-            device=self.device,
-            nbytes=buf.nbytes,
-            backend=self._backend.name,
-            leaf_size=self.leaf_size,
-        )
-        return result
-
-    def _sign(
-        self,
-        shard_id: str,
-        buf: DeviceBuffer,
-        leaves: list[bytes],
-        tensors: tuple[TensorRange, ...],
-        file_sha: str | Callable[[], str | None] | None,
-    ) -> SealedShard:
-        unsigned = SealedShard(
-            shard_id=shard_id,
-            gpu_device=self.device,
-            vram_bytes=buf.nbytes,
-            digest=merkle_root(leaves).hex(),
-            digest_alg=DIGEST_ALG,
-            leaf_size=self.leaf_size,
-            sealed_at=datetime.now(UTC),
-            signature=b"\x00" * 32,
-            tensors=tensors,
-            file_sha256=file_sha() if callable(file_sha) else file_sha,
-        )
-        return attrs.evolve(unsigned, signature=self._require_key().mac(unsigned.signed_message()))
+            with contextlib.suppress(VramError):
+                self._emitter.deallocated(shard_id, nbytes)
 
     def _require_key(self) -> SecretKey:
         if self._key is None or self._key.wiped:
-            raise VramError("this VramManager is closed; create a new one")
+            raise ManagerClosed(_CLOSED)
         return self._key
 
     # -- verification ---------------------------------------------------------------
 
-    def verify_sealed(self, shard: SealedShard) -> None:
+    def verify_sealed(self, shard: SealedShard, *, sample: float | int | None = None) -> None:
         """Check ``shard``'s signature and recompute its digest from VRAM.
 
+        :param sample: ``None`` (default) re-hashes every byte and compares the root. A float
+            in ``(0, 1]`` (a fraction of the leaves) or an int ``>= 1`` (a number of leaves)
+            re-hashes only that many leaves, chosen afresh by a CSPRNG on every call, and
+            compares them with the sealed leaf hashes (themselves checked against the signed
+            root once). If ``c`` of ``n`` leaves are corrupted and ``k`` are sampled, the
+            corruption is caught with probability ``1 - C(n-c, k) / C(n, k)`` (at least
+            ``1 - (1 - k/n)**c``): sample 1 % of the leaves of a shard with 300 corrupted
+            leaves and it is caught 95 % of the time.
         :raises SealVerificationFailed: bad signature (``reason="signature"``), another
-            device (``"device"``), a seal that is not the resident one (``"stale"``), or bytes
-            that changed (``"digest"``, with ``corrupted_ranges`` and ``tensors``). Audited as
-            a critical event first.
+            device (``"device"``), a seal that is not the resident one (``"stale"``), a shard
+            a scrub quarantined (``"quarantined"``), or bytes that changed (``"digest"``, with
+            ``corrupted_ranges`` and ``tensors``). Audited as a critical event first.
         :raises NotSealed: no shard with this id is resident here.
+        :raises ManagerClosed: the manager is closed (or closes meanwhile).
         """
         self._check_open()
-        resident = self._resident_for(shard)
-        self._verify(shard, resident)
+        shard_id = _shard_id_of(shard)
+        with self._residency.reading(shard_id) as resident, self._residency.operation():
+            self._verify(shard, resident, sample)
 
     @contextlib.contextmanager
-    def verified(self, shard: SealedShard) -> Iterator[DeviceBuffer]:
-        """Verify ``shard``, then yield its device buffer for inference.
+    def verified(
+        self, shard: SealedShard, *, sample: float | int | None = None
+    ) -> Iterator[DeviceBuffer]:
+        """Verify ``shard`` (see :meth:`verify_sealed`), then yield its device buffer.
 
         The buffer stays allocated until the block exits, even if another thread asks to
         deallocate the shard meanwhile. Use ``buffer.native`` for the backend's own object.
         """
         self._check_open()
-        shard_id = shard.shard_id if isinstance(shard, SealedShard) else ""
+        shard_id = _shard_id_of(shard)
         with self._residency.reading(shard_id) as resident:
-            if resident is None:
-                resident = self._resident_for(shard)  # raises with the right error
-            self._verify(shard, resident)
+            with self._residency.operation():
+                self._verify(shard, resident, sample)
+            assert resident is not None  # _verify raised otherwise
             yield resident.buffer
 
-    def _resident_for(self, shard: SealedShard) -> Resident:
-        if not isinstance(shard, SealedShard):
-            raise InvalidInput(f"expected a SealedShard, got {type(shard).__name__}")
-        resident = self._residency.get(shard.shard_id)
+    def _verify(
+        self, shard: SealedShard, resident: Resident | None, sample: float | int | None
+    ) -> None:
         if resident is None:
-            # A forged, tampered or foreign seal is a verification failure (audited), not
-            # merely "not resident": check the signature and device before saying NotSealed.
-            problem = seal_problem(shard, self._require_key(), self.device, None)
-            if problem is not None:
-                self._fail(shard, problem)
-            raise NotSealed(
-                f"shard {shard.shard_id} is not resident on this manager (never sealed here, "
-                "or deallocated); seal it again"
-            )
-        return resident
+            self._not_resident(shard)
+        wanted = _check_sample(sample)
 
-    def _verify(self, shard: SealedShard, resident: Resident) -> None:
         def verify(op: Operation) -> None:
             problem = seal_problem(shard, self._require_key(), self.device, resident.shard)
+            if problem is None and resident.quarantined:
+                problem = quarantine_problem(resident.quarantined)
+            checked = 0
             if problem is None:
-                leaves = self._digest(shard.shard_id, resident.buffer)
-                problem = digest_problem(shard, resident.leaves, leaves)
+                if wanted is None:
+                    problem, checked = self._full_check(shard, resident)
+                else:
+                    problem, checked = self._sampled_check(shard, resident, wanted)
+            op.attributes["mode"] = "full" if wanted is None else "sampled"
+            op.attributes["leaves_checked"] = checked
             if problem is not None:
                 op.attributes["outcome"] = "mismatch"
-                op.attributes["reason"] = problem.reason
+                op.attributes["reason"] = str(problem.reason)
                 self._fail(shard, problem)
-            self._emit(
-                events.SealVerified(
-                    worker_id=self.worker_id,
-                    shard_id=shard.shard_id,
-                    device=self.device,
-                    nbytes=shard.vram_bytes,
-                    digest=shard.digest,
-                )
+            self._emitter.verified(
+                shard, mode="full" if wanted is None else "sampled", leaves_checked=checked
             )
 
-        self._narrate(
+        perform(
+            self._hook,
             "verify",
             verify,
-            **self._base_attributes(shard.shard_id, shard.vram_bytes),
-            digest_alg=shard.digest_alg,
-            leaf_size=shard.leaf_size,
+            **self._attributes(
+                shard.shard_id,
+                shard.vram_bytes,
+                digest_alg=shard.digest_alg,
+                leaf_size=shard.leaf_size,
+            ),
+        )
+
+    def _full_check(self, shard: SealedShard, resident: Resident) -> tuple[Problem | None, int]:
+        root, leaves, _ = self._digest(shard.shard_id, resident.buffer, None)
+        assert root is not None
+        self._residency.check_running()
+        return digest_problem(shard, resident.digest.leaves, root, leaves), len(leaves) // 32
+
+    def _sampled_check(
+        self, shard: SealedShard, resident: Resident, wanted: float | int
+    ) -> tuple[Problem | None, int]:
+        sealed = resident.digest
+        if not resident.leaves_checked:
+            # The sealed leaves came from the device with its root: trust them only once they
+            # are shown to give the signed root.
+            if merkle_root(sealed.leaves).hex() != shard.digest:
+                return Problem(
+                    Reason.DIGEST, "the sealed leaf hashes do not give the sealed root"
+                ), 0
+            resident.leaves_checked = True
+        n = sealed.leaf_count
+        k = min(n, max(1, math.ceil(wanted * n)) if isinstance(wanted, float) else wanted)
+        chosen = sorted(secrets.SystemRandom().sample(range(n), k))
+        runs: list[tuple[int, bytes, bytes]] = []
+        for first, stop in _runs(chosen):
+            _, now, _ = self._digest(shard.shard_id, resident.buffer, (first, stop))
+            runs.append((first, sealed.leaf_range(first, stop), now))
+            self._residency.check_running()
+        return leaves_problem(shard, runs), k
+
+    def _not_resident(self, shard: SealedShard) -> NoReturn:
+        # A forged, tampered or foreign seal is a verification failure (audited), not
+        # merely "not resident": check the signature and device before saying NotSealed.
+        problem = seal_problem(shard, self._require_key(), self.device, None)
+        if problem is not None:
+            self._fail(shard, problem)
+        raise NotSealed(
+            f"shard {shard.shard_id} is not resident on this manager (never sealed here, "
+            "or deallocated); seal it again"
         )
 
     def _fail(self, shard: SealedShard, problem: Problem) -> NoReturn:
-        self._emit(
-            events.SealVerificationFailed(
-                worker_id=self.worker_id,
-                shard_id=shard.shard_id,
-                device=self.device,
-                reason=problem.reason,
-                detail=problem.detail,
-                byte_ranges=problem.ranges,
-                tensors=problem.tensors,
-            )
+        self._emitter.verification_failed(
+            shard.shard_id,
+            reason=problem.reason,
+            detail=problem.detail,
+            ranges=problem.ranges,
+            tensors=problem.tensors,
         )
         raise SealVerificationFailed(
             f"seal of shard {shard.shard_id} failed verification: {problem.detail}",
@@ -647,23 +711,17 @@ class VramManager:
         """
         self._check_open()
         shard_id = shard.shard_id if isinstance(shard, SealedShard) else check_shard_id(shard)
-        resident = self._residency.take(shard_id)
-        self._release_buffer(shard_id, resident.buffer)
+        with self._residency.operation():
+            resident = self._residency.take(shard_id)
+            self._release_buffer(shard_id, resident.buffer)
 
     def _release_buffer(self, shard_id: str, buf: DeviceBuffer) -> None:
         def deallocate(op: Operation) -> None:
             self._free(buf)
             self._capacity_attributes(op)
-            self._emit(
-                events.VramDeallocated(
-                    worker_id=self.worker_id,
-                    shard_id=shard_id,
-                    device=self.device,
-                    nbytes=buf.nbytes,
-                )
-            )
+            self._emitter.deallocated(shard_id, buf.nbytes)
 
-        self._narrate("deallocate", deallocate, **self._base_attributes(shard_id, buf.nbytes))
+        perform(self._hook, "deallocate", deallocate, **self._attributes(shard_id, buf.nbytes))
 
     def shards(self) -> list[SealedShard]:
         """The seals of every shard resident on this manager."""
@@ -673,35 +731,44 @@ class VramManager:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise VramError("this VramManager is closed; create a new one")
+            raise ManagerClosed(_CLOSED)
 
     def close(self) -> None:
         """Free every resident shard, flush and close the sinks, wipe the key and token.
 
-        Idempotent. Raises :class:`AuditError` after cleaning up if a sink failed to close
-        (events may not be durable).
+        Waits for :meth:`verified` blocks to exit and, up to ``close_timeout`` seconds, for
+        seals and verifications in progress (those still running then fail with
+        :class:`~vramcore.errors.ManagerClosed` at their next step). Only then is the backend
+        closed; if an operation is still stuck in the backend, the backend is left open
+        rather than closed under it, and this raises. Idempotent. Raises
+        :class:`~vramcore.errors.AuditError` after cleaning up if a sink failed to close.
         """
-        # Shards in use by other threads are freed once their verified() blocks exit.
         residents = self._residency.take_all()
         if residents is None:
             return
+        stuck = self._residency.wait_idle(self._close_timeout)
         errors: list[BaseException] = []
         for resident in residents:
             try:
                 self._release_buffer(resident.shard.shard_id, resident.buffer)
             except BaseException as exc:
                 errors.append(exc)
-        errors.extend(self._teardown())
+        errors.extend(self._teardown(close_backend=not stuck))
+        if stuck:
+            raise ManagerClosed(
+                f"{stuck} operation(s) were still running in the backend "
+                f"{self._close_timeout:g} s after close(); the backend was left open"
+            )
         if errors:
             raise AuditError(
                 f"closing the manager hit {len(errors)} error(s); the first: "
                 f"{type(errors[0]).__name__}: {errors[0]}"
             ) from errors[0]
 
-    def _teardown(self) -> list[BaseException]:
+    def _teardown(self, *, close_backend: bool) -> list[BaseException]:
         self._closed = True
         errors = self._audit.close()
-        if self._owns_backend and getattr(self, "_backend", None) is not None:
+        if close_backend and self._owns_backend and getattr(self, "_backend", None) is not None:
             try:
                 self._backend.close()
             except Exception as exc:
@@ -736,7 +803,55 @@ class VramManager:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self._residency)} shard(s)"
+        backend = getattr(getattr(self, "_backend", None), "name", "?")
         return (
-            f"<VramManager {self._backend.name} GPU{getattr(self, 'device', '?')} "
+            f"<VramManager {backend} GPU{getattr(self, 'device', '?')} "
             f"worker={self.worker_id} token={self._token.fingerprint} {state}>"
         )
+
+
+def _shard_id_of(shard: object) -> str:
+    if not isinstance(shard, SealedShard):
+        raise InvalidInput(f"expected a SealedShard, got {type(shard).__name__}")
+    return shard.shard_id
+
+
+def _check_flag(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidInput(f"{name} must be True or False, got {type(value).__name__}")
+    return value
+
+
+def _check_workers(value: object) -> int:
+    if value is None:
+        return default_workers()
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1024:
+        raise InvalidInput(f"hash_workers must be an integer from 1 to 1024, got {value!r:.40}")
+    return value
+
+
+def _check_sample(value: object) -> float | int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidInput(
+            f"sample must be None, a fraction in (0, 1] or a leaf count, got {value!r:.40}"
+        )
+    if isinstance(value, float) and not 0.0 < value <= 1.0:
+        raise InvalidInput(f"sample as a fraction must be in (0, 1], got {value!r}")
+    if isinstance(value, int) and value < 1:
+        raise InvalidInput(f"sample as a leaf count must be at least 1, got {value}")
+    return value
+
+
+def _runs(indices: Sequence[int]) -> Iterator[tuple[int, int]]:
+    """Consecutive runs ``(first, stop)`` of sorted distinct ``indices``."""
+    start = prev = -2
+    for i in indices:
+        if i != prev + 1:
+            if start >= 0:
+                yield start, prev + 1
+            start = i
+        prev = i
+    if start >= 0:
+        yield start, prev + 1

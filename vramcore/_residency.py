@@ -6,6 +6,9 @@ A :class:`Residency` is the manager's one piece of shared mutable state, behind 
 * a sealed shard is *resident* until it is taken for deallocation;
 * threads inside ``verified()`` blocks are *readers* of a resident; taking a shard waits until
   its readers have left, so a buffer is never freed under a running inference;
+* every seal and verification in progress holds an *operation lease*
+  (:meth:`Residency.operation`); closing refuses new leases and waits, bounded, for the held
+  ones, so the backend is never closed under a running copy, digest or free;
 * once :meth:`Residency.take_all` ran (the manager is closing), nothing new becomes resident.
 """
 
@@ -13,25 +16,37 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Iterator
 
 import attrs
 
 from vramcore.backend import DeviceBuffer
-from vramcore.errors import InvalidInput, NotSealed, VramError
+from vramcore.digest import ShardDigest
+from vramcore.errors import InvalidInput, ManagerClosed, NotSealed
 from vramcore.shard import SealedShard
+
+_CLOSED = "this VramManager is closed; create a new one"
 
 __all__ = ["Residency", "Resident"]
 
 
 @attrs.define(eq=False)
 class Resident:
-    """A shard held in VRAM: its seal, its buffer and its leaf hashes (for range reports)."""
+    """A shard held in VRAM: its seal, its buffer and its digest (packed leaves for reports).
+
+    :attr leaves_checked: the packed leaves were checked to give the sealed root (sampled
+        checks compare against them, so they must be trusted first).
+    :attr quarantined: why the shard may not be used until it is resealed (a scrubber found
+        it corrupted), or ``""``.
+    """
 
     shard: SealedShard
     buffer: DeviceBuffer
-    leaves: list[bytes]
+    digest: ShardDigest
     readers: dict[int, int] = attrs.Factory(dict)  # thread id -> open verified() blocks
+    leaves_checked: bool = False
+    quarantined: str = ""
 
 
 class Residency:
@@ -44,6 +59,52 @@ class Residency:
         self._reserved: set[str] = set()
         self._used = 0
         self._closing = False
+        self._in_flight = 0
+        self._aborting = False
+
+    @property
+    def closing(self) -> bool:
+        """Whether close began: operations in progress should stop at their next step."""
+        return self._closing
+
+    def check_running(self) -> None:
+        """Raise :class:`ManagerClosed` when close gave up waiting (a step boundary check)."""
+        if self._aborting:
+            raise ManagerClosed("the VramManager was closed while this operation ran")
+
+    @contextlib.contextmanager
+    def operation(self) -> Iterator[None]:
+        """Hold an operation lease for the block; refused once the manager is closing.
+
+        :raises ManagerClosed: the manager is closed or closing.
+        """
+        with self._lock:
+            if self._closing:
+                raise ManagerClosed(_CLOSED)
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                self._released.notify_all()
+
+    def wait_idle(self, timeout: float) -> int:
+        """After :meth:`take_all`: wait up to ``timeout`` s for held leases; return those left.
+
+        Operations still running after that are told to stop at their next step
+        (:meth:`check_running` raises there) and get a short grace period.
+        """
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._in_flight and self._released.wait(max(0.0, deadline - time.monotonic())):
+                pass
+            if self._in_flight:
+                self._aborting = True
+                grace = time.monotonic() + min(5.0, max(0.1, timeout))
+                while self._in_flight and self._released.wait(max(0.0, grace - time.monotonic())):
+                    pass
+            return self._in_flight
 
     @property
     def used(self) -> int:
@@ -64,11 +125,11 @@ class Residency:
         """Claim ``shard_id`` for a seal in progress.
 
         :raises InvalidInput: the id is resident or being sealed.
-        :raises VramError: the manager is closing.
+        :raises ManagerClosed: the manager is closing.
         """
         with self._lock:
             if self._closing:
-                raise VramError("this VramManager is closed; create a new one")
+                raise ManagerClosed(_CLOSED)
             if shard_id in self._residents or shard_id in self._reserved:
                 raise InvalidInput(
                     f"shard_id {shard_id} is already sealed on this manager; deallocate it first "
@@ -140,6 +201,8 @@ class Residency:
 
     def take_all(self) -> list[Resident] | None:
         """Close: remove every shard once no thread reads it; ``None`` if already closing.
+
+        New operation leases are refused from here on; :meth:`wait_idle` waits for held ones.
 
         :raises InvalidInput: the current thread is inside a ``verified()`` block.
         """

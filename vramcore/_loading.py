@@ -1,0 +1,363 @@
+"""What is being sealed, and how its bytes get into a device buffer.
+
+A source (:class:`MemorySource`, :class:`FileSource`) knows its size and tensor map before
+anything is allocated, then :meth:`~Source.load` copies its bytes into a device buffer. On the
+way, each byte is read once and, when the digest is computed on the host, hashed once: the
+Merkle leaves are hashed from the very bytes handed to the device (so no read-back is needed
+to seal), and the whole-file SHA-256 is computed only when asked for, on a thread of its own,
+concurrently with the copy.
+
+The copy contract (see :mod:`vramcore.backend`) is kept here: a staging buffer is reused, and
+the caller's ``data`` released, only after the copy's completion handle, the leaf hashing and
+the file hashing of that buffer have all finished.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import hashlib
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from vramcore.backend import AllocatorBackend, CopyHandle, DeviceBuffer
+from vramcore.digest import LeafHasher
+from vramcore.errors import AllocationFailed, IntegrityViolation, InvalidInput
+from vramcore.safetensors import parse_tensor_map, read_tensor_map
+from vramcore.shard import TensorMap
+from vramcore.validation import check_sha256_hex, check_size
+
+__all__ = [
+    "FileSource",
+    "LoadResult",
+    "MemorySource",
+    "Source",
+    "StagingPool",
+    "check_expected_sha256",
+]
+
+Progress = Callable[[int, int], None]
+
+
+@attrs.frozen
+class LoadResult:
+    """What a load found: packed leaf hashes (when hashed on the host) and the file SHA-256."""
+
+    leaves: bytes | None
+    file_sha256: str | None
+
+
+class _Pipeline:
+    """The in-flight work on one staging buffer (or one slice of the caller's data)."""
+
+    def __init__(self) -> None:
+        self.handles: list[CopyHandle] = []
+        self.waiters: list[Callable[[], None]] = []
+
+    def drain(self) -> None:
+        """Wait for every copy and hash still reading this buffer; raise the first error."""
+        errors: list[BaseException] = []
+        for wait in [*(h.wait for h in self.handles), *self.waiters]:
+            try:
+                wait()
+            except BaseException as exc:  # every reader must finish before the memory is reused
+                errors.append(exc)
+        self.handles.clear()
+        self.waiters.clear()
+        if errors:
+            raise errors[0]
+
+
+def _copy(
+    backend: AllocatorBackend, buf: DeviceBuffer, offset: int, data: memoryview, pipe: _Pipeline
+) -> None:
+    handle = backend.copy_in(buf, offset, data)
+    if handle is None:
+        return
+    if not callable(getattr(handle, "wait", None)):
+        raise AllocationFailed(
+            f"backend {backend.name} returned {type(handle).__name__} from copy_in, not a "
+            "CopyHandle or None; the seal was refused"
+        )
+    pipe.handles.append(handle)
+
+
+class _FileHash:
+    """A SHA-256 fed in order on a thread of its own, so it overlaps the copy and the leaves."""
+
+    def __init__(self) -> None:
+        self._sha = hashlib.sha256()
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="vramcore-sha256")
+
+    def feed(self, data: memoryview) -> Callable[[], None]:
+        fut: Future[None] = self._thread.submit(self._sha.update, data)
+        return fut.result
+
+    def hexdigest(self) -> str:
+        self._thread.shutdown(wait=True)
+        return self._sha.hexdigest()
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)
+
+
+class Source(abc.ABC):
+    """Bytes to seal: their size, tensor map and origin, known before anything is allocated.
+
+    :attr nbytes: the size in bytes.
+    :attr tensors: the safetensors tensor map (empty for other data).
+    :attr kind: ``"memory"`` or ``"file"``, for narration.
+    :attr expected_sha256: the SHA-256 the bytes must have, or ``None``.
+    :attr want_sha256: whether the whole-byte SHA-256 is computed (asked for, or expected).
+    """
+
+    nbytes: int
+    tensors: TensorMap | tuple[()] = ()
+    kind: str = "memory"
+    expected_sha256: str | None = None
+    want_sha256: bool = False
+
+    @abc.abstractmethod
+    def load(
+        self,
+        backend: AllocatorBackend,
+        buf: DeviceBuffer,
+        *,
+        staging: Callable[[], contextlib.AbstractContextManager[list[memoryview]]],
+        hasher: LeafHasher | None,
+    ) -> LoadResult:
+        """Copy every byte into ``buf``; hash leaves into ``hasher`` when given.
+
+        Returns only when no copy still reads host memory of this call.
+        :raises IntegrityViolation: the bytes are not what was promised.
+        """
+
+    def _finish(self, file_hash: _FileHash | None, hasher: LeafHasher | None) -> LoadResult:
+        digest = file_hash.hexdigest() if file_hash is not None else None
+        if self.expected_sha256 is not None and digest is not None:
+            check_expected_sha256(digest, self.expected_sha256)
+        return LoadResult(hasher.packed() if hasher is not None else None, digest)
+
+
+@attrs.define
+class MemorySource(Source):
+    """Bytes already in host memory; they must not change until the seal returns."""
+
+    view: memoryview
+    chunk_bytes: int
+    expected_sha256: str | None = None
+    want_sha256: bool = False
+    nbytes: int = attrs.field(init=False)
+    kind: str = attrs.field(init=False, default="memory")
+
+    def __attrs_post_init__(self) -> None:
+        self.nbytes = check_size(self.view.nbytes, field="data size")
+        if self.expected_sha256 is not None:
+            self.expected_sha256 = check_sha256_hex(self.expected_sha256)
+            self.want_sha256 = True
+
+    def load(
+        self,
+        backend: AllocatorBackend,
+        buf: DeviceBuffer,
+        *,
+        staging: Callable[[], contextlib.AbstractContextManager[list[memoryview]]],
+        hasher: LeafHasher | None,
+    ) -> LoadResult:
+        """Copy the bytes in chunks; hash leaves and the SHA-256 straight from them meanwhile."""
+        pipe = _Pipeline()
+        file_hash = _FileHash() if self.want_sha256 else None
+        try:
+            with _draining(pipe):  # the caller's data is theirs again only when nothing reads it
+                # Hashing threads start first; they release the GIL while the copies run.
+                if hasher is not None:
+                    pipe.waiters.append(hasher.feed(0, self.view))
+                if file_hash is not None:
+                    pipe.waiters.append(file_hash.feed(self.view))
+                for offset in range(0, self.nbytes, self.chunk_bytes):
+                    view = self.view[offset : offset + self.chunk_bytes]
+                    _copy(backend, buf, offset, view, pipe)
+        finally:
+            if file_hash is not None:
+                file_hash.close()
+        return self._finish(file_hash, hasher)
+
+
+@attrs.define
+class FileSource(Source):
+    """A regular file, streamed through two staging buffers, sealed byte for byte.
+
+    The tensor map of a ``.safetensors`` file is read before loading and must be found again,
+    unchanged, in the bytes that landed in VRAM.
+    """
+
+    path: Path
+    chunk_bytes: int
+    expected_sha256: str | None = None
+    want_sha256: bool = False
+    progress: Progress | None = None
+    nbytes: int = attrs.field(init=False)
+    kind: str = attrs.field(init=False, default="file")
+
+    def __attrs_post_init__(self) -> None:
+        p = self.path
+        try:
+            st = p.stat()
+        except OSError as exc:
+            raise InvalidInput(f"cannot read {p}: {exc.strerror or exc}") from None
+        if not p.is_file():
+            raise InvalidInput(f"{p} is not a regular file")
+        self.nbytes = check_size(st.st_size, field=f"size of {p}")
+        if self.expected_sha256 is not None:
+            self.expected_sha256 = check_sha256_hex(self.expected_sha256)
+            self.want_sha256 = True
+        if p.suffix == ".safetensors":
+            with _open(p) as fh:
+                self.tensors = read_tensor_map(fh, self.nbytes)
+
+    def load(
+        self,
+        backend: AllocatorBackend,
+        buf: DeviceBuffer,
+        *,
+        staging: Callable[[], contextlib.AbstractContextManager[list[memoryview]]],
+        hasher: LeafHasher | None,
+    ) -> LoadResult:
+        """Read, copy and hash chunk by chunk, double-buffered."""
+        p, nbytes = self.path, self.nbytes
+        file_hash = _FileHash() if self.want_sha256 else None
+        pipes = (_Pipeline(), _Pipeline())
+        try:
+            with staging() as buffers, _open(p, buffering=0) as fh, _draining(*pipes):
+                chunk = min(len(buffers[0]), len(buffers[1]))
+                for i, offset in enumerate(range(0, nbytes, chunk)):
+                    pipe = pipes[i % 2]
+                    pipe.drain()  # this buffer's previous copy and hashes are done
+                    view = buffers[i % 2][: min(chunk, nbytes - offset)]
+                    _read_exactly(fh, view, p, offset, nbytes)
+                    # Hashes first: their threads run while this thread issues the copy.
+                    if hasher is not None:
+                        pipe.waiters.append(hasher.feed(offset, view))
+                    if file_hash is not None:
+                        pipe.waiters.append(file_hash.feed(view))
+                    _copy(backend, buf, offset, view, pipe)
+                    if self.progress is not None:
+                        self.progress(offset + len(view), nbytes)
+                if fh.read(1):
+                    raise IntegrityViolation(f"{p} grew while it was loaded")
+        finally:
+            if file_hash is not None:
+                file_hash.close()
+        result = self._finish(file_hash, hasher)
+        if self.tensors and parse_tensor_map(device_reader(backend, buf), nbytes) != self.tensors:
+            # Without expected_sha256 nothing else notices a header rewritten mid-load.
+            raise IntegrityViolation(f"{p} changed while it was loaded (safetensors header)")
+        return result
+
+
+@contextlib.contextmanager
+def _draining(*pipes: _Pipeline) -> Iterator[None]:
+    """Drain ``pipes`` on leaving, whatever happened; their first error fails a clean exit."""
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        errors: list[BaseException] = []
+        for pipe in pipes:
+            try:
+                pipe.drain()
+            except BaseException as exc:
+                errors.append(exc)
+        if ok and errors:
+            raise errors[0]
+
+
+def _open(path: Path, buffering: int = -1) -> Any:
+    try:
+        return path.open("rb", buffering=buffering)
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _read_exactly(fh: Any, view: memoryview, path: Path, offset: int, nbytes: int) -> None:
+    got = 0
+    while got < len(view):
+        n = fh.readinto(view[got:])
+        if not n:
+            raise IntegrityViolation(
+                f"{path} shrank while it was loaded ({offset + got} of {nbytes} bytes read)"
+            )
+        got += n
+
+
+def device_reader(backend: AllocatorBackend, buf: DeviceBuffer) -> Callable[[int], bytes]:
+    """A sequential ``read(n) -> bytes`` over ``buf``, from its start, copying from the device.
+
+    Used to parse a safetensors header from the bytes actually in VRAM, so the tensor map
+    describes what was sealed even if the file changed while it was loaded.
+    """
+    position = 0
+
+    def read(n: int) -> bytes:
+        nonlocal position
+        n = max(0, min(n, buf.nbytes - position))
+        out = bytearray(n)
+        if n:
+            backend.read_into(buf, position, memoryview(out))
+        position += n
+        return bytes(out)
+
+    return read
+
+
+def check_expected_sha256(actual: str, expected: str) -> str:
+    """Return ``actual`` if it equals ``expected`` (any case), else raise.
+
+    :raises IntegrityViolation: the hashes differ; the message gives both.
+    """
+    expected = check_sha256_hex(expected)
+    if actual != expected:
+        raise IntegrityViolation(
+            f"SHA-256 mismatch: expected {expected}, the bytes have {actual}; "
+            "the shard was not sealed"
+        )
+    return actual
+
+
+@contextlib.contextmanager
+def no_staging() -> Iterator[list[memoryview]]:
+    """A staging factory for sources that need none."""
+    yield []
+
+
+class StagingPool:
+    """Reusable host staging buffers of one size, for backends that lend none of their own.
+
+    Fresh host memory is expensive to touch the first time (a page fault per 4 KiB page, which
+    costs more than the copy itself on many VMs), so staging buffers are kept and reused
+    rather than allocated per call. At most ``keep`` idle buffers are retained.
+    """
+
+    def __init__(self, chunk_bytes: int, keep: int = 8) -> None:
+        self.chunk_bytes = chunk_bytes
+        self._keep = keep
+        self._idle: list[bytearray] = []
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def borrow(self, count: int = 2) -> Iterator[list[memoryview]]:
+        """Lend ``count`` buffers of :attr:`chunk_bytes` for the duration of the block."""
+        with self._lock:
+            taken = [self._idle.pop() for _ in range(min(count, len(self._idle)))]
+        taken += [bytearray(self.chunk_bytes) for _ in range(count - len(taken))]
+        try:
+            yield [memoryview(b) for b in taken]
+        finally:
+            with self._lock:
+                self._idle.extend(taken[: max(0, self._keep - len(self._idle))])
