@@ -12,7 +12,6 @@ import ctypes
 import hashlib
 import random
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -25,43 +24,36 @@ _U = ctypes.c_uint
 _ULL = ctypes.c_ulonglong
 
 
-def _compiler() -> str | None:
-    for name in ("g++", "c++", "clang++"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
-
-
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     """The kernels built as a host shared library (skipped when no C++ compiler exists)."""
-    cxx = _compiler()
-    if cxx is None:
+    if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
         pytest.skip("no C++ compiler (g++, c++ or clang++) to build the kernel for the host")
-    src = tmp_path_factory.mktemp("kernel-host")
-    for name in (kernels.KERNEL_FILE, *kernels.HOST_FILES):
-        (src / name).write_text(kernels.kernel_file_text(name), encoding="utf-8")
-    out = src / "libvramcore_kernels_host.so"
-    cmd = [cxx, "-O2", "-std=c++17", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC"]
-    cmd += ["-include", "host_shim.h", "host_launch.cpp", "-o", str(out)]
-    done = subprocess.run(cmd, cwd=src, capture_output=True, text=True, check=False)
-    assert done.returncode == 0, f"host build of the kernel failed:\n{done.stderr}"
-    library = ctypes.CDLL(str(out))
+    path = kernels.build_host_library(tmp_path_factory.mktemp("kernel-host"))
+    library = ctypes.CDLL(str(path))
     library.vc_host_leaf_hashes.restype = None
-    library.vc_host_leaf_hashes.argtypes = [
-        _U,
-        _U,
-        ctypes.c_void_p,
-        _ULL,
-        _ULL,
-        _ULL,
-        _ULL,
-        ctypes.c_void_p,
-    ]
+    library.vc_host_leaf_hashes.argtypes = (
+        [_U, _U, ctypes.c_void_p] + [_ULL] * 4 + [ctypes.c_void_p]
+    )
     library.vc_host_merkle_level.restype = None
     library.vc_host_merkle_level.argtypes = [_U, _U, ctypes.c_void_p, _ULL, ctypes.c_void_p]
     return library
+
+
+def test_host_build_reports_a_missing_compiler(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(kernels.HostBuildError, match=r"no C\+\+ compiler"):
+        kernels.build_host_library(tmp_path / "out")
+
+
+def test_host_build_reports_a_failed_compile(tmp_path: Path) -> None:
+    false = shutil.which("false")
+    if false is None:
+        pytest.skip("no `false` program to stand in for a failing compiler")
+    with pytest.raises(kernels.HostBuildError, match="failed"):
+        kernels.build_host_library(tmp_path, compiler=false)
 
 
 class HostOps:

@@ -26,6 +26,9 @@ The same source compiles as host C++ (``host_shim.h`` + ``host_launch.cpp``, see
 from __future__ import annotations
 
 import importlib.resources
+import shutil
+import subprocess
+from pathlib import Path
 from typing import Protocol, TypeVar
 
 from vramcore.backend import DeviceDigest
@@ -41,7 +44,9 @@ __all__ = [
     "LEVEL_KERNEL",
     "MAX_GRID",
     "NVRTC_OPTIONS",
+    "HostBuildError",
     "KernelOps",
+    "build_host_library",
     "device_merkle",
     "kernel_file_text",
     "kernel_source",
@@ -80,6 +85,37 @@ def kernel_file_text(name: str) -> str:
 def kernel_source() -> str:
     """The CUDA source of the device digest (:data:`KERNEL_FILE`), for NVRTC or nvcc."""
     return kernel_file_text(KERNEL_FILE)
+
+
+class HostBuildError(RuntimeError):
+    """The host C++ build of the kernels failed (the compiler's output is the message)."""
+
+
+def build_host_library(directory: Path, compiler: str | None = None) -> Path:
+    """Build the kernels as a host shared library in ``directory`` (tests without a GPU).
+
+    The library exports ``vc_host_leaf_hashes(grid, block, <kernel args>)`` and
+    ``vc_host_merkle_level(grid, block, <kernel args>)``, which run the kernels over a
+    simulated launch (``host_shim.h``). ``compiler`` defaults to the first of ``g++``,
+    ``c++``, ``clang++`` on the path.
+
+    :raises HostBuildError: no compiler, or the build failed (warnings are errors).
+    """
+    cxx = compiler or next(
+        (p for p in map(shutil.which, ("g++", "c++", "clang++")) if p is not None), None
+    )
+    if cxx is None:
+        raise HostBuildError("no C++ compiler (g++, c++ or clang++) on the path")
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in (KERNEL_FILE, *HOST_FILES):
+        (directory / name).write_text(kernel_file_text(name), encoding="utf-8")
+    out = directory / "libvramcore_kernels_host.so"
+    cmd = [cxx, "-O2", "-std=c++17", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC"]
+    cmd += ["-include", "host_shim.h", "host_launch.cpp", "-o", str(out)]
+    done = subprocess.run(cmd, cwd=directory, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise HostBuildError(f"host build of the kernels failed:\n{done.stderr[-4000:]}")
+    return out
 
 
 def launch_geometry(items: int, block: int = DEFAULT_BLOCK) -> tuple[int, int]:
