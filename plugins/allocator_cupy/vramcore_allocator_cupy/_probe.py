@@ -1,0 +1,141 @@
+"""Can the cupy backend run here, and what does each GPU look like?
+
+:func:`why_not` is the backend's viability probe: cheap, never raises, and says in one line
+why not (CuPy missing, no driver, a driver older than CuPy's CUDA, no device). Discovering the
+plugin therefore never fails on a machine without a GPU.
+
+:func:`device_info` builds a :class:`~vramcore.backend.DeviceInfo` from the CUDA device
+properties and attributes, and, with the ``nvml`` extra, NVML's ECC counters and addressing
+mode (:mod:`vramcore_allocator_cupy._nvml`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Callable
+from typing import Any
+
+from vramcore.backend import DeviceInfo
+from vramcore.validation import scrub_text
+from vramcore_allocator_cupy._cuda import CudaApi, CudaError
+
+__all__ = ["INSTALL_HINT", "device_info", "why_not"]
+
+INSTALL_HINT = "pip install 'vramcore-allocator-cupy[cuda12x]'  (or [cuda13x] for a CUDA 13 driver)"
+
+
+def _import_cupy() -> Any:
+    return importlib.import_module("cupy")
+
+
+def _default_api() -> CudaApi:
+    from vramcore_allocator_cupy._cuda import CupyCuda
+
+    return CupyCuda()
+
+
+def _version(v: int) -> str:
+    return f"{v // 1000}.{v % 1000 // 10}"
+
+
+def why_not(
+    import_cupy: Callable[[], Any] = _import_cupy,
+    make_api: Callable[[], CudaApi] = _default_api,
+) -> str | None:
+    """``None`` when CuPy, a CUDA driver and at least one GPU are here, else the reason."""
+    if importlib.util.find_spec("cupy") is None and import_cupy is _import_cupy:
+        return f"CuPy is not installed: {INSTALL_HINT}"
+    try:
+        import_cupy()
+    except ImportError as exc:
+        return f"CuPy is not installed or failed to import ({scrub_text(str(exc))[:200]})"
+    except Exception as exc:  # a broken CuPy install: report, never raise
+        return f"CuPy failed to import: {type(exc).__name__}: {scrub_text(str(exc))[:200]}"
+    try:
+        api = make_api()
+        count = api.device_count()
+    except CudaError as exc:
+        return _explain(exc, make_api)
+    except Exception as exc:
+        detail = scrub_text(str(exc))[:200]
+        return f"CUDA is not usable through CuPy: {type(exc).__name__}: {detail}"
+    if count <= 0:
+        return "no CUDA device is visible (check CUDA_VISIBLE_DEVICES)"
+    return None
+
+
+def _explain(exc: CudaError, make_api: Callable[[], CudaApi]) -> str:
+    """Turn a failed cudaGetDeviceCount into what the operator should do."""
+    driver = runtime = 0
+    try:
+        api = make_api()
+        driver, runtime = api.driver_version(), api.runtime_version()
+    except Exception:  # noqa: S110 - versions only refine the message
+        pass
+    if "InsufficientDriver" in exc.name or "insufficient" in exc.name.lower():
+        if driver == 0:
+            return "no CUDA driver found (no NVIDIA GPU or driver on this machine)"
+        return (
+            f"the CUDA driver ({_version(driver)}) is older than CuPy's CUDA runtime "
+            f"({_version(runtime)}): install the CuPy build for this driver ({INSTALL_HINT})"
+        )
+    if "NoDevice" in exc.name:
+        return "no CUDA device found (driver present, no GPU visible)"
+    return f"CUDA is not usable: {exc}"
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes):
+        value = value.split(b"\x00", 1)[0].decode("utf-8", errors="replace")
+    return scrub_text(str(value))[:200]
+
+
+def _uuid(value: object) -> str | None:
+    if isinstance(value, bytes | bytearray) and len(value) == 16:
+        h = bytes(value).hex()
+        return f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    return None
+
+
+def device_info(api: CudaApi, index: int, *, nvml: bool = True) -> DeviceInfo:
+    """Describe GPU ``index``: properties, the policy's memory-model flags, ECC (NVML)."""
+    props = api.properties(index)
+
+    def attr(name: str, prop: str) -> int:
+        value = api.attribute(name, index)
+        if value is None:
+            value = int(props.get(prop, 0) or 0)
+        return value
+
+    free, total = api.mem_info(index)
+    bus = attr("PciBusId", "pciBusID")
+    domain = attr("PciDomainId", "pciDomainID")
+    dev = int(props.get("pciDeviceID", 0) or 0)
+    pci = f"{domain:08x}:{bus:02x}:{dev:02x}.0"
+    info: dict[str, Any] = {
+        "index": index,
+        "name": _text(props.get("name", f"CUDA device {index}")),
+        "total_bytes": total,  # as cudaMemGetInfo reports it, so mem_info agrees
+        "free_bytes": free,
+        "compute_capability": (int(props.get("major", 0)), int(props.get("minor", 0))),
+        "uuid": _uuid(props.get("uuid")),
+        "pci_bus_id": pci,
+        "integrated": bool(attr("Integrated", "integrated")),
+        "managed_memory": bool(attr("ManagedMemory", "managedMemory")),
+        "pageable_memory_access": bool(attr("PageableMemoryAccess", "pageableMemoryAccess")),
+        "host_page_tables": bool(
+            attr("PageableMemoryAccessUsesHostPageTables", "pageableMemoryAccessUsesHostPageTables")
+        ),
+        "ecc_enabled": bool(attr("EccEnabled", "ECCEnabled")),
+        "ecc_errors": None,
+    }
+    if nvml:
+        from vramcore_allocator_cupy._nvml import nvml_health
+
+        health = nvml_health(index, pci)
+        if health is not None:
+            info["ecc_errors"] = health.uncorrected_ecc
+            if health.ecc_enabled is not None:
+                info["ecc_enabled"] = health.ecc_enabled
+    return DeviceInfo(**info)

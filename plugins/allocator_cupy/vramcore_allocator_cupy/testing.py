@@ -1,0 +1,251 @@
+"""A fake CUDA runtime over host memory, so code using the cupy backend runs without a GPU.
+
+:class:`FakeCuda` implements the backend's small :class:`~vramcore_allocator_cupy._cuda.CudaApi`:
+"device" memory is host memory from ctypes, kernels are the real digest kernels built for the
+host (:func:`vramcore.kernels.build_host_library`), and streams are honest queues: a copy or a
+launch runs only when an event after it, or the stream, is synchronised. A backend that let
+the core reuse a staging buffer before its copy finished would therefore copy the wrong bytes
+here, as it would on a GPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from vramcore_allocator_cupy._cuda import (
+    MEMORY_DEVICE,
+    MEMORY_HOST,
+    MEMORY_UNREGISTERED,
+    CudaApi,
+    CudaError,
+)
+
+__all__ = ["FakeCuda", "h100_properties", "host_kernels"]
+
+from vramcore import kernels
+
+GiB = 1 << 30
+
+_HOST_LIB: list[ctypes.CDLL] = []
+
+
+def host_kernels(tmp: Path) -> ctypes.CDLL:
+    """The digest kernels built for the host once per session."""
+    if not _HOST_LIB:
+        lib = ctypes.CDLL(str(kernels.build_host_library(tmp)))
+        u, ull, ptr = ctypes.c_uint, ctypes.c_ulonglong, ctypes.c_void_p
+        lib.vc_host_leaf_hashes.argtypes = [u, u, ptr, ull, ull, ull, ull, ptr]
+        lib.vc_host_merkle_level.argtypes = [u, u, ptr, ull, ptr]
+        _HOST_LIB.append(lib)
+    return _HOST_LIB[0]
+
+
+def h100_properties(index: int = 0) -> dict[str, Any]:
+    """Device properties shaped like CuPy's ``getDeviceProperties`` of an H100."""
+    return {
+        "name": b"NVIDIA H100 80GB HBM3",
+        "totalGlobalMem": 80 * GiB,
+        "major": 9,
+        "minor": 0,
+        "uuid": bytes(range(16)),
+        "pciBusID": 0x1B + index,
+        "pciDeviceID": 0,
+        "pciDomainID": 0,
+        "integrated": 0,
+        "managedMemory": 1,
+        "pageableMemoryAccess": 1,
+        "pageableMemoryAccessUsesHostPageTables": 0,
+        "ECCEnabled": 1,
+    }
+
+
+class FakeCuda(CudaApi):
+    """Host-memory CUDA runtime (see the module docstring).
+
+    :param lib: the host-built kernels (:func:`host_kernels`), or ``None`` for no launches.
+    :param devices: device count (0: a driver with no GPU).
+    :param capacity: bytes per device.
+    :param pointer_kind: cudaMemoryType reported for device allocations (2 = device).
+
+    Attributes tests poke: ``fail`` (operation name -> :class:`CudaError` raised by the next
+    such call, once: ``"malloc"``, ``"memcpy_h2d"``, ``"memcpy_d2h"``, ``"free"``,
+    ``"launch:<kernel>"``...), ``attrs`` (device attribute overrides), ``props``, ``mem``
+    (address -> (device, ctypes buffer)), ``pinned``, ``calls`` (every call, in order).
+    """
+
+    def __init__(
+        self,
+        lib: ctypes.CDLL | None,
+        *,
+        devices: int = 1,
+        capacity: int = 64 << 20,
+        pointer_kind: int = MEMORY_DEVICE,
+    ) -> None:
+        self.lib = lib
+        self.devices = devices
+        self.capacity = capacity
+        self.pointer_kind = pointer_kind
+        self.props = [h100_properties(i) for i in range(devices)]
+        self.attrs: dict[str, int | None] = {}
+        self.fail: dict[str, CudaError] = {}
+        self.calls: list[str] = []
+        self.mem: dict[int, tuple[int, ctypes.Array[ctypes.c_char]]] = {}  # ptr -> (dev, buf)
+        self.pinned: dict[int, ctypes.Array[ctypes.c_char]] = {}
+        self.streams: dict[int, list[Callable[[], object] | int]] = {}
+        self.events: dict[int, tuple[int, bool]] = {}  # event -> (stream, recorded)
+        self._next = 1
+        self._lock = threading.RLock()
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _enter(self, op: str) -> None:
+        self.calls.append(op)
+        err = self.fail.pop(op, None)
+        if err is not None:
+            raise err
+
+    def _id(self) -> int:
+        self._next += 1
+        return self._next
+
+    def used(self, device: int = 0) -> int:
+        """Bytes of "device" memory allocated on ``device``."""
+        return sum(len(b) for d, b in self.mem.values() if d == device)
+
+    def _run(self, stream: int, until: int | None = None) -> None:
+        """Run the queued work of ``stream`` (up to the event ``until``)."""
+        with self._lock:
+            queue = self.streams[stream]
+            while queue:
+                item = queue.pop(0)
+                if isinstance(item, int):
+                    if item == until:
+                        return
+                    continue
+                item()
+
+    # -- CudaApi ----------------------------------------------------------------------------
+
+    def device_count(self) -> int:
+        self._enter("device_count")
+        return self.devices
+
+    def driver_version(self) -> int:
+        return 13000
+
+    def runtime_version(self) -> int:
+        return 12090
+
+    def properties(self, device: int) -> dict[str, Any]:
+        self._enter("properties")
+        return dict(self.props[device])
+
+    def attribute(self, name: str, device: int) -> int | None:
+        self._enter("attribute")
+        return self.attrs.get(name)
+
+    def mem_info(self, device: int) -> tuple[int, int]:
+        self._enter("mem_info")
+        return self.capacity - self.used(device), self.capacity
+
+    def malloc(self, device: int, nbytes: int) -> int:
+        self._enter("malloc")
+        with self._lock:
+            if self.used(device) + nbytes > self.capacity:
+                raise CudaError(2, "cudaErrorMemoryAllocation", "cudaMalloc")
+            buf = ctypes.create_string_buffer(nbytes)
+            ptr = ctypes.addressof(buf)
+            self.mem[ptr] = (device, buf)
+            return ptr
+
+    def free(self, device: int, ptr: int) -> None:
+        self._enter("free")
+        with self._lock:
+            if ptr not in self.mem:
+                raise CudaError(1, "cudaErrorInvalidValue", "cudaFree")
+            del self.mem[ptr]
+
+    def pointer_type(self, ptr: int) -> tuple[int, int]:
+        self._enter("pointer_type")
+        for base, (dev, buf) in self.mem.items():
+            if base <= ptr < base + len(buf):
+                return self.pointer_kind, dev
+        if ptr in self.pinned:
+            return MEMORY_HOST, -1
+        return MEMORY_UNREGISTERED, -2
+
+    def host_alloc(self, nbytes: int) -> int:
+        self._enter("host_alloc")
+        buf = ctypes.create_string_buffer(nbytes)
+        self.pinned[ctypes.addressof(buf)] = buf
+        return ctypes.addressof(buf)
+
+    def free_host(self, ptr: int) -> None:
+        self._enter("free_host")
+        del self.pinned[ptr]
+
+    def stream_create(self, device: int) -> int:
+        self._enter("stream_create")
+        sid = self._id()
+        self.streams[sid] = []
+        return sid
+
+    def stream_destroy(self, device: int, stream: int) -> None:
+        self._enter("stream_destroy")
+        self._run(stream)
+        del self.streams[stream]
+
+    def stream_synchronize(self, device: int, stream: int) -> None:
+        self._enter("stream_synchronize")
+        self._run(stream)
+
+    def memcpy_async(
+        self, device: int, dst: int, src: int, nbytes: int, to_device: bool, stream: int
+    ) -> None:
+        self._enter("memcpy_h2d" if to_device else "memcpy_d2h")
+        with self._lock:
+            self.streams[stream].append(lambda: ctypes.memmove(dst, src, nbytes))
+
+    def event_create(self, device: int) -> int:
+        self._enter("event_create")
+        eid = self._id()
+        self.events[eid] = (0, False)
+        return eid
+
+    def event_record(self, device: int, event: int, stream: int) -> None:
+        self._enter("event_record")
+        with self._lock:
+            self.events[event] = (stream, True)
+            self.streams[stream].append(event)
+
+    def event_synchronize(self, event: int) -> None:
+        self._enter("event_synchronize")
+        stream, recorded = self.events[event]
+        if recorded and stream in self.streams and event in self.streams[stream]:
+            self._run(stream, until=event)
+
+    def event_destroy(self, event: int) -> None:
+        self._enter("event_destroy")
+        del self.events[event]
+
+    def launch(
+        self,
+        device: int,
+        kernel: str,
+        grid: int,
+        block: int,
+        args: Sequence[int],
+        stream: int,
+    ) -> None:
+        self._enter(f"launch:{kernel}")
+        assert self.lib is not None, "this FakeCuda has no host kernels"
+        fn = {
+            kernels.LEAF_KERNEL: self.lib.vc_host_leaf_hashes,
+            kernels.LEVEL_KERNEL: self.lib.vc_host_merkle_level,
+        }[kernel]
+        with self._lock:
+            self.streams[stream].append(lambda: fn(grid, block, *args))
