@@ -185,8 +185,8 @@ def test_safetensors_metadata_is_not_a_tensor(tmp_path: Path) -> None:
         _header(
             {
                 "__metadata__": {"format": "pt"},
-                "b": {"data_offsets": [4, 16]},
-                "a": {"data_offsets": [0, 4]},
+                "b": {"dtype": "F32", "shape": [3], "data_offsets": [4, 16]},
+                "a": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]},
             }
         ),
     )

@@ -43,6 +43,7 @@ __all__ = [
     "compute_digest",
     "corrupted_ranges",
     "default_workers",
+    "device_digest",
     "hash_leaves",
     "hash_leaves_packed",
     "leaf_count",
@@ -346,16 +347,10 @@ def compute_digest(
 
     :param hook: the plugin manager's hook relay.
     """
-    total = leaf_count(buf.nbytes, leaf_size)
-    first, stop = leaf_range if leaf_range is not None else (0, total)
-    if not 0 <= first < stop <= total:
-        raise InvalidInput(f"leaf range {first}..{stop} is outside the shard's {total} leaves")
-    offered = hook.vramcore_device_digest(
-        backend=backend, buffer=buf, leaf_size=leaf_size, leaf_range=leaf_range
-    )
-    if offered is not None:
-        root, leaves = _check_device_digest(hook, offered, first, stop, leaf_range is None)
-        return root, leaves, "device"
+    first, stop = _check_range(buf, leaf_size, leaf_range)
+    answer = device_digest(hook, backend, buf, leaf_size, leaf_range)
+    if answer is not None:
+        return answer[0], answer[1], "device"
     if backend.host_view(buf) is not None:
         leaves = host_leaves(
             backend, buf, leaf_size, staging=(), workers=workers, leaf_range=(first, stop)
@@ -367,6 +362,36 @@ def compute_digest(
             )
     root = merkle_root(leaves) if leaf_range is None else None
     return root, leaves, "host"
+
+
+def _check_range(
+    buf: DeviceBuffer, leaf_size: int, leaf_range: tuple[int, int] | None
+) -> tuple[int, int]:
+    total = leaf_count(buf.nbytes, leaf_size)
+    first, stop = leaf_range if leaf_range is not None else (0, total)
+    if not 0 <= first < stop <= total:
+        raise InvalidInput(f"leaf range {first}..{stop} is outside the shard's {total} leaves")
+    return first, stop
+
+
+def device_digest(
+    hook: Any,
+    backend: AllocatorBackend,
+    buf: DeviceBuffer,
+    leaf_size: int,
+    leaf_range: tuple[int, int] | None = None,
+) -> tuple[bytes | None, bytes] | None:
+    """``(root, packed leaves)`` from the device, shape-checked, or ``None`` if none answers.
+
+    :raises ConfigError: a plugin answered with something malformed (named in the message).
+    """
+    first, stop = _check_range(buf, leaf_size, leaf_range)
+    offered = hook.vramcore_device_digest(
+        backend=backend, buffer=buf, leaf_size=leaf_size, leaf_range=leaf_range
+    )
+    if offered is None:
+        return None
+    return _check_device_digest(hook, offered, first, stop, leaf_range is None)
 
 
 def _check_device_digest(

@@ -38,7 +38,7 @@ from typing import Any, Literal, NoReturn
 import attrs
 
 from vramcore._emitter import Emitter
-from vramcore._hookutil import implementers
+from vramcore._hookutil import BUILTIN_PLUGIN, implementers
 from vramcore._loading import FileSource, MemorySource, Source, StagingPool
 from vramcore._residency import Residency, Resident
 from vramcore._verification import (
@@ -59,6 +59,7 @@ from vramcore.digest import (
     check_leaf_size,
     compute_digest,
     default_workers,
+    device_digest,
     merkle_root,
 )
 from vramcore.errors import (
@@ -222,10 +223,8 @@ class VramManager:
                 f"{type(key).__name__}, not a SecretKey; the manager did not start"
             )
         self._key = key
-        if not any(
-            i.plugin_name != "vramcore.builtin"
-            for i in self._hook.vramcore_device_digest.get_hookimpls()
-        ):
+        hook = self._hook.vramcore_device_digest
+        if not any(i.plugin_name != BUILTIN_PLUGIN for i in hook.get_hookimpls()):
             self._device_digest = False
         log.info(
             "vramcore manager started: backend=%s GPU %d (%s), worker=%s, token %s, %d sink(s)",
@@ -448,10 +447,17 @@ class VramManager:
     def _load(
         self, shard_id: str, buf: DeviceBuffer, source: Source
     ) -> tuple[ShardDigest, str | None]:
-        """Copy the source in; return the shard's digest (device or host) and file SHA-256."""
+        """Copy the source in; return the shard's digest (device or host) and file SHA-256.
+
+        When no device digest answers for this backend, the leaves are hashed on the host from
+        the very bytes handed to the device (read once, hashed once, nothing read back; the
+        first verification confirms them in VRAM). Whether a device answers is learnt at the
+        first seal, which hashes on both sides and refuses a device digest that disagrees with
+        the host's.
+        """
         hasher = (
             LeafHasher(source.nbytes, self.leaf_size, self._workers)
-            if self._device_digest is False
+            if self._device_digest is not True
             else None
         )
         load = perform(
@@ -461,23 +467,45 @@ class VramManager:
             **self._attributes(shard_id, source.nbytes, source=source.kind),
         )
         self._residency.check_running()
-        if load.leaves is not None:
-            # Hashed from the very bytes handed to the device; the first verification
-            # confirms them in VRAM.
-            leaves = load.leaves
+        host = load.leaves
 
-            def root(op: Operation) -> ShardDigest:
-                op.attributes["source"] = "host"
-                op.attributes["leaf_count"] = len(leaves) // 32
-                return ShardDigest(merkle_root(leaves), leaves, "host")
+        def digest(op: Operation) -> ShardDigest:
+            answer = None
+            if self._device_digest is not False:
+                answer = device_digest(self._hook, self._backend, buf, self.leaf_size)
+            result: ShardDigest
+            if answer is not None:
+                root, leaves = answer
+                assert root is not None  # a whole-shard answer has a root
+                result = ShardDigest(root, leaves, "device")
+                if host is not None and (leaves != host or merkle_root(host) != root):
+                    raise ConfigError(
+                        "the device digest plugin "
+                        f"({implementers(self._hook.vramcore_device_digest)}) disagrees with "
+                        "the host digest of the same bytes; the seal was refused"
+                    )
+            elif host is not None:
+                result = ShardDigest(merkle_root(host), host, "host")
+            else:  # a device that answered before declines now: read back
+                root, leaves, _ = compute_digest(
+                    self._hook,
+                    self._backend,
+                    buf,
+                    self.leaf_size,
+                    staging=self._staging,
+                    workers=self._workers,
+                )
+                assert root is not None
+                result = ShardDigest(root, leaves, "host")
+            self._device_digest = result.source == "device"
+            op.attributes["source"] = result.source
+            op.attributes["leaf_count"] = result.leaf_count
+            return result
 
-            result: ShardDigest = perform(
-                self._hook, "digest", root, **self._digest_attributes(shard_id, buf)
-            )
-            return result, load.file_sha256
-        whole_root, leaves, where = self._digest(shard_id, buf, None)
-        assert whole_root is not None  # a whole-shard digest has a root
-        return ShardDigest(whole_root, leaves, where), load.file_sha256
+        sealed: ShardDigest = perform(
+            self._hook, "digest", digest, **self._digest_attributes(shard_id, buf)
+        )
+        return sealed, load.file_sha256
 
     def _digest_attributes(self, shard_id: str, buf: DeviceBuffer) -> dict[str, Any]:
         return {

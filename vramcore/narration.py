@@ -106,9 +106,14 @@ def perform(hook: Any, name: str, step: Callable[[Operation], Any], **attributes
     op = Operation(name, step, **attributes)
     try:
         hook.vramcore_operation(op=op)
-    except BaseException:
+    except BaseException as exc:
         if op._error is not None:  # the step's own error, not what a wrapper made of it
             raise op._error from op._error.__cause__
+        if not op._ran and isinstance(exc, Exception) and not isinstance(exc, VramError):
+            raise VramError(
+                f"a vramcore_operation wrapper failed before the {name} step ran "
+                f"({type(exc).__name__}); the operation failed closed"
+            ) from exc
         raise  # a wrapper failed around a step that succeeded: the operation fails (closed)
     if op._error is not None:  # a wrapper swallowed the step's exception
         raise op._error
