@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import secrets
+import shlex
+import shutil
+import sys
+from pathlib import Path
 from typing import Any
 
-from vramcore.commands import Console
+from vramcore.commands import Console, UsageError
+from vramcore.errors import AuditError, InvalidInput
 from vramcore.plugins import VramcorePluginManager
+from vramcore.seal import TOKEN_ADVICE, WorkerToken
 
 __all__ = [
+    "AUDIT_ADVICE",
     "GIB",
+    "MAX_BENCH_BYTES",
     "add_manager_options",
+    "cli_command",
+    "count",
     "human_bytes",
     "make_manager",
     "parse_size",
@@ -24,6 +35,15 @@ __all__ = [
 
 #: Bytes in a GiB.
 GIB = 1 << 30
+#: Largest ``bench --size`` (it holds the data in host memory twice on the mock).
+MAX_BENCH_BYTES = 16 * GIB
+#: What to do when no audit sink is configured, in the CLI's own words.
+AUDIT_ADVICE = (
+    "no durable audit sink is configured: install the audit chain plugin (from a clone of "
+    "the vramcore repository: pip install ./plugins/audit_chain) and set "
+    "VRAMCORE_AUDIT_LOG=/path/to/dir together with VRAMCORE_WORKER_TOKEN, or pass --no-audit "
+    "to run without an audit trail on purpose"
+)
 
 
 def human_bytes(n: float) -> str:
@@ -36,53 +56,130 @@ def human_bytes(n: float) -> str:
 
 
 def rate(nbytes: int, seconds: float) -> str:
-    """Throughput in GiB/s, as text."""
-    return f"{nbytes / max(seconds, 1e-9) / GIB:.2f} GiB/s"
+    """Throughput as text, in the unit that shows it (a small file is MiB/s, not 0.00 GiB/s)."""
+    per_second = nbytes / max(seconds, 1e-9)
+    if per_second >= GIB:
+        return f"{per_second / GIB:.2f} GiB/s"
+    return f"{per_second / (1 << 20):.1f} MiB/s"
 
 
 def parse_size(text: str) -> int:
     """Parse ``"64MiB"``, ``"1G"`` or ``"4096"`` (argparse ``type=``)."""
-    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
     t = text.strip().lower().removesuffix("ib").removesuffix("b")
     unit = t[-1:] if t[-1:] in units else ""
     try:
         value = float(t[: len(t) - len(unit)])
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 64MiB or 1GiB)") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("size must be positive")
-    return int(value * units[unit])
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"size must be a positive number of bytes: {text!r}")
+    return max(1, int(value * units[unit]))
 
 
-def worker_token(console: Console) -> str:
-    """``VRAMCORE_WORKER_TOKEN``, or an ephemeral random token (and a note saying so)."""
+def count(text: str) -> int:
+    """A positive integer (argparse ``type=`` for ``--repeat``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def device_index(text: str) -> int:
+    """A device index, 0 or more (argparse ``type=`` for ``--device``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a device index: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def worker_token(console: Console, *, audit: bool) -> WorkerToken:
+    """``VRAMCORE_WORKER_TOKEN``, or an ephemeral random token (and a note saying so).
+
+    :raises InvalidInput: the variable holds no usable secret (the message names it).
+    :raises UsageError: it is unset while ``VRAMCORE_AUDIT_LOG`` is set: the log would be
+        bound to a random token and the next run could not continue it.
+    """
     token = os.environ.get("VRAMCORE_WORKER_TOKEN")
-    if token:
-        return token
+    if token is not None:
+        return WorkerToken(token, source="VRAMCORE_WORKER_TOKEN")
+    if audit and os.environ.get("VRAMCORE_AUDIT_LOG"):
+        raise UsageError(
+            "VRAMCORE_AUDIT_LOG is set but VRAMCORE_WORKER_TOKEN is not: an audit log is bound "
+            f"to the worker token, so set VRAMCORE_WORKER_TOKEN ({TOKEN_ADVICE}), or pass "
+            "--no-audit"
+        )
     console.progress("VRAMCORE_WORKER_TOKEN is unset: using an ephemeral random token")
-    return secrets.token_urlsafe(32)
+    return WorkerToken(secrets.token_urlsafe(32))
 
 
-def make_manager(args: argparse.Namespace, console: Console, pm: VramcorePluginManager) -> Any:
-    """A manager from the ``--allocator``, ``--device`` and ``--no-audit`` options."""
+def make_manager(
+    args: argparse.Namespace,
+    console: Console,
+    pm: VramcorePluginManager,
+    *,
+    temporary_log: bool = False,
+) -> Any:
+    """A manager from the ``--allocator``, ``--device`` and ``--no-audit`` options.
+
+    :param temporary_log: the audit log is the caller's own throw-away directory (the demo),
+        so an ephemeral token is fine for it.
+    """
     from vramcore.manager import VramManager
+    from vramcore.plugins import select_backend
 
-    return VramManager(
-        worker_token(console),
-        device=args.device,
-        allocator=args.allocator,
-        plugin_manager=pm,
-        audit="disabled" if args.no_audit else "required",
-    )
+    audit = not args.no_audit
+    token = worker_token(console, audit=audit and not temporary_log)
+    if args.allocator is not None:
+        select_backend(pm, args.allocator, source="--allocator")  # its message names the flag
+    try:
+        return VramManager(
+            token,
+            device=args.device,
+            allocator=args.allocator,
+            plugin_manager=pm,
+            audit="required" if audit else "disabled",
+        )
+    except AuditError as exc:
+        if exc.configuration:
+            raise UsageError(AUDIT_ADVICE) from None
+        raise
+    except InvalidInput as exc:
+        if f"device {args.device} " in str(exc):
+            raise UsageError(f"--device {args.device}: {exc}") from None
+        raise
 
 
 def add_manager_options(parser: argparse.ArgumentParser) -> None:
     """Add ``--allocator``, ``--device`` and ``--no-audit``."""
     parser.add_argument("--allocator", help="backend name (default: VRAMCORE_ALLOCATOR or best)")
-    parser.add_argument("--device", type=int, default=0, help="device index (default 0)")
+    parser.add_argument("--device", type=device_index, default=0, help="device index (default 0)")
     parser.add_argument(
-        "--no-audit", action="store_true", help="run without audit sinks (audit='disabled')"
+        "--no-audit", action="store_true", help="run without an audit trail, on purpose"
     )
+
+
+def cli_command() -> str:
+    """How to run this ``vramcore`` again from the user's shell, exactly as printed.
+
+    ``vramcore`` when the shell finds this very installation on its ``PATH``; else the
+    absolute path of this environment's script (under ``./dev`` or ``uv run`` the venv is on
+    ``PATH`` for this process only); else ``python -m vramcore.cli``.
+    """
+    script = Path(sys.executable).parent / "vramcore"
+    found = shutil.which("vramcore")
+    under_uv = "UV_RUN_RECURSION_DEPTH" in os.environ
+    if found and script.exists() and not under_uv and Path(found).resolve() == script.resolve():
+        return "vramcore"
+    if script.exists():
+        return shlex.quote(str(script))
+    return f"{shlex.quote(sys.executable)} -m vramcore.cli"
 
 
 def sink_reports(manager: Any) -> list[dict[str, Any]]:
@@ -96,8 +193,13 @@ def sink_reports(manager: Any) -> list[dict[str, Any]]:
 
 
 def report_lines(reports: list[dict[str, Any]]) -> list[str]:
-    """One line per sink report (short values); its hint and warning on lines of their own."""
+    """One line per sink report (short values); its hint and warning on lines of their own.
+
+    A hint that tells the user to run ``vramcore ...`` is rewritten with :func:`cli_command`
+    so it works as printed.
+    """
     lines = []
+    command = cli_command()
     for report in reports:
         shown = [
             f"{k}={v}"
@@ -106,6 +208,9 @@ def report_lines(reports: list[dict[str, Any]]) -> list[str]:
         ]
         lines.append(f"audit    {report['sink']}: {', '.join(shown)}")
         for label in ("hint", "warning"):
-            if report.get(label):
-                lines.append(f"         {label}: {report[label]}")
+            text = report.get(label)
+            if text:
+                if label == "hint" and command != "vramcore":
+                    text = str(text).replace("vramcore audit ", f"{command} audit ")
+                lines.append(f"         {label}: {text}")
     return lines

@@ -3,29 +3,33 @@
 Core commands: ``demo``, ``plugins``, ``devices``, ``seal PATH``, ``bench``; plugins add more
 through ``vramcore_add_commands`` (the audit chain adds ``audit verify`` and ``audit show``).
 Every command takes ``--json``. Exit codes: 0 ok; 1 an integrity, policy or audit failure was
-found, or the operation failed; 2 usage or configuration error. A user mistake is one line on
-stderr, never a traceback.
+found, or the operation failed; 2 usage or configuration error, or input that cannot be read.
+Every failure is one line on stderr (one JSON object ``{"error": {...}}`` on stdout under
+``--json``), never a traceback; text that did not come from vramcore is escaped first.
 
 The worker token comes from ``VRAMCORE_WORKER_TOKEN``; ``demo``, ``seal`` and ``bench`` make an
-ephemeral random one when it is unset (a seal only lives as long as the process anyway) and
-show only its fingerprint.
+ephemeral random one when it is unset and no audit log is configured (a seal only lives as long
+as the process anyway) and show only its fingerprint.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
 import resource
 import sys
 import time
+import warnings
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from vramcore import __version__
 from vramcore._cli_support import (
     GIB,
     add_manager_options,
+    count,
     human_bytes,
     make_manager,
     parse_size,
@@ -45,6 +49,7 @@ from vramcore.errors import (
     VramError,
 )
 from vramcore.plugins import VramcorePluginManager, collect_backends, get_plugin_manager
+from vramcore.validation import check_path, check_sha256_hex, check_shard_id, escape_text
 
 __all__ = ["build_parser", "main"]
 
@@ -98,7 +103,7 @@ def cmd_devices(args: argparse.Namespace, console: Console, pm: VramcorePluginMa
     from vramcore.plugins import select_backend
     from vramcore.policy import VramPolicy
 
-    spec = select_backend(pm, args.allocator)
+    spec = select_backend(pm, args.allocator, source="--allocator")
     backend = spec.factory()
     try:
         devices = list(pm.hook.vramcore_probe_devices(backend=backend) or ())
@@ -133,9 +138,14 @@ def cmd_devices(args: argparse.Namespace, console: Console, pm: VramcorePluginMa
 
 def cmd_seal(args: argparse.Namespace, console: Console, pm: VramcorePluginManager) -> int:
     """Seal a file into VRAM, verify it from VRAM, print the attestation and throughput."""
-    path = Path(args.path)
-    if not path.is_file():
-        raise UsageError(f"{path}: no such file")
+    path = check_path(args.path, field="PATH")
+    expected = (
+        check_sha256_hex(args.expect_sha256, field="--expect-sha256")
+        if args.expect_sha256 is not None
+        else None
+    )
+    if args.shard_id is not None:
+        check_shard_id(args.shard_id, field="--shard-id")
     size = path.stat().st_size
     with make_manager(args, console, pm) as manager:
         rss_before = _peak_rss()
@@ -146,7 +156,7 @@ def cmd_seal(args: argparse.Namespace, console: Console, pm: VramcorePluginManag
         shard = manager.seal_file(
             path,
             shard_id=args.shard_id,
-            expected_sha256=args.expect_sha256,
+            expected_sha256=expected,
             progress=_progress_printer(console, size),
         )
         t1 = time.perf_counter()
@@ -179,7 +189,8 @@ def cmd_seal(args: argparse.Namespace, console: Console, pm: VramcorePluginManag
         f"verify   {(t2 - t1) * 1000:.1f} ms ({rate(size, t2 - t1)})",
         f"memory   peak RSS {human_bytes(peak)} = {human_bytes(rss_before)} before sealing"
         + (f" + {human_bytes(stand_in)} mock stand-in VRAM" if stand_in else "")
-        + f" + {human_bytes(overhead)} for sealing ({overhead * 100 / size:.1f}% of the file)",
+        + f" + {human_bytes(overhead)} for sealing"
+        + (f" ({overhead * 100 / size:.1f}% of the file)" if size >= (64 << 20) else ""),
     ]
     lines.extend(report_lines(reports))
     console.result(data, "\n".join(lines))
@@ -211,12 +222,12 @@ def _progress_printer(console: Console, total: int) -> Any:
 
 def build_parser(pm: VramcorePluginManager) -> argparse.ArgumentParser:
     """The full parser: core commands plus the plugins' ones."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="vramcore",
         description="Keep model weights resident in GPU memory, and prove it.",
     )
     parser.add_argument("--version", action="version", version=f"vramcore {__version__}")
-    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser)
     commands = Commands(sub)
 
     def core(handler: Any) -> Any:
@@ -226,6 +237,11 @@ def build_parser(pm: VramcorePluginManager) -> argparse.ArgumentParser:
         "demo", help="seal, verify and tamper with a synthetic model", handler=core(cmd_demo)
     )
     add_manager_options(p)
+    p.add_argument(
+        "--keep-audit-log",
+        action="store_true",
+        help="keep the demo's temporary audit log (and print how to verify it)",
+    )
     commands.add(
         "plugins", help="list plugins, hooks and allocator backends", handler=core(cmd_plugins)
     )
@@ -247,13 +263,31 @@ def build_parser(pm: VramcorePluginManager) -> argparse.ArgumentParser:
     add_manager_options(p)
     p = commands.add("bench", help="digest and seal/verify throughput", handler=core(cmd_bench))
     p.add_argument("--size", type=parse_size, default=256 << 20, help="bytes (default 256MiB)")
-    p.add_argument("--repeat", type=int, default=3, help="runs per measurement, best kept")
+    p.add_argument("--repeat", type=count, default=3, help="runs per measurement, best kept")
     add_manager_options(p)
     pm.hook.vramcore_add_commands(commands=commands)
     return parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose mistakes are one line (through :class:`UsageError`)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
 _QUIET_LOGGERS = ("vramcore.narration", "vramcore.events")
+
+
+class _OneLineFormatter(logging.Formatter):
+    """Log records as one escaped line each; an exception is named, never a traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            message += f" ({type(exc).__name__}: {exc})"
+        return escape_text(f"vramcore: {record.name}: {message}".replace("\n", " "))
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -265,7 +299,7 @@ def _configure_logging(verbose: bool) -> None:
     for old in [h for h in logger.handlers if getattr(h, "_vramcore_cli", False)]:
         logger.removeHandler(old)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("vramcore: %(name)s: %(message)s"))
+    handler.setFormatter(_OneLineFormatter())
     handler.setLevel(logging.INFO if verbose else logging.WARNING)
     if not verbose:
         handler.addFilter(lambda record: not record.name.startswith(_QUIET_LOGGERS))
@@ -275,6 +309,67 @@ def _configure_logging(verbose: bool) -> None:
     logger.propagate = False
 
 
+def _load_plugins(console: Console) -> VramcorePluginManager:
+    """The plugin manager; a plugin skipped while loading is one warning line, not a Python
+    warning with its source line (``vramcore plugins`` lists the failures in full)."""
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        pm = get_plugin_manager()
+    for failure in pm.failures:
+        console.progress(
+            f"vramcore: warning: plugin {failure.name} ({failure.distribution}) skipped: "
+            f"{failure.error}"
+        )
+    return pm
+
+
+def _classify(exc: BaseException) -> tuple[str, int, str]:
+    """``(kind, exit code, message)`` for an exception that ended a command."""
+    if isinstance(exc, UsageError):
+        return "usage", EXIT_USAGE, str(exc)
+    if isinstance(exc, InvalidInput):
+        return "invalid_input", EXIT_USAGE, str(exc)
+    if isinstance(exc, ConfigError):
+        return "configuration", EXIT_USAGE, str(exc)
+    if isinstance(exc, AuditError):
+        code = EXIT_USAGE if exc.configuration else EXIT_FAILURE
+        return "audit", code, str(exc)
+    if isinstance(exc, IntegrityViolation | SealVerificationFailed | PolicyViolation | VramError):
+        return (
+            "integrity" if not isinstance(exc, PolicyViolation) else "policy",
+            EXIT_FAILURE,
+            (f"{type(exc).__name__}: {exc}"),
+        )
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        problem = exc.strerror or type(exc).__name__
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            problem = "permission denied (cannot read it)"
+        return "unreadable_input", EXIT_USAGE, f"{where}{problem}"
+    if isinstance(exc, SystemExit):
+        return (
+            "plugin_exit",
+            EXIT_FAILURE,
+            (f"a plugin tried to end the process (SystemExit {exc.code!r}); the operation failed"),
+        )
+    if isinstance(exc, RecursionError):
+        return "internal", EXIT_FAILURE, "input nested too deeply to process"
+    return (
+        "internal",
+        EXIT_FAILURE,
+        (f"unexpected {type(exc).__name__}: {exc} (a bug: set VRAMCORE_DEBUG=1 for a traceback)"),
+    )
+
+
+def _quiet_broken_pipe() -> None:
+    """The reader of our stdout went away (``| head``): send the rest nowhere, quietly."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (tests capture it)
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -282,26 +377,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console(json_mode=json_mode)
     _configure_logging("-v" in argv or "--verbose" in argv)
     try:
-        pm = get_plugin_manager()
+        pm = _load_plugins(console)
         parser = build_parser(pm)
-        args = parser.parse_args(argv)
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # --help and --version
+            return exc.code if isinstance(exc.code, int) else EXIT_OK
         handler = getattr(args, "handler", None)
         if handler is None:
             (getattr(args, "group_parser", None) or parser).print_help(sys.stderr)
             return EXIT_USAGE
         return int(handler(args, console))
-    except (UsageError, InvalidInput, ConfigError) as exc:
-        console.error(str(exc))
-        return EXIT_USAGE
-    except AuditError as exc:
-        console.error(str(exc))
-        return EXIT_USAGE if exc.configuration else EXIT_FAILURE
-    except (IntegrityViolation, SealVerificationFailed, PolicyViolation, VramError) as exc:
-        console.error(f"{type(exc).__name__}: {exc}")
+    except BrokenPipeError:
+        _quiet_broken_pipe()
         return EXIT_FAILURE
     except KeyboardInterrupt:
-        console.error("interrupted")
+        console.error("interrupted", kind="interrupted", exit_code=130)
         return 130
+    except BaseException as exc:
+        if os.environ.get("VRAMCORE_DEBUG") == "1":
+            raise
+        kind, code, message = _classify(exc)
+        try:
+            console.error(message, kind=kind, exit_code=code)
+        except BrokenPipeError:
+            _quiet_broken_pipe()
+        return code
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
 """The CLI's extension surface: how core and plugins add ``vramcore`` subcommands.
 
 A command is an argparse parser plus a handler ``handler(args, console) -> int`` returning the
-exit code: :data:`EXIT_OK` (0), :data:`EXIT_FAILURE` (1, an integrity or policy failure was
-found) or :data:`EXIT_USAGE` (2, bad usage or configuration). A handler raises
-:class:`UsageError` (or any :class:`vramcore.errors.InvalidInput` / ``ConfigError``) for a
-user mistake; the CLI prints it in one line, never a traceback. Every command gets ``--json``;
-:class:`Console` prints either the human text or the JSON document.
+exit code: :data:`EXIT_OK` (0), :data:`EXIT_FAILURE` (1, an integrity, policy or audit failure
+was found) or :data:`EXIT_USAGE` (2, bad usage or configuration, or input that cannot be read).
+A handler raises :class:`UsageError` (or any :class:`vramcore.errors.InvalidInput` /
+``ConfigError``) for a user mistake; the CLI prints it in one line (one JSON object under
+``--json``), never a traceback. Every command gets ``--json``; :class:`Console` prints either
+the human text or the JSON document. Text that did not come from vramcore (paths, plugin
+messages, tensor names) is escaped before it reaches the terminal.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import json
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any, TextIO
+
+from vramcore.validation import escape_text
 
 __all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "Commands", "Console", "Handler", "UsageError"]
 
@@ -41,23 +45,40 @@ class Console:
     def say(self, text: str) -> None:
         """Print human text (suppressed in JSON mode, where only the document is printed)."""
         if not self.json:
-            print(text, file=self._out, flush=True)
+            self._print(_escape_lines(text), self._out)
 
     def progress(self, text: str) -> None:
         """Print progress to stderr (human mode only), so stdout stays clean for pipes."""
         if not self.json:
-            print(text, file=self._err, flush=True)
+            self._print(_escape_lines(text), self._err)
 
     def result(self, data: Mapping[str, Any], text: str | None = None) -> None:
         """Print the command's result: ``data`` as JSON, or ``text`` for humans."""
         if self.json:
-            print(json.dumps(data, indent=2, sort_keys=True, default=str), file=self._out)
+            self._print(json.dumps(data, indent=2, sort_keys=True, default=str), self._out)
         elif text is not None:
-            print(text, file=self._out, flush=True)
+            self._print(_escape_lines(text), self._out)
 
-    def error(self, text: str) -> None:
-        """Print an error line to stderr (both modes)."""
-        print(f"vramcore: error: {text}", file=self._err, flush=True)
+    def error(self, text: str, *, kind: str = "error", exit_code: int = 2) -> None:
+        """Print one error: a line on stderr, or one JSON object on stdout under ``--json``.
+
+        The text is escaped and kept on one line whatever it holds.
+        """
+        line = escape_text(" ".join(text.split("\n")))
+        if self.json:
+            doc = {"error": {"kind": kind, "message": line, "exit_code": exit_code}}
+            self._print(json.dumps(doc, sort_keys=True), self._out)
+        else:
+            self._print(f"vramcore: error: {line}", self._err)
+
+    @staticmethod
+    def _print(text: str, stream: TextIO) -> None:
+        print(text, file=stream, flush=True)
+
+
+def _escape_lines(text: str) -> str:
+    """Escape each line of human output; the line breaks vramcore wrote stay line breaks."""
+    return "\n".join(escape_text(line) for line in text.split("\n"))
 
 
 Handler = Callable[[argparse.Namespace, Console], int]

@@ -10,24 +10,29 @@ one-thread SHA-256 baseline measured in the same run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import secrets
+import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from vramcore._cli_support import (
     GIB,
+    MAX_BENCH_BYTES,
+    cli_command,
     human_bytes,
     make_manager,
     rate,
     report_lines,
     sink_reports,
 )
-from vramcore.commands import EXIT_FAILURE, EXIT_OK, Console
-from vramcore.errors import AuditError, SealVerificationFailed
+from vramcore.commands import EXIT_FAILURE, EXIT_OK, Console, UsageError
+from vramcore.errors import SealVerificationFailed
 from vramcore.plugins import VramcorePluginManager
 
 __all__ = ["cmd_bench", "cmd_demo"]
@@ -51,27 +56,49 @@ def _demo_model(directory: Path) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _demo_audit_log(args: argparse.Namespace, console: Console) -> Iterator[str | None]:
+    """A temporary ``VRAMCORE_AUDIT_LOG`` when none is set (removed after, unless kept)."""
+    if args.no_audit or os.environ.get("VRAMCORE_AUDIT_LOG"):
+        yield None
+        return
+    if "audit_chain" not in _plugin_names(args):
+        console.progress(
+            "no audit chain plugin: running the demo with audit disabled (from a clone of the "
+            "vramcore repository: pip install ./plugins/audit_chain)"
+        )
+        args.no_audit = True
+        yield None
+        return
+    directory = tempfile.mkdtemp(prefix="vramcore-demo-audit-")
+    os.environ["VRAMCORE_AUDIT_LOG"] = directory
+    try:
+        yield directory
+    finally:
+        del os.environ["VRAMCORE_AUDIT_LOG"]
+        if not args.keep_audit_log:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def _plugin_names(args: argparse.Namespace) -> set[str]:
+    pm = getattr(args, "_pm", None)
+    return {p.name for p in pm.loaded} if pm is not None else set()
+
+
 def cmd_demo(args: argparse.Namespace, console: Console, pm: VramcorePluginManager) -> int:
     """Seal a synthetic model, verify it, tamper with one bit, show the detection."""
-    if not os.environ.get("VRAMCORE_AUDIT_LOG") and not args.no_audit:
-        # Kept after the demo so the log can be inspected: `vramcore audit verify DIR`.
-        os.environ["VRAMCORE_AUDIT_LOG"] = tempfile.mkdtemp(prefix="vramcore-demo-audit-")
-    with tempfile.TemporaryDirectory(prefix="vramcore-demo-") as tmp:
+    args._pm = pm
+    with (
+        _demo_audit_log(args, console) as temp_log,
+        tempfile.TemporaryDirectory(prefix="vramcore-demo-") as tmp,
+    ):
         model = _demo_model(Path(tmp))
         size = model.stat().st_size
         published = hashlib.sha256(model.read_bytes()).hexdigest()
         console.progress(f"wrote a synthetic model: {model.name}, {human_bytes(size)}")
         steps: dict[str, Any] = {"model_bytes": size}
         lines = []
-        try:
-            manager = make_manager(args, console, pm)
-        except AuditError:
-            console.progress(
-                "no audit sink available (install vramcore-audit-chain); running "
-                "the demo with audit disabled"
-            )
-            args.no_audit = True
-            manager = make_manager(args, console, pm)
+        manager = make_manager(args, console, pm, temporary_log=temp_log is not None)
         with manager:
             lines.append(
                 f"backend  {manager.backend_name}, GPU {manager.device} "
@@ -100,7 +127,16 @@ def cmd_demo(args: argparse.Namespace, console: Console, pm: VramcorePluginManag
             detected = _demo_tamper(manager, shard, steps, lines)
             manager.deallocate(shard)
         reports = sink_reports(manager)
+        if temp_log is not None and not args.keep_audit_log:
+            for report in reports:  # the log is removed below: no hint pointing at it
+                report.pop("hint", None)
+                report.pop("warning", None)
         lines.extend(report_lines(reports))
+        if temp_log is not None and not args.keep_audit_log:
+            lines.append(
+                "         (temporary log, removed now; "
+                f"`{cli_command()} demo --keep-audit-log` keeps it to verify it yourself)"
+            )
         audit_ok = all(r.get("verified", True) for r in reports)
         steps["audit"] = reports
         ok = detected is not False and audit_ok
@@ -144,6 +180,12 @@ def cmd_bench(args: argparse.Namespace, console: Console, pm: VramcorePluginMana
     from vramcore.digest import hash_leaves, merkle_root
 
     size = args.size
+    if size > MAX_BENCH_BYTES or size > _available_memory() // 3:
+        raise UsageError(
+            f"--size {size} bytes is more than this machine can benchmark (at most "
+            f"{human_bytes(min(MAX_BENCH_BYTES, _available_memory() // 3))}: the data is "
+            "held in host memory, and on the mock its VRAM too)"
+        )
     data = secrets.token_bytes(size)
     results: dict[str, Any] = {"bytes": size, "repeat": args.repeat}
 
@@ -181,3 +223,11 @@ def cmd_bench(args: argparse.Namespace, console: Console, pm: VramcorePluginMana
         lines.append(f"{name:<36} {size / t / GIB:>8.2f} {baseline / t:>11.2f}x")
     console.result(results, "\n".join(lines))
     return EXIT_OK
+
+
+def _available_memory() -> int:
+    """Bytes of host memory available now (Linux), else a conservative 4 GiB."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 4 * GIB

@@ -32,6 +32,7 @@ __all__ = [
     "EVENT_TYPES",
     "AuditEvent",
     "PolicyViolation",
+    "SealRefused",
     "SealVerificationFailed",
     "SealVerified",
     "Severity",
@@ -183,6 +184,26 @@ class VramAllocationFailed(AuditEvent):
 
 
 @attrs.frozen(kw_only=True)
+class SealRefused(AuditEvent):
+    """A shard was not sealed because its input failed a check, not because of the device.
+
+    ``reason`` is one of ``"sha256_mismatch"`` (the file is not the published one),
+    ``"malformed_file"`` (a safetensors header refused) or ``"changed_while_loading"``;
+    ``detail`` says more. Nothing stays allocated. Distinct from
+    :class:`VramAllocationFailed` so an auditor sees tampered inputs as what they are.
+    """
+
+    event_type: ClassVar[str] = "vram.seal_refused"
+    default_severity: ClassVar[Severity] = Severity.ERROR
+    shard_id: str
+    device: int
+    nbytes: int
+    backend: str
+    reason: str
+    detail: str = ""
+
+
+@attrs.frozen(kw_only=True)
 class VramSealed(AuditEvent):
     """A shard's bytes in VRAM were digested and signed."""
 
@@ -259,6 +280,7 @@ EVENT_TYPES: Mapping[str, type[AuditEvent]] = {
     for cls in (
         VramAllocated,
         VramAllocationFailed,
+        SealRefused,
         VramSealed,
         SealVerified,
         SealVerificationFailed,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import attrs
 
 from vramcore.backend import DeviceInfo, MemoryKind
+from vramcore.validation import check_flag
 
 __all__ = ["Finding", "VramPolicy"]
 
@@ -28,6 +29,11 @@ class Finding:
     detail: str
 
 
+def _flag(_inst: object, attr: attrs.Attribute[bool], value: object) -> None:
+    # A string such as "false" is truthy: it would silently turn a refusal off.
+    check_flag(value, field=attr.name)
+
+
 @attrs.frozen(kw_only=True)
 class VramPolicy:
     """What the worker accepts.
@@ -36,10 +42,12 @@ class VramPolicy:
         HMM. Off by default; turning it on means a kernel bug could read weights from (or a
         host process could plant them in) host RAM, which the seal then cannot rule out.
     :attr require_ecc: refuse devices whose ECC is reported off or unknown.
+
+    Both must be real booleans (:class:`~vramcore.errors.InvalidInput` otherwise).
     """
 
-    allow_host_access: bool = False
-    require_ecc: bool = False
+    allow_host_access: bool = attrs.field(default=False, validator=_flag)
+    require_ecc: bool = attrs.field(default=False, validator=_flag)
 
     def check_device(self, info: DeviceInfo) -> list[Finding]:
         """Every rule ``info`` breaks (an empty list means the device passes)."""

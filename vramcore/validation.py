@@ -7,22 +7,42 @@ argument and says what would be accepted. Messages quote a bad value only throug
 
 from __future__ import annotations
 
+import errno
+import os
 import re
+import stat
 import unicodedata
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vramcore.errors import InvalidInput
 
+if TYPE_CHECKING:
+    from vramcore.policy import VramPolicy
+
 __all__ = [
     "MAX_FIELD_CHARS",
+    "MAX_LEAF_SIZE",
+    "MAX_NAME_BYTES",
     "MAX_SHARD_ID_CHARS",
     "check_device_index",
+    "check_flag",
+    "check_leaf_size",
+    "check_path",
+    "check_policy",
     "check_sha256_hex",
     "check_shard_id",
     "check_size",
     "clean_text",
+    "escape_text",
     "safe_repr",
     "scrub_text",
 ]
+
+#: Longest file name (one path component) POSIX file systems store, in bytes.
+MAX_NAME_BYTES = 255
+#: Largest Merkle leaf accepted (1 GiB): a bigger leaf only makes localisation useless.
+MAX_LEAF_SIZE = 1 << 30
 
 MAX_SHARD_ID_CHARS = 256
 #: Longest string an audit event field may carry; longer values are cut with a marker.
@@ -51,6 +71,31 @@ def _is_unsafe_char(ch: str) -> bool:
     # Cf: every format character (bidi, zero-width, tag characters U+E0000...); Zl/Zp: the
     # Unicode line and paragraph separators, which split a log line like a newline does.
     return ch in _INVISIBLE or unicodedata.category(ch) in _UNSAFE_CATEGORIES
+
+
+def escape_text(value: str) -> str:
+    """``value`` with every character :func:`clean_text` would reject written as an escape.
+
+    For untrusted text on its way to a terminal (file names, plugin messages, tensor names):
+    an ESC character becomes the four characters ``\\x1b``, a bidi override ``\\u202e``;
+    printable text, non-ASCII letters included, is unchanged. The result is one line.
+    """
+    if value.isprintable() and not any(ch in _INVISIBLE for ch in value):
+        return value
+    out = []
+    for ch in value:
+        if _is_unsafe_char(ch) or (not ch.isprintable() and ch != " "):
+            code = ord(ch)
+            out.append(
+                f"\\x{code:02x}"
+                if code < 0x100
+                else f"\\u{code:04x}"
+                if code < 0x10000
+                else f"\\U{code:08x}"
+            )
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 def scrub_text(value: str) -> str:
@@ -84,10 +129,13 @@ def clean_text(value: str, *, field: str, limit: int = MAX_FIELD_CHARS) -> str:
     return value
 
 
-def check_shard_id(shard_id: object) -> str:
-    """Check a shard id: 1-256 characters of ``[A-Za-z0-9._:-]``, no ``..``."""
+def check_shard_id(shard_id: object, *, field: str = "shard_id") -> str:
+    """Check a shard id: 1-256 characters of ``[A-Za-z0-9._:-]``, no ``..``.
+
+    :param field: what the caller called it (``"--shard-id"`` in the CLI), for the message.
+    """
     if not isinstance(shard_id, str):
-        raise InvalidInput(f"shard_id must be a string, got {type(shard_id).__name__}")
+        raise InvalidInput(f"{field} must be a string, got {type(shard_id).__name__}")
     if not _SHARD_ID.fullmatch(shard_id):
         if not shard_id:
             problem = "is empty"
@@ -95,9 +143,9 @@ def check_shard_id(shard_id: object) -> str:
             problem = f"is {len(shard_id)} characters long (at most {MAX_SHARD_ID_CHARS})"
         else:
             problem = "contains characters outside [A-Za-z0-9._:-]"
-        raise InvalidInput(f"shard_id {safe_repr(shard_id)} {problem}")
+        raise InvalidInput(f"{field} {safe_repr(shard_id)} {problem}")
     if ".." in shard_id:
-        raise InvalidInput(f"shard_id {safe_repr(shard_id)} must not contain '..'")
+        raise InvalidInput(f"{field} {safe_repr(shard_id)} must not contain '..'")
     return shard_id
 
 
@@ -129,3 +177,104 @@ def check_sha256_hex(value: object, *, field: str = "expected_sha256") -> str:
     if not isinstance(value, str) or not _SHA256_HEX.fullmatch(value.lower()):
         raise InvalidInput(f"{field} must be 64 hexadecimal digits, got {safe_repr(value)}")
     return value.lower()
+
+
+def check_flag(value: object, *, field: str) -> bool:
+    """Check a yes/no option is a real ``bool``: ``"false"`` is a truthy string, not a no."""
+    if not isinstance(value, bool):
+        raise InvalidInput(f"{field} must be True or False, got {safe_repr(value)}")
+    return value
+
+
+def check_leaf_size(leaf_size: object, *, field: str = "leaf_size") -> int:
+    """Check a Merkle leaf size: an integer, a positive multiple of 4096, at most 1 GiB."""
+    if isinstance(leaf_size, bool) or not isinstance(leaf_size, int):
+        raise InvalidInput(
+            f"{field} must be an integer number of bytes (a multiple of 4096, e.g. 65536), "
+            f"got {type(leaf_size).__name__} {safe_repr(leaf_size)}"
+        )
+    if leaf_size <= 0 or leaf_size % 4096 or leaf_size > MAX_LEAF_SIZE:
+        raise InvalidInput(
+            f"{field} must be a positive multiple of 4096 of at most {MAX_LEAF_SIZE} bytes, "
+            f"got {leaf_size}"
+        )
+    return leaf_size
+
+
+def check_policy(policy: object, *, field: str = "policy") -> VramPolicy:
+    """Check a policy argument: ``None`` (the strict default) or a :class:`VramPolicy`."""
+    from vramcore.policy import VramPolicy
+
+    if policy is None:
+        return VramPolicy()
+    if not isinstance(policy, VramPolicy):
+        raise InvalidInput(
+            f"{field} must be a vramcore.VramPolicy (e.g. VramPolicy(allow_host_access=True)) "
+            f"or None for the strict default, got {type(policy).__name__} {safe_repr(policy)}"
+        )
+    return policy
+
+
+def _shown(path: str) -> str:
+    return escape_text(path if len(path) <= 200 else path[:100] + "..." + path[-60:])
+
+
+def check_path(path: object, *, field: str = "path", allow_empty: bool = False) -> Path:
+    """Check that ``path`` names a regular file this process can read; return it as a Path.
+
+    Every refusal is an :class:`InvalidInput` that says which: a wrong type, a NUL byte, a
+    file name over :data:`MAX_NAME_BYTES` bytes, no such file, a directory, a device, FIFO or
+    socket (``/dev/null`` included), no permission to read, or an empty file. Paths in
+    messages are escaped (:func:`escape_text`).
+
+    :param field: what the caller called it (``"PATH"`` in the CLI), for the message.
+    :param allow_empty: accept a file of 0 bytes.
+    """
+    if isinstance(path, bytes) or not isinstance(path, str | os.PathLike):
+        raise InvalidInput(
+            f"{field} must be a path (str or os.PathLike), got {type(path).__name__}"
+        )
+    text = os.fspath(path)
+    if not isinstance(text, str):
+        raise InvalidInput(f"{field} must be a text path, got {type(text).__name__}")
+    if "\x00" in text:
+        raise InvalidInput(f"{field} {_shown(text)} contains a NUL character")
+    for part in Path(text).parts:
+        size = len(os.fsencode(part))
+        if size > MAX_NAME_BYTES:
+            raise InvalidInput(
+                f"{field} has a name of {size} bytes ({_shown(part[:40])}...); file names are "
+                f"at most {MAX_NAME_BYTES} bytes"
+            )
+    p = Path(text)
+    try:
+        st = p.stat()
+    except OSError as exc:
+        raise InvalidInput(f"{field} {_shown(text)}: {_os_problem(exc)}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise InvalidInput(f"{field} {_shown(text)} is a directory, not a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidInput(
+            f"{field} {_shown(text)} is not a regular file (a device, FIFO or socket)"
+        )
+    try:
+        os.close(os.open(p, os.O_RDONLY))
+    except OSError as exc:
+        raise InvalidInput(f"{field} {_shown(text)}: {_os_problem(exc)}") from None
+    if not allow_empty and st.st_size == 0:
+        raise InvalidInput(f"{field} {_shown(text)} is empty (0 bytes): nothing to seal")
+    return p
+
+
+def _os_problem(exc: OSError) -> str:
+    if exc.errno == errno.ENOENT:
+        return "no such file"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied (cannot read it)"
+    if exc.errno == errno.ENOTDIR:
+        return "a parent is not a directory"
+    if exc.errno == errno.ENAMETOOLONG:
+        return "the path is too long"
+    if exc.errno == errno.ELOOP:
+        return "too many symbolic links"
+    return f"cannot read it ({escape_text(exc.strerror or type(exc).__name__)})"
