@@ -162,19 +162,29 @@ class PyCudaBackend(AllocatorBackend):
         return live
 
     def free(self, buf: DeviceBuffer) -> None:
-        """``cuMemFree`` now; the buffer and its shard views are unusable afterwards."""
+        """``cuMemFree`` now; the buffer and its shard views are unusable afterwards.
+
+        If the driver refuses, the buffer stays allocated and usable, and freeing it again
+        may succeed.
+        """
         with self._lock:
             live = self._live.get(id(buf))
             if live is None or live.buffer is not buf or buf.freed:
                 raise InvalidInput(f"{buf!r} was already freed or is not from this backend")
-            del self._live[id(buf)]
+            del self._live[id(buf)]  # claimed: a concurrent second free is refused above
             buf.freed = True
-            live.shard.release()
-        with activated(self._api, self._devices[buf.device].context, buf.device):
-            try:
+        try:
+            with activated(self._api, self._devices[buf.device].context, buf.device):
                 live.allocation.free()
-            except self._drv.Error as exc:
-                raise driver_error(f"cuMemFree on GPU {buf.device}", exc) from None
+        except (self._drv.Error, AllocationFailed) as exc:
+            with self._lock:
+                if not self._closed:
+                    self._live[id(buf)] = live
+                    buf.freed = False
+            if isinstance(exc, AllocationFailed):
+                raise
+            raise driver_error(f"cuMemFree on GPU {buf.device}", exc) from None
+        live.shard.release()
 
     def memory_kind(self, buf: DeviceBuffer) -> MemoryKind:
         """The driver's pointer type for ``buf`` (``cuPointerGetAttribute``)."""
@@ -197,7 +207,11 @@ class PyCudaBackend(AllocatorBackend):
         """Host to device. Pinned staging memory: asynchronous, with an event as the handle;
         any other memory: synchronous (``None``), the host bytes read before returning."""
         live = self._get(buf)
-        data = memoryview(data).cast("B") if memoryview(data).ndim != 1 else memoryview(data)
+        data = memoryview(data)
+        if not data.c_contiguous:
+            raise InvalidInput("copy_in needs a contiguous buffer")
+        if data.format != "B" or data.ndim != 1:
+            data = data.cast("B")
         n = data.nbytes
         self._bounds(buf, offset, n, "copy")
         if n == 0:
