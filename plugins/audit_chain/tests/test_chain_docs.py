@@ -12,10 +12,12 @@ MODULES = [
     "vramcore_audit_chain._config",
     "vramcore_audit_chain._encode",
     "vramcore_audit_chain._format",
+    "vramcore_audit_chain._head",
     "vramcore_audit_chain._keys",
     "vramcore_audit_chain._recovery",
     "vramcore_audit_chain._sink",
     "vramcore_audit_chain._verify",
+    "vramcore_audit_chain._witness",
     "vramcore_audit_chain._writer",
 ]
 

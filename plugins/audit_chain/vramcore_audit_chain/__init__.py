@@ -5,7 +5,9 @@ and an HMAC-SHA256 under a key that evolves one way at every checkpoint; Ed25519
 checkpoints let anyone with the public key detect truncation. ``vramcore audit verify``
 proves a log intact offline. See FORMAT.md and README.md next to this package.
 
-The plugin is enabled by setting ``VRAMCORE_AUDIT_LOG`` to a directory.
+The plugin is enabled by setting ``VRAMCORE_AUDIT_LOG`` to a directory; its heads go to a
+witness file with ``VRAMCORE_AUDIT_WITNESS`` (and to any other plugin's witnesses), so that the
+log's completeness can be proven off the host: ``vramcore audit verify DIR --anchor FILE``.
 """
 
 from __future__ import annotations
@@ -13,24 +15,31 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from vramcore.audit import AuditSink, SinkContext
+from vramcore.audit import AuditSink, AuditWitness, SinkContext
 from vramcore.commands import Commands
 from vramcore.hookspecs import hookimpl
 from vramcore_audit_chain._cli import add_commands
 from vramcore_audit_chain._config import ChainConfig, Durability
+from vramcore_audit_chain._head import TELEMETRY_HEAD_ATTRIBUTE, Anchor, Head, load_anchors
 from vramcore_audit_chain._keys import AuditorKey, load_key_file, load_public_key
 from vramcore_audit_chain._sink import ChainSink
 from vramcore_audit_chain._verify import REASONS, VerifyResult, verify_log
+from vramcore_audit_chain._witness import FileWitness, witnesses_from_env
 from vramcore_audit_chain._writer import ChainWriter
 
 __all__ = [
     "REASONS",
+    "TELEMETRY_HEAD_ATTRIBUTE",
+    "Anchor",
     "AuditorKey",
     "ChainConfig",
     "ChainSink",
     "ChainWriter",
     "Durability",
+    "FileWitness",
+    "Head",
     "VerifyResult",
+    "load_anchors",
     "load_key_file",
     "load_public_key",
     "verify_log",
@@ -43,7 +52,18 @@ def vramcore_audit_sinks(context: SinkContext) -> Sequence[AuditSink]:
     config = ChainConfig.from_env(os.environ)
     if config is None:
         return []
-    return [ChainSink(config, context)]
+    # The writer starts once the manager attaches the witnesses (attach_witnesses), so it
+    # can check the log against them before it writes anything.
+    return [ChainSink(config, context, witnesses=None)]
+
+
+@hookimpl
+def vramcore_audit_witnesses(context: SinkContext) -> Sequence[AuditWitness]:
+    """A :class:`FileWitness` when ``VRAMCORE_AUDIT_WITNESS`` is set (and the chain is on)."""
+    config = ChainConfig.from_env(os.environ)
+    if config is None:
+        return []
+    return witnesses_from_env(os.environ, config.directory)
 
 
 @hookimpl

@@ -3,21 +3,49 @@
 from __future__ import annotations
 
 import argparse
-import json
+import collections
+import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from vramcore.audit import SinkContext
 from vramcore.commands import EXIT_FAILURE, EXIT_OK, Commands, Console, UsageError
+from vramcore.errors import AuditError, ConfigError, InvalidInput
 from vramcore.seal import WorkerToken
 from vramcore_audit_chain import _format as fmt
+from vramcore_audit_chain._head import load_anchors
 from vramcore_audit_chain._keys import load_key_file, load_public_key, public_key_hex, signing_key
 from vramcore_audit_chain._verify import REASONS, collect_log_files, verify_log
 
-__all__ = ["add_commands"]
+__all__ = ["EXIT_CRASH", "add_commands"]
+
+#: Exit code when a command itself fails unexpectedly (a bug): never 1, which means "the log
+#: is not intact", and never 0.
+EXIT_CRASH = 3
+
+_Handler = Callable[[argparse.Namespace, Console], int]
+
+
+def _guarded(handler: _Handler) -> _Handler:
+    """Run ``handler``; an unexpected exception is one line and :data:`EXIT_CRASH`."""
+
+    @functools.wraps(handler)
+    def run(args: argparse.Namespace, console: Console) -> int:
+        try:
+            return handler(args, console)
+        except (UsageError, ConfigError, InvalidInput, AuditError):
+            raise  # the CLI prints these in one line (exit 2, or 1 for integrity)
+        except Exception as exc:
+            console.error(
+                f"vramcore audit failed unexpectedly ({type(exc).__name__}); this is a bug in "
+                "vramcore-audit-chain, not a verdict on the log (exit 3)"
+            )
+            return EXIT_CRASH
+
+    return run
 
 
 def add_commands(commands: Commands) -> None:
@@ -26,7 +54,7 @@ def add_commands(commands: Commands) -> None:
     p = group.add(
         "verify",
         help="prove an audit log intact (exit 0) or name the first bad record (exit 1)",
-        handler=cmd_verify,
+        handler=_guarded(cmd_verify),
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="log directory or audit-*.ndjson")
     p.add_argument(
@@ -44,7 +72,21 @@ def add_commands(commands: Commands) -> None:
         help="the log is still being written: accept a missing closing checkpoint and a "
         "torn last line",
     )
-    p = group.add("show", help="print audit records (not verified: run verify)", handler=cmd_show)
+    p.add_argument(
+        "--anchor",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a witness file, a saved checkpoint or exported telemetry holding heads of this "
+        "log: the log must contain and extend every one (repeatable)",
+    )
+    p.add_argument(
+        "--log-id",
+        help="the log this must be (32 hex digits); needed when the anchors name several logs",
+    )
+    p = group.add(
+        "show", help="print audit records (not verified: run verify)", handler=_guarded(cmd_show)
+    )
     p.add_argument("paths", nargs="+", metavar="PATH", help="log directory or audit-*.ndjson")
     p.add_argument("--type", dest="rtype", choices=sorted(fmt.RECORD_TYPES), help="record type")
     p.add_argument("--event-type", help="event type, such as vram.sealed")
@@ -55,7 +97,7 @@ def add_commands(commands: Commands) -> None:
     group.add(
         "public-key",
         help="print the checkpoint public key derived from VRAMCORE_WORKER_TOKEN",
-        handler=cmd_public_key,
+        handler=_guarded(cmd_public_key),
     )
 
 
@@ -69,17 +111,26 @@ def cmd_verify(args: argparse.Namespace, console: Console) -> int:
             "VRAMCORE_AUDIT_KEY_FILE) or --public-key (checkpoint.pub) for checkpoint-only "
             "verification"
         )
+    anchors = load_anchors(args.anchor)
     if key_path is not None:
         key = load_key_file(Path(key_path))
         result = verify_log(
             args.paths,
             initial_key=key.initial_key,
-            public_key=public,
+            public_key=public or load_public_key(key.public_key),
             expected_log_id=key.log_id,
             allow_open=args.live,
+            anchors=anchors,
+            log_id=args.log_id,
         )
     else:
-        result = verify_log(args.paths, public_key=public, allow_open=args.live)
+        result = verify_log(
+            args.paths,
+            public_key=public,
+            allow_open=args.live,
+            anchors=anchors,
+            log_id=args.log_id,
+        )
     data = result.to_dict()
     if result.reason is not None:
         data["reason_text"] = REASONS.get(result.reason, "")
@@ -100,14 +151,24 @@ def _time(text: str | None, option: str) -> datetime | None:
 
 
 def _records(paths: list[str]) -> Iterator[tuple[str, int, dict[str, Any] | None]]:
+    """Every line of the log as a parsed object (``None`` if it is not one), streamed; a line
+    longer than any record is skipped unread, so memory stays bounded."""
     for path in collect_log_files(paths):
-        with path.open("rb") as f:
-            for n, line in enumerate(f, 1):
-                try:
-                    rec = json.loads(line)
-                    yield path.name, n, rec if isinstance(rec, dict) else None
-                except ValueError:
+        with fmt.open_regular(path) as f:
+            n = 0
+            while line := f.readline(fmt.MAX_LINE + 1):
+                n += 1
+                if len(line) > fmt.MAX_LINE and not line.endswith(b"\n"):
+                    while (rest := f.readline(fmt.MAX_LINE)) and not rest.endswith(b"\n"):
+                        pass
                     yield path.name, n, None
+                    continue
+                try:
+                    rec = fmt.loads_bounded(line)
+                except (ValueError, UnicodeDecodeError):
+                    yield path.name, n, None
+                    continue
+                yield path.name, n, rec if isinstance(rec, dict) else None
 
 
 def _record_time(data: dict[str, Any]) -> datetime | None:
@@ -147,7 +208,8 @@ def cmd_show(args: argparse.Namespace, console: Console) -> int:
     until = _time(args.until, "--until")
     if args.limit is not None and args.limit < 1:
         raise UsageError("--limit must be at least 1")
-    selected: list[dict[str, Any]] = []
+    # With --limit only the last records are kept while reading: memory stays bounded.
+    selected: collections.deque[dict[str, Any]] = collections.deque(maxlen=args.limit)
     bad = 0
     for name, line_no, rec in _records(args.paths):
         if rec is None or not isinstance(rec.get("data"), dict):
@@ -165,8 +227,6 @@ def cmd_show(args: argparse.Namespace, console: Console) -> int:
             if when is None or (since and when < since) or (until and when > until):
                 continue
         selected.append({"file": name, "line": line_no, **rec})
-    if args.limit is not None:
-        selected = selected[-args.limit :]
     lines = [
         _printable(
             f"{r.get('seq', '?'):>8} {_record_time(r['data']) or '-'} {r.get('type', '?'):<10} "
@@ -178,7 +238,7 @@ def cmd_show(args: argparse.Namespace, console: Console) -> int:
         lines.append(f"({bad} unreadable line(s) skipped; run `vramcore audit verify`)")
     lines.append(f"({len(selected)} record(s) shown, NOT verified; use `vramcore audit verify`)")
     console.result(
-        {"records": selected, "count": len(selected), "unreadable": bad}, "\n".join(lines)
+        {"records": list(selected), "count": len(selected), "unreadable": bad}, "\n".join(lines)
     )
     return EXIT_OK
 

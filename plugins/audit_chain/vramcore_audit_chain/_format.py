@@ -16,7 +16,9 @@ import _hashlib
 import hashlib
 import hmac
 import json
+import os
 import re
+import stat
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -24,30 +26,41 @@ from typing import Any
 
 import attrs
 
+from vramcore.errors import ConfigError
 from vramcore.seal import derive_key
 
 __all__ = [
     "CHAIN_KEY_PURPOSE",
+    "CHECKPOINT_DATA_FIELDS",
     "CHECKPOINT_SIGNING_PURPOSE",
     "EVOLVE_INFO",
     "FORMAT",
     "GENESIS_PREV",
+    "HEAD_FORMAT",
     "INITIAL_KEY_INFO",
+    "MAX_LINE",
     "STATE_KEY_PURPOSE",
     "ParsedLine",
+    "build_checkpoint",
     "build_line",
     "canonical_json",
+    "checkpoint_data",
+    "checkpoint_mac_body",
     "checkpoint_message",
     "evolve_key",
     "key_id",
+    "loads_bounded",
     "log_files",
     "mac_context",
+    "open_regular",
     "parse_line",
+    "read_bounded",
+    "record_mac_body",
     "utc_now_text",
 ]
 
 #: Format tag written into the genesis record.
-FORMAT = "vramcore-audit-chain/1"
+FORMAT = "vramcore-audit-chain/2"
 #: HKDF info of the token-derived base of the chain key (never the seal key's info).
 CHAIN_KEY_PURPOSE = "audit_chain/chain-key"
 #: HKDF info that turns base key + setup nonce into the epoch-0 key.
@@ -59,7 +72,11 @@ CHECKPOINT_SIGNING_PURPOSE = "audit_chain/checkpoint-signing-key"
 #: HKDF info of the AES-256-GCM key that encrypts the writer's state file.
 STATE_KEY_PURPOSE = "audit_chain/state-key"
 #: Domain separation prefix of the Ed25519 checkpoint signature.
-CHECKPOINT_SIG_PREFIX = b"vramcore-audit-checkpoint/1\n"
+CHECKPOINT_SIG_PREFIX = b"vramcore-audit-checkpoint/2\n"
+#: Format tag of a head record (what the chain publishes to witnesses).
+HEAD_FORMAT = "vramcore-audit-head/1"
+#: Domain separation prefix of the Ed25519 head signature.
+HEAD_SIG_PREFIX = b"vramcore-audit-head/1\n"
 #: Domain separation prefix of the public key id.
 KEY_ID_PREFIX = b"vramcore-audit-chain/key-id\n"
 #: The ``prev`` of the genesis record.
@@ -82,6 +99,14 @@ STATE_NAME = "chain.state"
 PUBLIC_KEY_NAME = "checkpoint.pub"
 INITIAL_KEY_NAME = "auditor-initial.key"
 
+#: The longest record line a reader accepts (a record is a few hundred bytes; events'
+#: strings are length-capped). Longer lines are ``malformed``, and memory stays bounded.
+MAX_LINE = 1 << 20
+#: Checkpoint ``data`` members, in canonical order, besides ``sig``.
+CHECKPOINT_DATA_FIELDS = ("head", "log_id", "reason", "records", "segment", "ts")
+#: Nesting limit of anything the plugin parses from a file it did not write itself.
+MAX_JSON_DEPTH = 32
+
 _hmac_new: Callable[..., Any] = getattr(_hashlib, "hmac_new", hmac.new)
 _MAC_SUFFIX_LEN = 75  # '},"mac":"' (9) + 64 hex + '"}' (2)
 _HEADER = re.compile(
@@ -96,13 +121,93 @@ def log_file_name(index: int) -> str:
 
 
 def log_files(directory: Path) -> list[tuple[int, Path]]:
-    """The log files of ``directory`` as ``(index, path)``, in index order."""
+    """The log files of ``directory`` as ``(index, path)``, in index order.
+
+    Every name that looks like a log file counts, whatever it is: a reader that opens one
+    that is not a regular file (a symlink to a device, a FIFO) refuses it (:func:`open_regular`)
+    rather than skipping it silently.
+    """
     found: list[tuple[int, Path]] = []
     for path in directory.iterdir():
         m = LOG_PATTERN.fullmatch(path.name)
-        if m is not None and path.is_file():
+        if m is not None:
             found.append((int(m.group(1)), path))
     return sorted(found)
+
+
+def open_regular(path: Path) -> Any:
+    """Open ``path`` for reading in binary mode, refusing anything but a regular file.
+
+    Opened non-blocking (a FIFO cannot hang the reader) and checked with ``fstat`` after the
+    open, so a symlink swapped between a check and the open cannot slip a device in.
+
+    :raises ConfigError: missing, unreadable, or not a regular file (the message says which).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or type(exc).__name__}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(f"{path} is not a regular file (a device, FIFO or directory?)")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_bounded(path: Path, limit: int) -> bytes:
+    """The whole content of a small regular file; refuses one larger than ``limit`` bytes.
+
+    :raises ConfigError: see :func:`open_regular`, or the file is too large.
+    """
+    with open_regular(path) as f:
+        data: bytes = f.read(limit + 1)
+    if len(data) > limit:
+        raise ConfigError(f"{path} is larger than {limit} bytes: not the file expected here")
+    return data
+
+
+def json_depth_ok(text: bytes | str, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether ``text`` nests brackets at most ``limit`` deep (a cheap pre-check that keeps
+    hostile input from reaching ``json.loads``'s recursion limit)."""
+    raw = text.encode("utf-8", "replace") if isinstance(text, str) else text
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return True
+    depth = 0
+    in_string = False
+    escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            if depth > limit:
+                return False
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return True
+
+
+def loads_bounded(text: bytes | str) -> Any:
+    """``json.loads`` for input the plugin did not write: depth-limited first.
+
+    :raises ValueError: not JSON, or nested deeper than :data:`MAX_JSON_DEPTH`.
+    """
+    if not json_depth_ok(text):
+        raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(text)
+    except RecursionError:  # pragma: no cover - the depth check above comes first
+        raise ValueError("JSON nested too deeply") from None
 
 
 def canonical_json(value: Mapping[str, Any]) -> str:
@@ -206,7 +311,85 @@ def checkpoint_message(fields: Mapping[str, Any]) -> bytes:
     return CHECKPOINT_SIG_PREFIX + canonical_json(fields).encode("ascii")
 
 
-SIGNED_CHECKPOINT_FIELDS = ("epoch", "head", "log_id", "reason", "records", "segment", "seq", "ts")
+SIGNED_CHECKPOINT_FIELDS = (
+    "epoch", "head", "log_id", "mac", "reason", "records", "segment", "seq", "ts"
+)  # fmt: skip
+
+
+def checkpoint_mac_body(seq: int, epoch: int, prev: str, data: Mapping[str, Any]) -> bytes:
+    """What a checkpoint's MAC covers: its body with ``sig`` left out of ``data``.
+
+    The signature then covers the MAC (``checkpoint_message`` includes ``mac``), so a
+    verifier holding only the public key authenticates every byte of a checkpoint line,
+    the last one of the log included.
+    """
+    unsigned = {k: v for k, v in data.items() if k != "sig"}
+    return build_body(seq, epoch, prev, CHECKPOINT, canonical_json(unsigned))
+
+
+def build_checkpoint(
+    seq: int,
+    epoch: int,
+    prev: str,
+    data: Mapping[str, Any],
+    key: bytes | bytearray,
+    sign: Callable[[bytes], bytes],
+) -> tuple[bytes, str]:
+    """Seal a checkpoint: MAC over the unsigned body, then sign the fields and the MAC.
+
+    :param data: the checkpoint's ``data`` members (:data:`CHECKPOINT_DATA_FIELDS`).
+    :param sign: the Ed25519 signing function (``private_key.sign``).
+    :return: the line (with newline) and the MAC in hex.
+    """
+    mac = hmac.digest(key, checkpoint_mac_body(seq, epoch, prev, data), "sha256").hex()
+    fields = {**{k: data[k] for k in CHECKPOINT_DATA_FIELDS}, "epoch": epoch, "seq": seq}
+    fields["mac"] = mac
+    signed = {**data, "sig": sign(checkpoint_message(fields)).hex()}
+    body = build_body(seq, epoch, prev, CHECKPOINT, canonical_json(signed))
+    return body[:-1] + b',"mac":"' + mac.encode("ascii") + b'"}\n', mac
+
+
+def checkpoint_data(body: bytes) -> dict[str, Any] | None:
+    """A checkpoint's ``data``, only if it is exactly in the form the writer produces.
+
+    Exactly the members :data:`CHECKPOINT_DATA_FIELDS` and ``sig``, each of its type, ``sig``
+    128 lowercase hex digits, serialised canonically: so no byte of the line can change
+    without changing what the signature or the MAC covers. ``None`` otherwise.
+    """
+    start = body.find(b',"data":{')
+    if start < 0:
+        return None
+    raw = body[start + 8 : -1]
+    if len(raw) > 4096:
+        return None
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict) or set(data) != {*CHECKPOINT_DATA_FIELDS, "sig"}:
+        return None
+    for name in ("head", "log_id", "reason", "segment", "sig", "ts"):
+        if type(data[name]) is not str:
+            return None
+    if type(data["records"]) is not int:
+        return None
+    if not _is_lower_hex(data["sig"], 128) or canonical_json(data).encode("ascii") != raw:
+        return None
+    return data
+
+
+def record_mac_body(rec: ParsedLine) -> bytes | None:
+    """The bytes ``rec``'s MAC covers (``None``: a checkpoint whose data is malformed)."""
+    if rec.type != CHECKPOINT:
+        return rec.body
+    data = checkpoint_data(rec.body)
+    if data is None:
+        return None
+    return checkpoint_mac_body(rec.seq, rec.epoch, rec.prev, data)
+
+
+def _is_lower_hex(text: str, length: int) -> bool:
+    return len(text) == length and not text.strip("0123456789abcdef")
 
 
 def utc_now_text() -> str:

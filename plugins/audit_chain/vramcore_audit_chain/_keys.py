@@ -32,6 +32,8 @@ from vramcore_audit_chain._format import (
     STATE_KEY_PURPOSE,
     canonical_json,
     key_id,
+    loads_bounded,
+    read_bounded,
 )
 
 __all__ = [
@@ -49,6 +51,8 @@ __all__ = [
 ]
 
 KEY_FILE_FORMAT = "vramcore-audit-chain-key/1"
+#: Key files, public key files and the state are small: anything larger is not one.
+_MAX_KEY_FILE = 64 * 1024
 STATE_FORMAT = "vramcore-audit-chain-state/1"
 
 
@@ -108,11 +112,11 @@ def load_public_key(text: str) -> Ed25519PublicKey:
     candidate = text.strip()
     if not _is_hex(candidate, 64):
         try:
-            candidate = Path(text).read_text(encoding="ascii").strip()
-        except (OSError, UnicodeDecodeError) as exc:
+            candidate = read_bounded(Path(text), _MAX_KEY_FILE).decode("ascii").strip()
+        except (OSError, ValueError, ConfigError) as exc:
             raise ConfigError(
                 f"--public-key must be 64 hex digits or a file holding them "
-                f"(such as checkpoint.pub next to the log): {type(exc).__name__}"
+                f"(such as checkpoint.pub next to the log): {str(exc)[:200]}"
             ) from None
     if not _is_hex(candidate, 64):
         raise ConfigError("the public key must be 64 lowercase hex digits (checkpoint.pub)")
@@ -162,16 +166,21 @@ def load_key_file(path: Path) -> AuditorKey:
     :raises ConfigError: unreadable or not a key file (the message never quotes the key).
     """
     try:
-        doc = json.loads(path.read_text(encoding="ascii"))
-        if doc.get("format") != KEY_FILE_FORMAT:
+        doc = loads_bounded(read_bounded(path, _MAX_KEY_FILE).decode("ascii"))
+        if not isinstance(doc, dict) or doc.get("format") != KEY_FILE_FORMAT:
             raise ValueError("not a vramcore audit chain key file")
+        for name in ("initial_key", "key_id", "log_id", "public_key"):
+            if not isinstance(doc.get(name), str) or len(doc[name]) > 128:
+                raise ValueError(f"not a vramcore audit chain key file ({name} is missing)")
         key = bytes.fromhex(doc["initial_key"])
         if len(key) != 32 or key_id(key) != doc["key_id"]:
             raise ValueError("the key does not match its key_id (damaged file?)")
-        return AuditorKey(str(doc["log_id"]), str(doc["key_id"]), str(doc["public_key"]), key)
+        return AuditorKey(doc["log_id"], doc["key_id"], doc["public_key"], key)
+    except ConfigError as exc:
+        raise ConfigError(f"cannot read audit key file: {exc}") from None
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else type(exc).__name__
-        if isinstance(exc, ValueError) and "key" in str(exc):
+        if isinstance(exc, ValueError) and ("key" in str(exc) or "JSON" in str(exc)):
             reason = str(exc)
         raise ConfigError(f"cannot read audit key file {path}: {reason}") from None
 
@@ -230,15 +239,15 @@ def read_state(path: Path, cipher: AESGCM) -> ChainState | None:
 
     :raises ConfigError: unreadable, or sealed under another worker token.
     """
-    try:
-        raw = path.read_text(encoding="ascii")
-    except FileNotFoundError:
+    if not path.exists() and not path.is_symlink():
         return None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read audit chain state {path}: {type(exc).__name__}") from None
     try:
-        doc = json.loads(raw)
-        if doc.get("format") != STATE_FORMAT:
+        raw = read_bounded(path, _MAX_KEY_FILE).decode("ascii")
+    except (ConfigError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read audit chain state {path}: {str(exc)[:200]}") from None
+    try:
+        doc = loads_bounded(raw)
+        if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
             raise ValueError
         log_id = str(doc["log_id"])
         aad = f"{STATE_FORMAT}\n{log_id}".encode("ascii")

@@ -26,7 +26,7 @@ from vramcore.errors import AuditError
 from vramcore_audit_chain import _format as fmt
 from vramcore_audit_chain._keys import ChainState, write_private_file
 
-__all__ = ["Resume", "recover"]
+__all__ = ["Resume", "quarantine_tail", "recover"]
 
 _CP_MARKER = b'","type":"checkpoint","data":{'
 
@@ -47,7 +47,13 @@ class Resume:
     state_stale: bool
     cp_seq: int
     cp_mac: str
-    quarantine: dict[str, Any] | None
+    #: ``(file index, path, good length, size)`` when bytes after the last record must be
+    #: quarantined (done by :func:`quarantine_tail`, once the writer decided to go on).
+    cut: tuple[int, Path, int, int] | None
+    #: the records read back, for the writer's comparison with its witnesses' heads.
+    tail: list[fmt.ParsedLine] = attrs.field(repr=False)
+    #: the last record is a ``rotate`` checkpoint: the next record opens the next file.
+    rotated: bool = False
 
 
 def _tail_windows(path: Path, chunk: int) -> Iterator[tuple[int, bytes]]:
@@ -112,11 +118,14 @@ def _damaged(directory: Path, where: str, why: str) -> AuditError:
 
 
 def _mac_ok(key: bytes | bytearray, rec: fmt.ParsedLine) -> bool:
-    return hmac.compare_digest(hmac.digest(key, rec.body, "sha256").hex().encode(), rec.mac)
+    body = fmt.record_mac_body(rec)
+    if body is None:
+        return False
+    return hmac.compare_digest(hmac.digest(key, body, "sha256").hex().encode(), rec.mac)
 
 
 def recover(directory: Path, files: list[tuple[int, Path]], state: ChainState) -> Resume:
-    """Check the log's tail against the state and prepare to continue it.
+    """Check the log's tail against the state and prepare to continue it (reads only).
 
     :raises AuditError: the tail does not verify, or the log is shorter than the state says.
     """
@@ -177,11 +186,8 @@ def recover(directory: Path, files: list[tuple[int, Path]], state: ChainState) -
         if why is not None:
             key[:] = bytes(len(key))
             raise _damaged(directory, path.name, why)
-    quarantine = None
-    if good_len < size:
-        quarantine = _quarantine(directory, index, path, good_len, size)
     last = parsed[-1]
-    clean = last.type == fmt.CHECKPOINT and json.loads(last.body)["data"].get("reason") == "close"
+    reason = json.loads(last.body)["data"].get("reason") if last.type == fmt.CHECKPOINT else None
     return Resume(
         key=key,
         epoch=epoch,
@@ -191,11 +197,13 @@ def recover(directory: Path, files: list[tuple[int, Path]], state: ChainState) -
         epoch_records=len(parsed) - (1 if first.type == fmt.CHECKPOINT else 0),
         file_index=index,
         file_bytes=good_len,
-        clean=clean,
+        clean=reason == "close",
         state_stale=stale,
         cp_seq=cp_seq,
         cp_mac=cp_mac,
-        quarantine=quarantine,
+        cut=(index, path, good_len, size) if good_len < size else None,
+        tail=parsed,
+        rotated=reason == "rotate" and bool(lines),
     )
 
 
@@ -228,9 +236,14 @@ def _key_after_checkpoint(
     return after, True
 
 
-def _quarantine(
-    directory: Path, index: int, path: Path, good_len: int, size: int
-) -> dict[str, Any]:
+def quarantine_tail(directory: Path, resume: Resume) -> dict[str, Any] | None:
+    """Move the bytes after the last record to a quarantine file and cut them from the log.
+
+    :return: the ``recovery`` record's data, or ``None`` when there was nothing to cut.
+    """
+    if resume.cut is None:
+        return None
+    index, path, good_len, size = resume.cut
     with path.open("rb") as f:
         f.seek(good_len)
         data = f.read(size - good_len)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from vramcore.audit import AuditSink, SinkContext
+from vramcore.audit import AuditSink, AuditWitness, SinkContext
 from vramcore.errors import ConfigError
 from vramcore.events import AuditEvent
 from vramcore_audit_chain._config import ChainConfig
@@ -21,17 +21,31 @@ class ChainSink(AuditSink):
     """Writes every event to the hash-chained log in ``config.directory``.
 
     :param config: the chain settings (:meth:`ChainConfig.from_env` reads them).
-    :param context: the manager's worker id, device and token.
+    :param context: the manager's worker id, device and key derivation.
+    :param witnesses: where the log's heads go. ``None`` (what the plugin's hook passes)
+        waits for :meth:`attach_witnesses` before writing anything, so that the writer can
+        compare the log with what the witnesses know first.
     :raises ConfigError: the directory is held by another writer or unusable.
-    :raises AuditError: the existing log does not continue cleanly.
+    :raises AuditError: the existing log does not continue cleanly, or a witness knows a
+        later head of it than the disk holds.
     """
 
     name = "audit_chain"
 
-    def __init__(self, config: ChainConfig, context: SinkContext) -> None:
+    def __init__(
+        self,
+        config: ChainConfig,
+        context: SinkContext,
+        *,
+        witnesses: Sequence[AuditWitness] | None = (),
+    ) -> None:
         self.config = config
         self._writer = ChainWriter(
-            config, context, worker_id=context.worker_id, device=context.device
+            config,
+            context,
+            worker_id=context.worker_id,
+            device=context.device,
+            witnesses=witnesses,
         )
         self._closed = False
         self._report: dict[str, Any] | None = None
@@ -46,13 +60,34 @@ class ChainSink(AuditSink):
         """What start-up recovery quarantined, if anything."""
         return self._writer.recovered
 
+    @property
+    def log_id(self) -> str:
+        """The log's id."""
+        return self._writer.log_id
+
+    def attach_witnesses(self, witnesses: Sequence[AuditWitness]) -> None:
+        """Start the log with ``witnesses`` (refusing a log they show was cut back), or add
+        them to a started one."""
+        if self._writer.started:
+            self._writer.add_witnesses(witnesses)
+        else:
+            self._writer.start(witnesses)
+
     def emit(self, event: AuditEvent) -> None:
-        """Append ``event``; returns once it is as durable as the durability mode promises."""
+        """Append ``event``; returns once it is as durable as the durability mode promises.
+
+        :raises AuditError: the log cannot be written; or a witness failed (see
+            :meth:`ChainWriter.witness_check`): for a critical event only a required one.
+        """
+        if not self._writer.started:
+            self._writer.start(())
         self._writer.append_event(encode_event(event), critical=event.critical)
+        self._writer.witness_check(critical=event.critical)
 
     def flush(self) -> None:
         """Fsync everything emitted so far."""
-        self._writer.flush()
+        if self._writer.started:
+            self._writer.flush()
 
     def close(self) -> None:
         """Write the closing checkpoint and release the log."""
@@ -72,6 +107,7 @@ class ChainSink(AuditSink):
             "written": self._writer.records,
             "durability": self.config.durability.value,
             "public_key": self.public_key,
+            "heads_published": self._writer.heads_published,
         }
         if not self._closed:
             return {**base, "open": True}

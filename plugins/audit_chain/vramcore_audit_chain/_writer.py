@@ -9,7 +9,12 @@ flusher thread commits batched records within ``flush_interval`` and writes time
 checkpoints.
 
 A checkpoint ends its epoch: it is MACed with the old key, the key evolves one way, the old key
-is wiped, and once the checkpoint is fsynced the state file is replaced with the new key.
+is wiped, and once the checkpoint is fsynced the state file is replaced with the new key (once
+per commit, however many checkpoints it holds, so a commit's cost does not grow with them).
+
+Heads leave the host through witnesses: the committer publishes one after a commit that made
+a checkpoint, a critical event (``immediate``/``mixed``), the session's ``open`` record or the
+closing checkpoint durable, never before, so a witness never knows a head the disk lacks.
 """
 
 from __future__ import annotations
@@ -22,18 +27,21 @@ import os
 import secrets
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
 
-from vramcore.audit import SinkContext
+from vramcore.audit import AuditWitness, SinkContext
 from vramcore.errors import AuditError, ConfigError
 from vramcore_audit_chain import _format as fmt
 from vramcore_audit_chain._config import ChainConfig, Durability
+from vramcore_audit_chain._head import Head, sign_head
 from vramcore_audit_chain._keys import (
     ChainState,
     fsync_dir,
+    load_key_file,
     public_key_hex,
     read_state,
     signing_key,
@@ -42,7 +50,7 @@ from vramcore_audit_chain._keys import (
     write_private_file,
     write_state,
 )
-from vramcore_audit_chain._recovery import recover
+from vramcore_audit_chain._recovery import Resume, quarantine_tail, recover
 
 __all__ = ["ChainWriter"]
 
@@ -68,23 +76,36 @@ class _SaveState:
 
 
 _Item = bytes | _Rotate | _SaveState
+#: When several reasons to publish a head meet in one commit, the strongest names it.
+_HEAD_RANK = {"critical": 1, "open": 2, "checkpoint": 3, "close": 4}
 
 
 class ChainWriter:
     """Appends records to one audit chain directory; one writer per directory (flock).
+
+    Opening reads only: it takes the lock and checks the existing log against the state.
+    :meth:`start` (called by the constructor unless ``witnesses`` is ``None``) compares the
+    log with what the witnesses know, and only then writes (setup, recovery, ``open``).
 
     :param config: where and how to write.
     :param keys: the sink context; its plugin keys (signing key, state key, initial chain key)
         are derived while opening and not kept.
     :param worker_id: written into the genesis and open records.
     :param device: likewise.
+    :param witnesses: where heads go; ``None`` defers :meth:`start` to the caller.
     :raises ConfigError: another process holds the log, or the directory is unusable.
     :raises AuditError: the existing log does not continue cleanly (truncated, altered,
-        state missing); the writer refuses to append to it.
+        state missing, behind a witness); the writer refuses to append to it.
     """
 
     def __init__(
-        self, config: ChainConfig, keys: SinkContext, *, worker_id: str = "", device: int = -1
+        self,
+        config: ChainConfig,
+        keys: SinkContext,
+        *,
+        worker_id: str = "",
+        device: int = -1,
+        witnesses: Sequence[AuditWitness] | None = (),
     ) -> None:
         self._cfg = config
         self._sync_all = config.durability is Durability.IMMEDIATE
@@ -108,30 +129,40 @@ class ChainWriter:
         self._failed: BaseException | None = None
         self._closed = False
         self._stopping = False
+        self._started = False
         self._fd = -1
         self._lock_fd = -1
+        self._dir_fd = -1
         self._key = bytearray()
         self._mac: Any = None
         self._log_id = ""
         self._epoch = 0
         self._seq_next = 0
         self._head = fmt.GENESIS_PREV
+        self._last_cp_seq = -1
         self._file_index = 1
         self._file_bytes = 0
+        self._witnesses: list[AuditWitness] = []
+        self._head_due: str | None = None
+        self._witness_down: dict[str, str] = {}
+        self._witness_unreported: list[str] = []
+        self.heads_published = 0
         self.recovered: dict[str, Any] | None = None
         self._signer = signing_key(keys)
         self.public_key = public_key_hex(self._signer)
         self._cipher = state_cipher(keys)
+        self._state: ChainState | None = None
+        self._resume: Resume | None = None
+        self._base_key: bytearray | None = None
+        self._flusher: threading.Thread | None = None
         try:
             self._acquire_lock()
-            self._open(keys)
+            self._prepare(keys)
         except BaseException:
             self._release()
             raise
-        self._flusher = threading.Thread(
-            target=self._run_flusher, name="vramcore-audit-chain-flusher", daemon=True
-        )
-        self._flusher.start()
+        if witnesses is not None:
+            self.start(witnesses)
 
     # ------------------------------------------------------------------ public
 
@@ -145,6 +176,73 @@ class ChainWriter:
         """Records appended by this writer (events and chain records)."""
         return self._records_written
 
+    @property
+    def log_id(self) -> str:
+        """The log's id (from its genesis)."""
+        return self._log_id
+
+    @property
+    def started(self) -> bool:
+        """Whether :meth:`start` ran."""
+        return self._started
+
+    def start(self, witnesses: Sequence[AuditWitness] = ()) -> None:
+        """Check the log against ``witnesses``, then write setup / recovery / ``open``.
+
+        Called once; the witnesses also receive every head from now on.
+
+        :raises AuditError: a witness knows a later head of this log than the disk holds
+            (rolled back, or its tail cut), or a required witness is unreadable; nothing was
+            written. Also when a required witness cannot take the ``open`` head.
+        """
+        if self._started:
+            raise AuditError(f"the audit chain writer of {self._dir} is already started")
+        self._started = True
+        self._witnesses = list(witnesses)
+        try:
+            self._open()
+        except BaseException:
+            self._closed = True
+            self._release()
+            raise
+        self._flusher = threading.Thread(
+            target=self._run_flusher, name="vramcore-audit-chain-flusher", daemon=True
+        )
+        self._flusher.start()
+        self._raise_if_required_witness_down("the session's open record")
+
+    def add_witnesses(self, witnesses: Sequence[AuditWitness]) -> None:
+        """Publish future heads to ``witnesses`` too (they were not asked about the past)."""
+        with self._lock:
+            self._witnesses.extend(witnesses)
+
+    def witness_check(self, *, critical: bool) -> None:
+        """Raise :class:`AuditError` to report witness failures, as a failing sink reports.
+
+        For a critical event: only while a *required* witness is failing (fail closed). For
+        another event: once for each failure not yet reported.
+        """
+        with self._lock:
+            if not self._witness_down and not self._witness_unreported:
+                return
+            required = {w.name for w in self._witnesses if w.required}
+            down = {n: why for n, why in self._witness_down.items() if n in required}
+            fresh, self._witness_unreported = self._witness_unreported, []
+            if critical and not down:
+                self._witness_unreported = fresh  # report them on a non-critical event
+                return
+        if critical:
+            raise AuditError(
+                f"required audit witness(es) {_names(down)} could not keep the log's head; "
+                "the critical event is in the log but the operation was refused (fail closed). "
+                "Restore the witness (VRAMCORE_AUDIT_WITNESS) or stop requiring it"
+            )
+        if fresh:
+            raise AuditError(
+                f"audit witness(es) {', '.join(sorted(set(fresh)))} could not keep the log's "
+                "head; the event itself is in the log"
+            )
+
     def append_event(self, data: str, *, critical: bool) -> int:
         """Append an event record (``data``: canonical JSON); return its sequence number.
 
@@ -152,7 +250,7 @@ class ChainWriter:
         """
         sync = self._sync_all or (critical and self._sync_critical)
         with self._lock:
-            if self._failed is not None or self._closed:
+            if self._failed is not None or self._closed or not self._started:
                 self._check_usable()
             if (
                 self._file_bytes >= self._cfg.max_bytes
@@ -184,9 +282,14 @@ class ChainWriter:
             self._epoch_records += 1
             self._records_written += 1
             if sync:
-                pass
+                if critical:
+                    self._want_head("critical")
             elif self._pending_bytes < _BATCH_BYTES:
-                return seq
+                if time.monotonic() - self._first_pending_at <= self._cfg.flush_interval:
+                    return seq
+                # Records have waited longer than the flush interval: the committer is behind
+                # (a slow disk). Wait for this one, so what a crash can lose stays bounded by
+                # time, not by how far the queue has grown.
             else:
                 if not self._flush_now:
                     self._flush_now = True
@@ -206,18 +309,30 @@ class ChainWriter:
         self._commit_through(target)
 
     def close(self) -> None:
-        """Write the closing checkpoint, make it durable, wipe the key and release the log."""
+        """Write the closing checkpoint, make it durable, publish the head, wipe the key and
+        release the log.
+
+        :raises AuditError: the chain failed earlier, or a required witness could not take
+            the closing head.
+        """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+            if not self._started:
+                self._stopping = True
+        if not self._started:
+            self._release()
+            return
+        with self._lock:
             failed = self._failed
             if failed is None:
                 self._checkpoint("close")
             self._stopping = True
             self._wake.notify_all()
             target = self._seq_next - 1
-        self._flusher.join()
+        if self._flusher is not None:
+            self._flusher.join()
         try:
             if failed is None:
                 self._commit_through(target, closing=True)
@@ -228,6 +343,7 @@ class ChainWriter:
                 f"audit chain in {self._dir} failed earlier and was closed without its closing "
                 f"checkpoint: {type(failed).__name__}: {failed}"
             )
+        self._raise_if_required_witness_down("the closing checkpoint")
 
     # --------------------------------------------------------------- sequencing
 
@@ -239,11 +355,17 @@ class ChainWriter:
             )
         if self._closed:
             raise AuditError(f"audit chain in {self._dir} is closed")
+        if not self._started:
+            raise AuditError(f"audit chain in {self._dir} is not started")
 
-    def _record(self, rtype: str, data: str) -> int:
+    def _want_head(self, reason: str) -> None:
+        if self._witnesses and (
+            self._head_due is None or _HEAD_RANK[reason] > _HEAD_RANK[self._head_due]
+        ):
+            self._head_due = reason
+
+    def _append_line(self, line: bytes, mac: str) -> int:
         seq = self._seq_next
-        body = fmt.build_body(seq, self._epoch, self._head, rtype, data)
-        line, mac = fmt.build_line(body, self._key)
         self._seq_next = seq + 1
         self._head = mac
         if not self._pending:
@@ -255,6 +377,11 @@ class ChainWriter:
         self._epoch_records += 1
         self._records_written += 1
         return seq
+
+    def _record(self, rtype: str, data: str) -> int:
+        body = fmt.build_body(self._seq_next, self._epoch, self._head, rtype, data)
+        line, mac = fmt.build_line(body, self._key)
+        return self._append_line(line, mac)
 
     def _checkpoint_due(self) -> bool:
         return self._epoch_records > 0 and (
@@ -273,22 +400,23 @@ class ChainWriter:
 
     def _checkpoint(self, reason: str) -> None:
         seq = self._seq_next
-        fields: dict[str, Any] = {
-            "epoch": self._epoch,
+        data: dict[str, Any] = {
             "head": self._head,
             "log_id": self._log_id,
             "reason": reason,
             "records": seq,
             "segment": hashlib.sha256(b"".join(self._seg_lines)).hexdigest(),
-            "seq": seq,
             "ts": fmt.utc_now_text(),
         }
-        data = {k: v for k, v in fields.items() if k not in ("epoch", "seq")}
-        data["sig"] = self._signer.sign(fmt.checkpoint_message(fields)).hex()
-        self._record(fmt.CHECKPOINT, fmt.canonical_json(data))
+        line, mac = fmt.build_checkpoint(
+            seq, self._epoch, self._head, data, self._key, self._signer.sign
+        )
+        self._append_line(line, mac)
+        self._last_cp_seq = seq
         self._seg_lines = [self._seg_lines[-1]]
         self._evolve()
         self._pending.append(_SaveState(self._epoch, seq, self._head, bytearray(self._key)))
+        self._want_head("close" if reason == "close" else "checkpoint")
 
     def _evolve(self) -> None:
         new = fmt.evolve_key(self._key)
@@ -317,16 +445,25 @@ class ChainWriter:
             self._pending_bytes = 0
             self._flush_now = False
             upto = self._seq_next - 1
+            head_reason, self._head_due = self._head_due, None
+            head_mac = self._head
+            # The last record is in the current epoch unless it is the checkpoint that
+            # ended the previous one.
+            head_epoch = self._epoch - (1 if upto == self._last_cp_seq else 0)
         durable = False
         try:
             self._write(items)
             durable = True
+            if head_reason is not None:
+                self._publish(upto, head_epoch, head_mac, head_reason)
         except BaseException as exc:
-            with self._lock:
-                self._failed = exc
-            raise AuditError(
-                f"audit chain in {self._dir} could not write: {type(exc).__name__}: {exc}"
-            ) from exc
+            if not durable:
+                with self._lock:
+                    self._failed = exc
+                raise AuditError(
+                    f"audit chain in {self._dir} could not write: {type(exc).__name__}: {exc}"
+                ) from exc
+            raise
         finally:
             for item in items:
                 if isinstance(item, _SaveState):
@@ -334,41 +471,88 @@ class ChainWriter:
             with self._lock:
                 self._committing = False
                 if durable:
-                    self._durable_seq = upto
+                    self._durable_seq = max(self._durable_seq, upto)
                 self._drained.notify_all()
 
     def _write(self, items: list[_Item]) -> None:
         chunk: list[bytes] = []
         dirty = False
+        save: _SaveState | None = None
         for item in items:
             if isinstance(item, bytes):
                 chunk.append(item)
+                continue
+            if isinstance(item, _SaveState):
+                # Only the newest epoch key is ever needed; it is saved once the whole
+                # commit is durable (the state never runs ahead of the log).
+                save = item
                 continue
             self._write_all(b"".join(chunk))
             chunk = []
             os.fsync(self._fd)
             dirty = False
-            if isinstance(item, _Rotate):
-                os.close(self._fd)
-                self._fd = -1
-                self._file_index += 1
-                self._fd = self._open_log(self._file_index, create=True)
-            else:
-                write_state(
-                    self._dir / fmt.STATE_NAME,
-                    self._cipher,
-                    ChainState(self._log_id, item.epoch, item.seq, item.head, item.key),
-                )
+            os.close(self._fd)
+            self._fd = -1
+            self._file_index += 1
+            self._fd = self._open_log(self._file_index, create=True)
         if chunk:
             self._write_all(b"".join(chunk))
             dirty = True
         if dirty:
             os.fsync(self._fd)
+        if save is not None:
+            write_state(
+                self._dir / fmt.STATE_NAME,
+                self._cipher,
+                ChainState(self._log_id, save.epoch, save.seq, save.head, save.key),
+            )
 
     def _write_all(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(self._fd, view) :]
+
+    def _publish(self, seq: int, epoch: int, mac: str, reason: str) -> None:
+        """Sign the head at ``seq`` and give it to every witness (the committer calls this)."""
+        head = sign_head(
+            self._signer,
+            log_id=self._log_id,
+            seq=seq,
+            epoch=epoch,
+            mac=mac,
+            reason=reason,
+            public_key=self.public_key,
+        ).to_dict()
+        for witness in list(self._witnesses):
+            try:
+                witness.publish(head)
+            except Exception as exc:
+                log.error(
+                    "audit witness %s failed to keep head %d of log %s: %s",
+                    witness.name,
+                    seq,
+                    self._log_id,
+                    type(exc).__name__,
+                )
+                with self._lock:
+                    self._witness_down[witness.name] = type(exc).__name__
+                    self._witness_unreported.append(witness.name)
+            else:
+                if witness.name in self._witness_down:
+                    with self._lock:
+                        self._witness_down.pop(witness.name, None)
+        self.heads_published += 1
+
+    def _raise_if_required_witness_down(self, what: str) -> None:
+        with self._lock:
+            required = {w.name for w in self._witnesses if w.required}
+            down = {n: why for n, why in self._witness_down.items() if n in required}
+        if down:
+            raise AuditError(
+                f"required audit witness(es) {_names(down)} could not keep the head of "
+                f"{what} in {self._dir} (fail closed); restore the witness "
+                "(VRAMCORE_AUDIT_WITNESS) or stop requiring it"
+            )
 
     def _run_flusher(self) -> None:
         while True:
@@ -404,18 +588,33 @@ class ChainWriter:
                 f"cannot create the audit log directory {self._dir} (VRAMCORE_AUDIT_LOG): "
                 f"{exc.strerror}"
             ) from None
-        path = self._dir / fmt.LOCK_NAME
-        self._lock_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # The lock is held on the directory itself, which cannot be deleted while it holds
+        # the log: removing or replacing chain.lock (which only shows the holder's pid)
+        # cannot let a second writer in.
         try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self._lock_fd, 32, 0).decode("ascii", "replace").strip()
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+            self._dir_fd = os.open(self._dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
             raise ConfigError(
-                f"the audit log {self._dir} is in use by another writer (pid {holder or '?'}); "
+                f"cannot open the audit log directory {self._dir}: {exc.strerror}"
+            ) from None
+        try:
+            fcntl.flock(self._dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = "?"
+            with contextlib.suppress(OSError, UnicodeDecodeError):
+                raw = fmt.read_bounded(self._dir / fmt.LOCK_NAME, 64)
+                holder = raw.decode("ascii").strip() or "?"
+            os.close(self._dir_fd)
+            self._dir_fd = -1
+            raise ConfigError(
+                f"the audit log {self._dir} is in use by another writer (pid {holder[:20]}); "
                 "give each worker process its own VRAMCORE_AUDIT_LOG directory"
             ) from None
+        path = self._dir / fmt.LOCK_NAME
+        with contextlib.suppress(FileNotFoundError):
+            if path.is_symlink() or not path.is_file():
+                path.unlink()
+        self._lock_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         os.ftruncate(self._lock_fd, 0)
         os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode("ascii"), 0)
 
@@ -429,9 +628,20 @@ class ChainWriter:
                 os.ftruncate(self._lock_fd, 0)
                 os.close(self._lock_fd)
             self._lock_fd = -1
+        if self._dir_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._dir_fd)  # releases the flock
+            self._dir_fd = -1
         self._key[:] = bytes(len(self._key))
         self._key = bytearray()
         self._mac = None
+        for secret in (self._base_key, self._state.key if self._state is not None else None):
+            if secret is not None:
+                secret[:] = bytes(len(secret))
+        self._base_key = None
+        if self._resume is not None:
+            self._resume.key[:] = bytes(len(self._resume.key))
+            self._resume = None
 
     def _open_log(self, index: int, *, create: bool) -> int:
         flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_CREAT
@@ -442,19 +652,18 @@ class ChainWriter:
             fsync_dir(self._dir)
         return fd
 
-    def _open(self, keys: SinkContext) -> None:
+    def _prepare(self, keys: SinkContext) -> None:
+        """Read the state and the log's tail; decide between setup and resuming (no writes)."""
         files = fmt.log_files(self._dir)
         state = read_state(self._dir / fmt.STATE_NAME, self._cipher)
+        self._state = state
         if (
             state is not None
             and state.seq == -1
             and len(files) == 1
             and files[0][1].stat().st_size == 0
         ):
-            # Setup crashed after creating the first file, before its genesis record: the
-            # empty file holds nothing, and setup resumes from the saved initial state.
-            files[0][1].unlink()
-            files = []
+            files = []  # setup stopped after creating the first file: _setup starts it again
         if not files:
             if state is not None and state.seq >= 0:
                 raise AuditError(
@@ -462,27 +671,47 @@ class ChainWriter:
                     f"{state.seq + 1} records, but no log file is there: the log was deleted "
                     "or moved. Restore it, or move the directory away to start a new log"
                 )
-            self._setup(keys, state)
+            if state is None:
+                if self._cfg.initial_key_path.exists():
+                    raise _key_file_conflict(self._cfg.initial_key_path)
+                base = keys.derive_key(fmt.CHAIN_KEY_PURPOSE)
+                self._base_key = bytearray(base.export())
+                base.wipe()
+            return
+        if state is None:
+            raise AuditError(
+                f"{self._dir} holds audit log files but no chain state ({fmt.STATE_NAME}); "
+                "the writer cannot continue this log. Restore the state file, or move the "
+                "log away (keep it for the auditor) to start a new one"
+            )
+        self._resume = recover(self._dir, files, state)
+        self._log_id = state.log_id
+
+    def _open(self) -> None:
+        resume = self._resume
+        if resume is None:
+            self._setup()
             clean = True
         else:
-            if state is None:
-                raise AuditError(
-                    f"{self._dir} holds audit log files but no chain state ({fmt.STATE_NAME}); "
-                    "the writer cannot continue this log. Restore the state file, or move the "
-                    "log away (keep it for the auditor) to start a new one"
-                )
-            resume = recover(self._dir, files, state)
-            self._log_id = state.log_id
+            self._check_witnesses(resume)
             self._key = resume.key
             self._mac = fmt.mac_context(self._key)
             self._epoch = resume.epoch
             self._seq_next = resume.next_seq
             self._head = resume.head
+            self._last_cp_seq = resume.cp_seq if resume.tail[-1].seq == resume.cp_seq else -1
             self._seg_lines = resume.segment_lines
             self._epoch_records = resume.epoch_records
             self._file_index = resume.file_index
             self._file_bytes = resume.file_bytes
-            self._fd = self._open_log(self._file_index, create=False)
+            quarantine = quarantine_tail(self._dir, resume)
+            if resume.rotated:
+                # The writer stopped between a rotate checkpoint and the next file.
+                self._file_index += 1
+                self._file_bytes = 0
+                self._fd = self._open_log(self._file_index, create=True)
+            else:
+                self._fd = self._open_log(self._file_index, create=False)
             clean = resume.clean
             if resume.state_stale:
                 write_state(
@@ -490,11 +719,14 @@ class ChainWriter:
                     self._cipher,
                     ChainState(self._log_id, self._epoch, resume.cp_seq, resume.cp_mac, self._key),
                 )
-            if resume.quarantine is not None:
-                self.recovered = resume.quarantine
-                data = dict(resume.quarantine, ts=fmt.utc_now_text())
+            if quarantine is not None:
+                self.recovered = quarantine
+                data = dict(quarantine, ts=fmt.utc_now_text())
                 self._record(fmt.RECOVERY, fmt.canonical_json(data))
-            state.wipe()
+            self._resume = None  # the key now belongs to the writer
+        if self._state is not None:
+            self._state.wipe()
+            self._state = None
         open_data = {
             "clean": clean,
             "device": self._device,
@@ -503,35 +735,94 @@ class ChainWriter:
             "worker_id": self._worker_id,
         }
         self._record(fmt.OPEN, fmt.canonical_json(open_data))
-        items, self._pending = self._pending, []
-        self._pending_bytes = 0
-        self._write(items)
-        self._durable_seq = self._seq_next - 1
+        self._want_head("open")
+        with self._lock:
+            upto = self._seq_next - 1
+            self._committing = True
+            items, self._pending = self._pending, []
+            self._pending_bytes = 0
+            head_reason, self._head_due = self._head_due, None
+        try:
+            self._write(items)
+            self._durable_seq = upto
+            if head_reason is not None:
+                self._publish(upto, self._epoch, self._head, head_reason)
+        finally:
+            with self._lock:
+                self._committing = False
 
-    def _setup(self, keys: SinkContext, state: ChainState | None) -> None:
+    def _check_witnesses(self, resume: Resume) -> None:
+        """Refuse to go on when a witness knows a later head of this log than the disk holds."""
+        public = self._signer.public_key()
+        by_seq = {rec.seq: rec for rec in resume.tail}
+        last = resume.next_seq - 1
+        for witness in self._witnesses:
+            try:
+                raw = witness.latest(self._log_id)
+            except Exception as exc:
+                if witness.required:
+                    raise AuditError(
+                        f"required audit witness {witness.name} cannot be read "
+                        f"({type(exc).__name__}), so the writer cannot tell whether the log in "
+                        f"{self._dir} was rolled back; it refuses to start (fail closed)"
+                    ) from None
+                log.warning("audit witness %s cannot be read: %s", witness.name, type(exc))
+                continue
+            if raw is None:
+                continue
+            head = Head.from_mapping(raw)
+            if head is None or head.log_id != self._log_id or not head.signed_by(public):
+                log.warning(
+                    "audit witness %s returned a head that this log's key did not sign; ignored",
+                    witness.name,
+                )
+                continue
+            if head.seq > last:
+                raise AuditError(
+                    f"witness {witness.name} saw the audit log in {self._dir} reach record "
+                    f"{head.seq} ({head.reason}, {head.ts}), but the log on disk ends at "
+                    f"record {last}: records were removed (an old copy of the log and "
+                    f"{fmt.STATE_NAME} put back, or its tail cut after a crash). The writer "
+                    "refuses to continue it; keep the directory for the auditor (`vramcore "
+                    "audit verify DIR --anchor WITNESS`) and start a new log elsewhere"
+                )
+            rec = by_seq.get(head.seq)
+            if rec is not None and rec.mac.decode("ascii") != head.mac:
+                raise AuditError(
+                    f"witness {witness.name} saw another record {head.seq} in the audit log "
+                    f"in {self._dir} ({head.ts}) than the disk holds: the log was rolled back "
+                    "and rewritten. The writer refuses to continue it; keep the directory for "
+                    "the auditor (`vramcore audit verify DIR --anchor WITNESS`)"
+                )
+
+    def _setup(self) -> None:
+        """Start a new log. Every step can be interrupted and resumed: the state (holding the
+        initial key) is saved first, then the auditor's key file, the public key, the file."""
+        state = self._state
         if state is None:
-            log_id = secrets.token_hex(16)
-            base = keys.derive_key(fmt.CHAIN_KEY_PURPOSE)
-            key = fmt.initial_key(base.export(), secrets.token_bytes(32))
-            base.wipe()
-            write_key_file(
-                self._cfg.initial_key_path, log_id=log_id, key=key, public_key=self.public_key
-            )
-            write_private_file(
-                self._dir / fmt.PUBLIC_KEY_NAME, (self.public_key + "\n").encode(), replace=True
-            )
-            state = ChainState(log_id, 0, -1, fmt.GENESIS_PREV, bytearray(key))
+            assert self._base_key is not None
+            key = fmt.initial_key(self._base_key, secrets.token_bytes(32))
+            self._base_key[:] = bytes(len(self._base_key))
+            self._base_key = None
+            state = ChainState(secrets.token_hex(16), 0, -1, fmt.GENESIS_PREV, key)
+            self._state = state
             write_state(self._dir / fmt.STATE_NAME, self._cipher, state)
-            key[:] = bytes(len(key))
+        self._ensure_key_file(state)
+        write_private_file(
+            self._dir / fmt.PUBLIC_KEY_NAME, (self.public_key + "\n").encode(), replace=True
+        )
         self._log_id = state.log_id
         self._key = bytearray(state.key)
         self._mac = fmt.mac_context(self._key)
-        state.wipe()
         self._epoch = 0
         self._seq_next = 0
         self._head = fmt.GENESIS_PREV
         self._file_index = 1
         self._file_bytes = 0
+        first = self._dir / fmt.log_file_name(1)
+        with contextlib.suppress(FileNotFoundError):
+            if first.stat().st_size == 0:
+                first.unlink()  # created by a setup that stopped before the genesis
         self._fd = self._open_log(1, create=True)
         genesis = {
             "checkpoint_records": self._cfg.checkpoint_records,
@@ -545,3 +836,27 @@ class ChainWriter:
             "worker_id": self._worker_id,
         }
         self._record(fmt.GENESIS, fmt.canonical_json(genesis))
+
+    def _ensure_key_file(self, state: ChainState) -> None:
+        """Write the auditor's key file, unless this log's own is already there."""
+        path = self._cfg.initial_key_path
+        if path.exists():
+            try:
+                existing = load_key_file(path)
+            except ConfigError:
+                raise _key_file_conflict(path) from None
+            if existing.log_id != state.log_id or existing.key_id != fmt.key_id(state.key):
+                raise _key_file_conflict(path)
+            return
+        write_key_file(path, log_id=state.log_id, key=state.key, public_key=self.public_key)
+
+
+def _key_file_conflict(path: Path) -> ConfigError:
+    return ConfigError(
+        f"{path} already exists; it belongs to another audit log. Move it away (to the "
+        "auditor) before starting a new log here, or set VRAMCORE_AUDIT_INITIAL_KEY_FILE"
+    )
+
+
+def _names(down: dict[str, str]) -> str:
+    return ", ".join(f"{name} ({why})" for name, why in sorted(down.items()))

@@ -13,6 +13,7 @@ MODULES = [
     "vramcore_audit_tracing._narration",
     "vramcore_audit_tracing._plugin",
     "vramcore_audit_tracing._sink",
+    "vramcore_audit_tracing._witness",
 ]
 
 

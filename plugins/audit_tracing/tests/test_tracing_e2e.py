@@ -271,6 +271,7 @@ def test_disable_plugins_env_skips_the_entry_point() -> None:
     assert info.hooks == (
         "vramcore_audit_failure",
         "vramcore_audit_sinks",
+        "vramcore_audit_witnesses",
         "vramcore_operation",
     )
 

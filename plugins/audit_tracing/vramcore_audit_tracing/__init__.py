@@ -2,7 +2,9 @@
 
 Installed, this plugin (entry point ``audit_tracing``) wraps every manager operation in a
 span, turns audit events into span events and log records, records metrics, and writes one
-narration line per operation to the ``vramcore.narration`` logger. It uses the global
+narration line per operation to the ``vramcore.narration`` logger. It is also an audit
+witness: the audit chain's signed heads ride on the exported telemetry, so an auditor can
+prove the log was not cut back (``vramcore audit verify DIR --anchor EXPORT``). It uses the global
 OpenTelemetry providers: configure the SDK (or nothing, and it costs next to nothing).
 
 To use providers of your own, register a :class:`TracingPlugin` instead::
@@ -25,11 +27,12 @@ from vramcore_audit_tracing._attributes import CORRELATION_BAGGAGE_KEY
 from vramcore_audit_tracing._narration import EVENTS_LOGGER, NARRATION_LOGGER
 
 if TYPE_CHECKING:
-    from vramcore.audit import AuditSink, SinkContext
+    from vramcore.audit import AuditSink, AuditWitness, SinkContext
     from vramcore.events import AuditEvent
     from vramcore.narration import Operation
     from vramcore_audit_tracing._plugin import TracingPlugin
     from vramcore_audit_tracing._sink import TracingSink
+    from vramcore_audit_tracing._witness import TracingWitness
 
 __all__ = [
     "CORRELATION_BAGGAGE_KEY",
@@ -37,6 +40,7 @@ __all__ = [
     "NARRATION_LOGGER",
     "TracingPlugin",
     "TracingSink",
+    "TracingWitness",
     "default_plugin",
 ]
 
@@ -68,6 +72,10 @@ def __getattr__(name: str) -> Any:
         from vramcore_audit_tracing._sink import TracingSink
 
         return TracingSink
+    if name == "TracingWitness":
+        from vramcore_audit_tracing._witness import TracingWitness
+
+        return TracingWitness
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -81,6 +89,12 @@ def vramcore_operation(op: Operation) -> Generator[None, Any, Any]:
 def vramcore_audit_sinks(context: SinkContext) -> Sequence[AuditSink]:
     """A tracing sink for each manager (see :meth:`TracingPlugin.vramcore_audit_sinks`)."""
     return default_plugin().vramcore_audit_sinks(context)
+
+
+@hookimpl
+def vramcore_audit_witnesses(context: SinkContext) -> Sequence[AuditWitness]:
+    """The telemetry witness (see :meth:`TracingPlugin.vramcore_audit_witnesses`)."""
+    return default_plugin().vramcore_audit_witnesses(context)
 
 
 @hookimpl

@@ -9,6 +9,7 @@ import time
 import traceback
 from collections.abc import Generator, Mapping, Sequence
 from contextvars import Token
+from pathlib import Path
 from typing import Any
 
 from opentelemetry import context, metrics, trace
@@ -16,7 +17,7 @@ from opentelemetry.context import Context
 from opentelemetry.environment_variables import OTEL_PYTHON_TRACER_PROVIDER
 from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode
 
-from vramcore.audit import AuditSink, SinkContext
+from vramcore.audit import AuditSink, AuditWitness, SinkContext
 from vramcore.errors import VramError
 from vramcore.events import AuditEvent
 from vramcore.hookspecs import hookimpl
@@ -32,6 +33,7 @@ from vramcore_audit_tracing._attributes import (
 from vramcore_audit_tracing._metrics import Instruments
 from vramcore_audit_tracing._narration import NARRATION_LOGGER, narration_level, narration_line
 from vramcore_audit_tracing._sink import TracingSink, baggage_correlation_id
+from vramcore_audit_tracing._witness import TracingWitness, enabled_from_env, readback_from_env
 
 __all__ = ["INSTRUMENTATION_NAME", "SPAN_PREFIX", "TracingPlugin"]
 
@@ -85,6 +87,10 @@ class TracingPlugin:
     :param narration_logger: where narration lines go (default: ``vramcore.narration``).
     :param events_logger: where audit events are logged (default: ``vramcore.events``).
     :param log_events: write a log record for each audit event, besides the span event.
+    :param witness: offer a :class:`TracingWitness` (the audit chain's heads on the exported
+        telemetry); default from ``VRAMCORE_TRACING_WITNESS`` (on unless ``0``).
+    :param witness_readback: exported telemetry the witness can read back (default from
+        ``VRAMCORE_TRACING_WITNESS_READBACK``).
     """
 
     def __init__(
@@ -95,8 +101,14 @@ class TracingPlugin:
         narration_logger: logging.Logger | None = None,
         events_logger: logging.Logger | None = None,
         log_events: bool = True,
+        witness: bool | None = None,
+        witness_readback: os.PathLike[str] | str | None = None,
     ) -> None:
         version = _version()
+        self._witness = enabled_from_env(os.environ) if witness is None else witness
+        self._witness_readback = (
+            readback_from_env(os.environ) if witness_readback is None else Path(witness_readback)
+        )
         self._tracer_provider = tracer_provider
         self._provider_from_env = OTEL_PYTHON_TRACER_PROVIDER in os.environ
         self.tracer = trace.get_tracer(
@@ -137,6 +149,15 @@ class TracingPlugin:
     def vramcore_audit_sinks(self, context: SinkContext) -> Sequence[AuditSink]:
         """One :class:`TracingSink` per manager."""
         return [TracingSink(context, logger=self._events_logger, log_events=self._log_events)]
+
+    @hookimpl
+    def vramcore_audit_witnesses(self, context: SinkContext) -> Sequence[AuditWitness]:
+        """A :class:`TracingWitness`: the audit chain's heads go out with the telemetry."""
+        if not self._witness:
+            return []
+        return [
+            TracingWitness(self.tracer, logger=self._events_logger, readback=self._witness_readback)
+        ]
 
     @hookimpl
     def vramcore_audit_failure(
