@@ -30,6 +30,7 @@ MODULES = [
     "vramcore.plugins",
     "vramcore.policy",
     "vramcore.safetensors",
+    "vramcore.scrub",
     "vramcore.seal",
     "vramcore.shard",
     "vramcore.testing",

@@ -29,8 +29,9 @@ import math
 import os
 import secrets
 import socket
+import threading
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, NoReturn
@@ -76,6 +77,7 @@ from vramcore.errors import (
 from vramcore.narration import Operation, perform
 from vramcore.plugins import get_plugin_manager, select_backend
 from vramcore.policy import Finding, VramPolicy
+from vramcore.scrub import Scrubber
 from vramcore.seal import SecretKey, WorkerToken
 from vramcore.shard import SealedShard
 from vramcore.validation import check_device_index, check_shard_id, check_size, clean_text
@@ -171,6 +173,8 @@ class VramManager:
         self._owns_backend = not isinstance(allocator, AllocatorBackend)
         # Whether a device digest answers for this backend: None until the first digest.
         self._device_digest: bool | None = None
+        self._scrubber: Scrubber | None = None
+        self._scrub_lock = threading.Lock()
         try:
             self._backend = self._make_backend(allocator)
             self._staging = self._make_staging()
@@ -683,24 +687,84 @@ class VramManager:
     def _sampled_check(
         self, shard: SealedShard, resident: Resident, wanted: float | int
     ) -> tuple[Problem | None, int]:
-        sealed = resident.digest
-        if not resident.leaves_checked:
-            # The sealed leaves came from the device with its root: trust them only once they
-            # are shown to give the signed root.
-            if merkle_root(sealed.leaves).hex() != shard.digest:
-                return Problem(
-                    Reason.DIGEST, "the sealed leaf hashes do not give the sealed root"
-                ), 0
-            resident.leaves_checked = True
-        n = sealed.leaf_count
+        n = resident.digest.leaf_count
         k = min(n, max(1, math.ceil(wanted * n)) if isinstance(wanted, float) else wanted)
         chosen = sorted(secrets.SystemRandom().sample(range(n), k))
+        return self._check_leaves(shard, resident, _runs(chosen)), k
+
+    def _check_leaves(
+        self, shard: SealedShard, resident: Resident, ranges: Iterable[tuple[int, int]]
+    ) -> Problem | None:
+        """Re-hash leaf ``ranges`` from VRAM and compare them with the sealed leaves."""
+        sealed = resident.digest
+        if not resident.leaves_checked:
+            # Sealed leaves that came from the device with its root are trusted only once
+            # they are shown to give the signed root.
+            if merkle_root(sealed.leaves).hex() != shard.digest:
+                return Problem(Reason.DIGEST, "the sealed leaf hashes do not give the sealed root")
+            resident.leaves_checked = True
         runs: list[tuple[int, bytes, bytes]] = []
-        for first, stop in _runs(chosen):
+        for first, stop in ranges:
             _, now, _ = self._digest(shard.shard_id, resident.buffer, (first, stop))
             runs.append((first, sealed.leaf_range(first, stop), now))
             self._residency.check_running()
-        return leaves_problem(shard, runs), k
+        return leaves_problem(shard, runs)
+
+    def scrub_slice(self, shard_id: str, first: int, stop: int) -> bool | None:
+        """Re-verify leaves ``first`` to ``stop - 1`` of a resident shard (for the scrubber).
+
+        A mismatch quarantines the shard (:meth:`verified` refuses it, reason
+        ``"quarantined"``, until it is deallocated and sealed again) and is audited as a
+        failed verification.
+
+        :return: ``True`` when the leaves match, ``False`` when the shard was found corrupted
+            (or already quarantined), ``None`` when it is no longer resident.
+        """
+        self._check_open()
+        with self._residency.reading(shard_id) as resident, self._residency.operation():
+            if resident is None:
+                return None
+            if resident.quarantined:
+                return False
+            stop = min(stop, resident.digest.leaf_count)
+            if first >= stop:
+                return True
+            shard = resident.shard
+            problem = self._check_leaves(shard, resident, [(first, stop)])
+            if problem is None:
+                return True
+            resident.quarantined = f"a scrub found {problem.detail}"
+            self._emitter.verification_failed(
+                shard.shard_id,
+                reason=problem.reason,
+                detail=f"scrub: {problem.detail}",
+                ranges=problem.ranges,
+                tensors=problem.tensors,
+            )
+            log.error("scrub: shard %s is corrupted: %s", shard.shard_id, problem.detail)
+            return False
+
+    def scrub(self, bytes_per_second: int, *, slice_seconds: float = 0.1) -> Scrubber:
+        """Start re-verifying every sealed shard continuously, within ``bytes_per_second``.
+
+        Opt-in background scrubbing: a daemon thread walks the resident shards leaf range by
+        leaf range, re-hashing from VRAM and comparing with the sealed leaves, never faster
+        than the budget. A corrupted shard is quarantined and audited (see
+        :meth:`scrub_slice`). The scrubber stops with :meth:`close` or its own
+        :meth:`~vramcore.scrub.Scrubber.stop`.
+
+        :param bytes_per_second: the budget, at least one leaf per second.
+        :param slice_seconds: how much of the budget one step spends (smaller: smoother).
+        :raises InvalidInput: a bad budget, or a scrubber already runs.
+        """
+        self._check_open()
+        scrubber = Scrubber(self, bytes_per_second, slice_seconds=slice_seconds)
+        with self._scrub_lock:
+            if self._scrubber is not None and self._scrubber.running:
+                raise InvalidInput("a scrubber already runs on this manager; stop it first")
+            self._scrubber = scrubber
+        scrubber.start()
+        return scrubber
 
     def _not_resident(self, shard: SealedShard) -> NoReturn:
         # A forged, tampered or foreign seal is a verification failure (audited), not
@@ -771,6 +835,10 @@ class VramManager:
         rather than closed under it, and this raises. Idempotent. Raises
         :class:`~vramcore.errors.AuditError` after cleaning up if a sink failed to close.
         """
+        with self._scrub_lock:
+            scrubber, self._scrubber = self._scrubber, None
+        if scrubber is not None:
+            scrubber.stop()
         residents = self._residency.take_all()
         if residents is None:
             return
