@@ -168,3 +168,82 @@ def test_a_correct_backend_passes_the_same_run(pytester: pytest.Pytester) -> Non
     failed, passed = _failed_tests(pytester, source)
     assert failed == set()
     assert passed > 20
+
+
+# -- the testing plugin: the namespaced GPU marker and the mock through its entry point -----
+
+OTHER_PROJECT_CONFTEST = """
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: this project's own marker")
+"""
+
+MARKED_TESTS = """
+import pytest
+
+@pytest.mark.vramcore_gpu
+def test_needs_a_gpu():
+    pass
+
+@pytest.mark.gpu
+def test_marked_with_another_projects_gpu_marker():
+    pass
+
+def test_plain():
+    pass
+"""
+
+
+def test_only_vramcore_gpu_tests_are_skipped_without_a_gpu(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("VRAMCORE_FORCE_GPU_TESTS", raising=False)
+    monkeypatch.setenv("PATH", str(pytester.path))  # no nvidia-smi anywhere
+    pytester.makeconftest(OTHER_PROJECT_CONFTEST)
+    pytester.makepyfile(test_marked=MARKED_TESTS)
+    result = pytester.inline_run("--strict-markers", "-p", "no:cacheprovider")
+    passed, skipped, failed = result.listoutcomes()
+    assert not failed
+    assert sorted(r.nodeid.split("::")[-1] for r in passed) == [
+        "test_marked_with_another_projects_gpu_marker",
+        "test_plain",
+    ]
+    ((_, _, reason),) = [r.longrepr for r in skipped]  # type: ignore[misc]
+    assert "vramcore_gpu test: no NVIDIA driver (nvidia-smi not found)" in reason
+
+
+def test_vramcore_gpu_tests_run_when_forced(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VRAMCORE_FORCE_GPU_TESTS", "1")
+    pytester.makepyfile(
+        "import pytest\n\n@pytest.mark.vramcore_gpu\ndef test_needs_a_gpu():\n    pass\n"
+    )
+    result = pytester.inline_run("--strict-markers", "-p", "no:cacheprovider")
+    result.assertoutcome(passed=1)
+
+
+def test_the_mock_is_reached_through_its_entry_point(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vramcore import testing
+
+    assert testing.mock_plugin() is vramcore_allocator_mock
+    monkeypatch.setattr(testing.importlib.metadata, "entry_points", lambda **_: [])
+    testing.mock_plugin.cache_clear()
+    try:
+        assert testing.mock_plugin() is None  # importable, but not installed as the plugin
+        with pytest.raises(pytest.skip.Exception, match="vramcore-allocator-mock is not installed"):
+            testing._require_mock()
+    finally:
+        testing.mock_plugin.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "mock_backend", [{"async_copies": True, "capacity": 1 << 20}], indirect=True
+)
+def test_the_mock_backend_fixture_takes_options(mock_backend: MockBackend) -> None:
+    assert mock_backend.async_copies
+    assert mock_backend.mem_info(0) == (1 << 20, 1 << 20)
+
+
+def test_the_mock_backend_fixture_defaults(mock_backend: MockBackend) -> None:
+    assert not mock_backend.async_copies
+    assert mock_backend.mem_info(0) == (1 << 30, 1 << 30)
