@@ -48,12 +48,23 @@ def _samples() -> list[events.AuditEvent]:
         ),
         events.VramDeallocated(**common, shard_id="s", device=0, nbytes=10),
         events.PolicyViolation(**common, device=-1, rule="ats", detail="ATS on"),
+        events.SealRefused(
+            **common,
+            shard_id="s",
+            device=0,
+            nbytes=10,
+            backend="mock",
+            reason="sha256_mismatch",
+            detail="file SHA-256 is not the published one",
+        ),
     ]
 
 
-def test_there_are_seven_event_types() -> None:
+def test_there_are_eight_event_types() -> None:
     assert set(events.EVENT_TYPES) == {e.event_type for e in _samples()}
-    assert len(events.EVENT_TYPES) == 7
+    assert len(events.EVENT_TYPES) == 8
+    # A refused input is not an allocation failure: auditors see tampered files as such.
+    assert events.SealRefused.event_type == "vram.seal_refused"
     critical = {t for t, cls in events.EVENT_TYPES.items() if cls.critical}
     assert critical == {"vram.sealed", "seal.verification_failed", "policy.violation"}
 
