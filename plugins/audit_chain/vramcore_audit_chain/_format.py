@@ -20,7 +20,7 @@ import os
 import re
 import stat
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ __all__ = [
     "checkpoint_mac_body",
     "checkpoint_message",
     "evolve_key",
+    "iter_lines",
     "key_id",
     "loads_bounded",
     "log_files",
@@ -55,6 +56,7 @@ __all__ = [
     "open_regular",
     "parse_line",
     "read_bounded",
+    "record_at",
     "record_mac_body",
     "utc_now_text",
 ]
@@ -155,6 +157,31 @@ def open_regular(path: Path) -> Any:
     except BaseException:
         os.close(fd)
         raise
+
+
+def iter_lines(path: Path, chunk: int = 4 << 20) -> Iterator[bytes]:
+    """The lines of a file (without newlines), streamed in bounded memory; a line longer than
+    :data:`MAX_LINE` ends the stream (no record is that long)."""
+    with open_regular(path) as f:
+        carry = b""
+        while data := f.read(chunk):
+            parts = (carry + data).split(b"\n")
+            carry = parts.pop()
+            if len(carry) > MAX_LINE:
+                return
+            yield from parts
+        if carry:
+            yield carry
+
+
+def record_at(paths: list[Path], seq: int) -> ParsedLine | None:
+    """The well-formed record with sequence number ``seq`` in ``paths``, if any (a scan)."""
+    for path in paths:
+        for line in iter_lines(path):
+            m = _HEADER.match(line)
+            if m is not None and int(m.group(1)) == seq:
+                return parse_line(line)
+    return None
 
 
 def read_bounded(path: Path, limit: int) -> bytes:

@@ -16,7 +16,7 @@ import _hashlib
 import hashlib
 import hmac
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -683,7 +683,7 @@ class _Verifier:
         if self.highest_epoch is None:
             highest = max((a.epoch for a in self.all_anchors), default=0)
             for path in self.files:
-                for line in _lines(path):
+                for line in fmt.iter_lines(path):
                     m = fmt._HEADER.match(line)
                     if m is not None and len(m[2]) < 10:
                         highest = max(highest, int(m[2]))
@@ -704,7 +704,7 @@ class _Verifier:
 
     def _seq_appears_later(self, wanted: int, fi: int, lineno: int) -> bool:
         for index in range(fi, len(self.files)):
-            for n, line in enumerate(_lines(self.files[index]), 1):
+            for n, line in enumerate(fmt.iter_lines(self.files[index]), 1):
                 if index == fi and n <= lineno:
                     continue
                 m = fmt._HEADER.match(line)
@@ -818,20 +818,6 @@ class _Verifier:
         self.checkpoints += 1
         self.last_cp_seq = seq
         self.last_reason = fields["reason"]
-
-
-def _lines(path: Path) -> Iterator[bytes]:
-    """The lines of a file, streamed (a line longer than any record ends the stream)."""
-    with fmt.open_regular(path) as f:
-        carry = b""
-        while chunk := f.read(_CHUNK):
-            parts = (carry + chunk).split(b"\n")
-            carry = parts.pop()
-            if len(carry) > fmt.MAX_LINE:
-                return
-            yield from parts
-        if carry:
-            yield carry
 
 
 def _last_line(path: Path) -> bytes | None:
