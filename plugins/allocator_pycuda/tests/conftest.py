@@ -18,7 +18,6 @@ rules where they bite:
 from __future__ import annotations
 
 import ctypes
-import itertools
 import threading
 import types
 from collections.abc import Callable, Iterator
@@ -479,9 +478,6 @@ class FakeNvml:
 
     def nvmlDeviceGetTotalEccErrors(self, handle: str, kind: int, counter: int) -> int:  # noqa: N802
         return self.ecc_errors
-
-
-_uuids = itertools.count()
 
 
 def make_api(driver: FakeDriver, nvml: Any = None) -> DriverApi:
