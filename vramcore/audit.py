@@ -1,18 +1,32 @@
 """Audit sinks: where events go, and how the manager fans them out.
 
 A plugin returns sinks from :func:`~vramcore.hookspecs.vramcore_audit_sinks`. The manager
-builds its sinks once when it starts and delivers every event to every sink in the caller's
-thread (so a tracing sink sees the caller's current span). A sink that raises on a
-:attr:`critical <vramcore.events.AuditEvent.critical>` event fails the operation with
-:class:`~vramcore.errors.AuditError` (fail closed); on other events the failure is logged,
-reported through :func:`~vramcore.hookspecs.vramcore_audit_failure` and delivery goes on.
+builds its sinks once when it starts and delivers every event to every sink, and the caller
+waits for each: an operation returns only once its events are recorded.
+
+Writing a sink: subclass :class:`AuditSink`, override :meth:`~AuditSink.emit` (return only
+when the event is as durable as you promise; raise if it is not), set
+:attr:`~AuditSink.durable`, and return instances from ``vramcore_audit_sinks`` (decorated
+with :data:`vramcore.hookimpl`). ``emit`` is always called from one delivery thread per sink,
+in event order, in a copy of the caller's context (so a tracing sink sees the caller's current
+span): it need not be thread-safe. It must answer within the manager's sink timeout
+(:data:`DEFAULT_SINK_TIMEOUT`, 10 s): a sink that raises (anything, ``SystemExit``
+included) or does not answer in time on a :attr:`critical <vramcore.events.AuditEvent.critical>`
+event fails the operation with :class:`~vramcore.errors.AuditError` (fail closed); on other
+events the failure is logged, reported through
+:func:`~vramcore.hookspecs.vramcore_audit_failure` and delivery goes on.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
+import queue
 import re
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from concurrent import futures
+from concurrent.futures import Future
 from typing import Any
 
 import attrs
@@ -22,12 +36,14 @@ from vramcore.events import AuditEvent
 from vramcore.seal import SecretKey, WorkerToken
 
 __all__ = [
+    "DEFAULT_SINK_TIMEOUT",
     "PLUGIN_KEY_INFO_PREFIX",
     "PLUGIN_MASTER_INFO",
     "AuditSink",
     "AuditTrail",
     "AuditWitness",
     "SinkContext",
+    "SinkTimeout",
     "deliver",
 ]
 
@@ -160,20 +176,96 @@ class AuditWitness:
         """Release resources; called once, after the sinks are closed."""
 
 
+#: Seconds a sink may take to record one event (or to close) before it counts as failed.
+DEFAULT_SINK_TIMEOUT = 10.0
+
+
+class _Lane:
+    """One sink's delivery thread: its events in order, each within a time limit.
+
+    A sink that blocks (a hung NFS mount, a full pipe) must not hang the operation that
+    audits: the caller waits at most ``timeout`` seconds, then the event counts as not
+    recorded (fail closed for critical events). Later events wait at most one more time limit
+    for that call to end, then fail rather than queue behind it. The thread is a daemon so a
+    stuck sink cannot keep the process from exiting. Events run in a copy of the caller's
+    context, so a tracing sink still sees the caller's span.
+    """
+
+    def __init__(self, sink: AuditSink, timeout: float) -> None:
+        self.sink = sink
+        self.timeout = timeout
+        self._queue: queue.SimpleQueue[
+            tuple[Callable[..., Any], tuple[Any, ...], Future[Any]] | None
+        ] = queue.SimpleQueue()
+        self._stuck: Future[Any] | None = None
+        self._thread = threading.Thread(
+            target=self._run, name=f"vramcore-sink-{sink.name}"[:60], daemon=True
+        )
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            fn, args, fut = item
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn(*args))
+                except BaseException as exc:  # reported to the caller, whatever it is
+                    fut.set_exception(exc)
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` on the lane; raise what it raised, or :class:`SinkTimeout`."""
+        if self._stuck is not None:
+            futures.wait([self._stuck], timeout=self.timeout)
+            if not self._stuck.done():
+                raise SinkTimeout(
+                    f"audit sink {self.sink.name} is still blocked on an earlier call"
+                )
+            self._stuck = None
+        fut: Future[Any] = Future()
+        self._queue.put((contextvars.copy_context().run, (fn, *args), fut))
+        try:
+            fut.result(timeout=self.timeout)
+        except TimeoutError:
+            self._stuck = fut
+            raise SinkTimeout(
+                f"audit sink {self.sink.name} did not answer within {self.timeout:g} s"
+            ) from None
+
+    def stop(self) -> None:
+        """Let the thread end after what is queued (it is a daemon if it is stuck)."""
+        self._queue.put(None)
+
+
+class SinkTimeout(AuditError):
+    """An audit sink did not record an event (or close) within its time limit."""
+
+
 def deliver(
-    sinks: Sequence[AuditSink], event: AuditEvent, on_failure: Any = None
+    sinks: Sequence[AuditSink],
+    event: AuditEvent,
+    on_failure: Any = None,
+    *,
+    lanes: Mapping[int, _Lane] | None = None,
 ) -> list[tuple[AuditSink, BaseException]]:
     """Give ``event`` to every sink; return the failures.
 
     Every sink is tried even when an earlier one fails. For a critical event any failure
-    raises :class:`AuditError` after all sinks were tried. ``on_failure(sink, event, exc)``
-    is called for each failure (the manager reports it through a hook).
+    (an exception of any kind, or no answer within the sink's time limit) raises
+    :class:`AuditError` after all sinks were tried. ``on_failure(sink, event, exc)`` is called
+    for each failure (the manager reports it through a hook). ``lanes`` (the manager's, by
+    ``id(sink)``) bound each sink's time; without them sinks are called inline.
     """
     failures: list[tuple[AuditSink, BaseException]] = []
     for sink in sinks:
+        lane = lanes.get(id(sink)) if lanes is not None else None
         try:
-            sink.emit(event)
-        except Exception as exc:
+            if lane is not None:
+                lane.call(sink.emit, event)
+            else:
+                sink.emit(event)
+        except BaseException as exc:
+            if lane is None and not isinstance(exc, Exception):
+                raise  # inline: a real interrupt of this thread, not the sink's answer
             failures.append((sink, exc))
             log.error(
                 "audit sink %s failed on %s: %s", sink.name, event.event_type, type(exc).__name__
@@ -192,13 +284,19 @@ def deliver(
 class AuditTrail:
     """The audit sinks of one manager: collected from plugins, fed every event, closed once.
 
+    Each sink gets a delivery lane (a thread of its own): its ``emit`` is called from that
+    one thread, in event order, and the caller waits at most ``sink_timeout`` seconds.
+
     :param hook: the plugin manager's hook relay (``pm.hook``).
+    :param sink_timeout: seconds a sink may take per event (and to close).
     """
 
-    def __init__(self, hook: Any) -> None:
+    def __init__(self, hook: Any, sink_timeout: float = DEFAULT_SINK_TIMEOUT) -> None:
         self._hook = hook
         self._sinks: list[AuditSink] = []
         self._witnesses: list[AuditWitness] = []
+        self._lanes: dict[int, _Lane] = {}
+        self._timeout = sink_timeout
 
     @property
     def sinks(self) -> tuple[AuditSink, ...]:
@@ -221,6 +319,7 @@ class AuditTrail:
             self._sinks.extend(_checked(sinks, AuditSink, "vramcore_audit_sinks"))
         for sink in self._sinks:
             sink.attach_witnesses(self.witnesses)
+            self._lanes[id(sink)] = _Lane(sink, self._timeout)
 
     def require_durable(self) -> None:
         """Raise unless at least one sink keeps a lasting record.
@@ -239,7 +338,7 @@ class AuditTrail:
 
     def emit(self, event: AuditEvent) -> None:
         """Deliver ``event`` to every sink (see :func:`deliver`); failures are reported."""
-        deliver(self._sinks, event, on_failure=self._report_failure)
+        deliver(self._sinks, event, on_failure=self._report_failure, lanes=self._lanes)
 
     def _report_failure(self, sink: AuditSink, event: AuditEvent, exc: BaseException) -> None:
         try:
@@ -252,9 +351,16 @@ class AuditTrail:
         errors: list[BaseException] = []
         parts: list[AuditSink | AuditWitness] = [*self._sinks, *self._witnesses]
         for part in parts:
+            lane = self._lanes.pop(id(part), None)
             try:
-                part.close()
-            except Exception as exc:
+                if lane is not None:
+                    lane.call(part.close)
+                    lane.stop()
+                else:
+                    part.close()
+            except BaseException as exc:
+                if lane is None and not isinstance(exc, Exception):
+                    raise
                 log.error("audit %s failed to close: %s", part.name, type(exc).__name__)
                 errors.append(exc)
         return errors

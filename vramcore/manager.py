@@ -50,7 +50,7 @@ from vramcore._verification import (
     quarantine_problem,
     seal_problem,
 )
-from vramcore.audit import AuditSink, AuditTrail, SinkContext
+from vramcore.audit import DEFAULT_SINK_TIMEOUT, AuditSink, AuditTrail, SinkContext
 from vramcore.backend import AllocatorBackend, DeviceBuffer, DeviceInfo
 from vramcore.digest import (
     DEFAULT_LEAF_SIZE,
@@ -113,6 +113,8 @@ class VramManager:
     :param hash_workers: threads hashing leaves on the host (default ``VRAMCORE_HASH_WORKERS``
         or the number of cores).
     :param close_timeout: seconds :meth:`close` waits for operations in progress.
+    :param audit_timeout: seconds an audit sink may take to record one event; a sink that
+        takes longer counts as failed (fail closed for critical events).
 
     :raises InvalidInput: an argument of the wrong type or value.
     :raises AuditError: ``audit="required"`` and no plugin provided a durable sink.
@@ -135,6 +137,7 @@ class VramManager:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         hash_workers: int | None = None,
         close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
+        audit_timeout: float = DEFAULT_SINK_TIMEOUT,
     ) -> None:
         if audit not in ("required", "disabled"):
             raise InvalidInput(f"audit must be 'required' or 'disabled', got {audit!r:.40}")
@@ -146,13 +149,7 @@ class VramManager:
         self.leaf_size = check_leaf_size(leaf_size)
         check_size(chunk_bytes, field="chunk_bytes")
         self._workers = _check_workers(hash_workers)
-        if (
-            isinstance(close_timeout, bool)
-            or not isinstance(close_timeout, int | float)
-            or not 0 < close_timeout < math.inf
-        ):
-            raise InvalidInput("close_timeout must be a positive number of seconds")
-        self._close_timeout = float(close_timeout)
+        self._close_timeout = _check_seconds(close_timeout, "close_timeout")
         self._token = (
             worker_token if isinstance(worker_token, WorkerToken) else WorkerToken(worker_token)
         )
@@ -167,7 +164,7 @@ class VramManager:
         self._hook = self._pm.hook
         self._residency = Residency()
         self._closed = False
-        self._audit = AuditTrail(self._hook)
+        self._audit = AuditTrail(self._hook, _check_seconds(audit_timeout, "audit_timeout"))
         self._key: SecretKey | None = None
         self._sink_context: SinkContext | None = None
         self._owns_backend = not isinstance(allocator, AllocatorBackend)
@@ -910,6 +907,12 @@ def _shard_id_of(shard: object) -> str:
     if not isinstance(shard, SealedShard):
         raise InvalidInput(f"expected a SealedShard, got {type(shard).__name__}")
     return shard.shard_id
+
+
+def _check_seconds(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise InvalidInput(f"{name} must be a positive number of seconds, got {value!r:.40}")
+    return float(value)
 
 
 def _check_flag(value: object, name: str) -> bool:
