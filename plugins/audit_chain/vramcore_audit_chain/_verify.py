@@ -66,7 +66,7 @@ _hmac_digest: Callable[[bytes, bytes, str], bytes] = getattr(
 #: How many epochs past the last one the log or an anchor shows the verifier tries, looking
 #: for the key a bad MAC was made with (epochs whose records were deleted too).
 EPOCH_SEARCH_MARGIN = 64
-_CHUNK = 4 << 20
+_CHUNK = 1 << 20
 _QUARANTINE_NAME = re.compile(r"quarantine-[0-9]{8}-[0-9]{1,20}\.bin")
 
 
@@ -207,6 +207,9 @@ def verify_log(
             "--log-id (its genesis log_id, from the witness or the key file)"
         )
     files, explicit = _collect(paths)
+    for path in files:  # refuse a device or FIFO before reading anything
+        with fmt.open_regular(path):
+            pass
     v = _Verifier(files, initial_key, public_key, expected_log_id, allow_open)
     v.explicit = explicit
     v.pinned_log_id = log_id
@@ -330,8 +333,10 @@ class _Verifier:
                     if not chunk:
                         break
                     buf = carry + chunk if carry else chunk
-                    end = buf.rfind(b"\n") + 1
-                    if end == 0:
+                    lines = buf.split(b"\n")
+                    rest = lines.pop()
+                    end = len(buf) - len(rest)
+                    if not lines:
                         carry = buf
                         if len(carry) > fmt.MAX_LINE:
                             self.line_no = base_line + 1
@@ -340,8 +345,6 @@ class _Verifier:
                     view = memoryview(buf)
                     seg_start = 0
                     off = 0
-                    lines = buf[:end].split(b"\n")
-                    lines.pop()
                     for lineno, line in enumerate(lines, base_line + 1):
                         if (
                             line.startswith(prefix)
@@ -474,7 +477,8 @@ class _Verifier:
                             )
                     seg.update(view[seg_start:end])
                     base_line += len(lines)
-                    carry = buf[end:]
+                    carry = rest
+                    del view, buf, lines
             self.line_no = base_line
             self.records = records
             self.last_type = last_type

@@ -602,7 +602,7 @@ class ChainWriter:
             fcntl.flock(self._dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = "?"
-            with contextlib.suppress(OSError, UnicodeDecodeError):
+            with contextlib.suppress(OSError, ValueError, ConfigError):
                 raw = fmt.read_bounded(self._dir / fmt.LOCK_NAME, 64)
                 holder = raw.decode("ascii").strip() or "?"
             os.close(self._dir_fd)
