@@ -445,3 +445,36 @@ def test_gpuarray_views_are_bounded(backend: Any, fake_driver: Any):
     with pytest.raises(InvalidInput):
         buf.native.gpuarray()
     assert "deallocated" in repr(buf.native)
+
+
+@pytest.mark.parametrize(
+    ("leaf_size", "leaf_range"),
+    [(LEAF, (1, 5)), (LEAF, (2, 1)), (LEAF, (-1, 1)), (LEAF, (0, True)), (1000, None)],
+)
+def test_bad_leaf_ranges_are_refused_even_without_a_compiler(
+    backend: Any, fake_driver: Any, leaf_size: int, leaf_range: Any
+):
+    fake_driver.compile_error = RuntimeError("nvcc: command not found")
+    buf = backend.allocate(0, 2 * LEAF)
+    with pytest.raises(InvalidInput):
+        vramcore_allocator_pycuda.vramcore_device_digest(
+            backend=backend, buffer=buf, leaf_size=leaf_size, leaf_range=leaf_range
+        )
+    backend.free(buf)
+
+
+def test_a_worker_on_the_second_gpu_touches_only_that_gpu(fake_driver: Any, fake_api: DriverApi):
+    fake_driver.specs.append({**fake_driver.specs[0], "attributes": {}})
+    fake_driver.used.append(0)
+    context_type = type(fake_driver.primary_contexts[0])
+    fake_driver.primary_contexts.append(context_type(fake_driver, 1, primary=True))
+    b = PyCudaBackend(fake_api)
+    buf = b.allocate(1, LEAF)
+    with b.staging(1, LEAF) as (lent,):
+        lent[:] = b"\x01" * LEAF
+        b.copy_in(buf, 0, lent).wait()
+    assert buf.native.allocation.ctx is fake_driver.primary_contexts[1]
+    assert ("retain_primary", 0) not in fake_driver.calls, "GPU 0 got a context it never used"
+    b.close()
+    assert fake_driver.used == [0, 0]
+    assert fake_driver.pinned and all(p.freed for p in fake_driver.pinned)

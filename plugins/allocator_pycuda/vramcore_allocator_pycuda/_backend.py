@@ -14,7 +14,7 @@ from vramcore.validation import scrub_text
 from ._api import DriverApi, load_api
 from ._contexts import activated, current_context_device, primary_context
 from ._copies import EventHandle, EventPool, PinnedPool
-from ._kernels import KernelCache, digest_allocation
+from ._kernels import KernelCache, check_leaf_range, digest_allocation
 from ._native import PyCudaShard
 from ._probe import probe_device
 
@@ -73,6 +73,8 @@ class PyCudaBackend(AllocatorBackend):
         if adopted is not None:  # the application's own context for that device
             self._devices[adopted[1]] = _Device(self._api, adopted[1], adopted[0])
         self._pinned = PinnedPool(self._api)
+        #: The device whose context allocates (and frees) every pinned buffer.
+        self._pinned_home: int | None = None
 
     # -- contexts -------------------------------------------------------------------------
 
@@ -247,7 +249,10 @@ class PyCudaBackend(AllocatorBackend):
     def staging(self, count: int, nbytes: int) -> Iterator[list[memoryview]]:
         """Lend ``count`` pinned (page-locked, portable) buffers of ``nbytes``, kept for reuse."""
         self._check_open()
-        home = self._device(min(self._devices, default=0))
+        with self._lock:
+            if self._pinned_home is None:  # a device already in use: no new context for this
+                self._pinned_home = min(self._devices, default=0)
+            home = self._device(self._pinned_home)
         with activated(self._api, home.context, home.ordinal):
             lent = self._pinned.take(count, nbytes)
         try:
@@ -264,6 +269,7 @@ class PyCudaBackend(AllocatorBackend):
         """The shared ``rfc6962-sha256`` kernels over ``buf``, or ``None`` if they cannot
         be compiled here (the core then hashes on the host, and a warning says why)."""
         live = self._get(buf)
+        check_leaf_range(buf.nbytes, leaf_size, leaf_range)  # refused even without a compiler
         with self._on(buf.device) as dev:
             return digest_allocation(
                 self._api, dev.kernels, buf.device, live.allocation, buf.nbytes, leaf_size,
@@ -294,7 +300,7 @@ class PyCudaBackend(AllocatorBackend):
                         failures += _attempt(self._drv, "cuMemFree", record.allocation.free)
                 failures += _attempt(self._drv, "event destroy", dev.events.close)
                 failures += _attempt(self._drv, "module unload", dev.kernels.close)
-                if dev is devices[0]:
+                if dev.ordinal == self._pinned_home:
                     failures += _attempt(self._drv, "pinned free", self._pinned.close)
                 dev.streams.clear()
         if failures:

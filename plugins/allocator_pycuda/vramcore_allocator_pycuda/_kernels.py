@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from vramcore.backend import DeviceDigest
-from vramcore.errors import AllocationFailed, InsufficientVram, VramError
+from vramcore.digest import check_leaf_size, leaf_count
+from vramcore.errors import AllocationFailed, InsufficientVram, InvalidInput, VramError
 from vramcore.kernels import (
     LEAF_KERNEL,
     LEVEL_KERNEL,
@@ -29,7 +30,7 @@ from vramcore.validation import scrub_text
 
 from ._api import DriverApi
 
-__all__ = ["KernelCache", "digest_allocation", "find_nvcc"]
+__all__ = ["KernelCache", "check_leaf_range", "digest_allocation", "find_nvcc"]
 
 log = logging.getLogger("vramcore.allocator_pycuda")
 
@@ -47,6 +48,21 @@ def find_nvcc(env: dict[str, str] | None = None) -> str | None:
         if root and (Path(root) / "bin" / "nvcc").is_file():
             return str(Path(root) / "bin" / "nvcc")
     return None
+
+
+def check_leaf_range(nbytes: int, leaf_size: int, leaf_range: tuple[int, int] | None) -> None:
+    """Refuse a bad leaf size or a range outside the buffer's leaves (``InvalidInput``)."""
+    n = leaf_count(nbytes, check_leaf_size(leaf_size))
+    if leaf_range is None:
+        return
+    try:
+        first, stop = leaf_range
+    except (TypeError, ValueError):
+        raise InvalidInput("leaf_range must be a pair (first, stop)") from None
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in (first, stop)):
+        raise InvalidInput("leaf_range must hold two integers")
+    if not 0 <= first < stop <= n:
+        raise InvalidInput(f"leaf range ({first}, {stop}) is not within the {n} leaves")
 
 
 class KernelCache:
