@@ -163,7 +163,7 @@ def test_seal_key_hook_returning_garbage_is_a_config_error(
 
 
 class DeviceDigest:
-    """A "device-side" digest: here computed on the backend's own memory view."""
+    """A "device-side" digest: here computed from the bytes the backend reads back."""
 
     def __init__(self, corrupt: bool = False) -> None:
         self.calls = 0
@@ -174,7 +174,9 @@ class DeviceDigest:
         self, backend: Any, buffer: Any, leaf_size: int, leaf_range: Any
     ) -> Any:
         self.calls += 1
-        leaves = hash_leaves(buffer.native, leaf_size)
+        raw = bytearray(buffer.nbytes)
+        backend.read_into(buffer, 0, memoryview(raw))
+        leaves = hash_leaves(raw, leaf_size)
         leaves = leaves[:-1] if self.corrupt else leaves
         return VramDeviceDigest(root=merkle_root(leaves), leaves=b"".join(leaves))
 
