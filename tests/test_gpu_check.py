@@ -23,8 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "gpu-check"
 #: GPU tests allowed to fail in the dry run, with why: they check a decision outside the
 #: GPU plugins that is not made yet (the fake device reports HMM like an H100).
+_POLICY_TEST = "tests.gpu.test_gpu_backends::test_default_policy_on_this_device_follows_the_design"
 KNOWN_FAILURES = {
-    "tests.gpu.test_gpu_backends::test_default_policy_on_this_device_follows_the_design[cupy]": "vramcore/policy.py still refuses HMM-only pageable access (DESIGN: report it)",
+    f"{_POLICY_TEST}[cupy]": "vramcore/policy.py still refuses HMM-only access (DESIGN: report)",
 }
 
 
