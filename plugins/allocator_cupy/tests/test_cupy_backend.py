@@ -474,3 +474,48 @@ def test_seal_file_through_pinned_staging(
     assert shard.digest == merkle_root(hash_leaves(data, LEAF)).hex()
     assert "event_record" in fake_cuda.calls, "file chunks should go through pinned staging"
     manager.verify_sealed(shard)
+
+
+# -- the real CuPy adapter, as far as it goes without a driver --------------------------------
+
+
+def _real_cupy() -> Any:
+    cupy = pytest.importorskip("cupy", reason="CuPy is not installed here")
+    if why_not() is None:
+        pytest.skip("a usable GPU is here: the GPU tests cover the adapter")
+    return cupy
+
+
+def test_adapter_names_exist_in_the_installed_cupy() -> None:
+    """Every ``cupy.cuda.runtime`` name the adapter calls exists (a typo fails here)."""
+    cupy = _real_cupy()
+    import inspect
+
+    from vramcore_allocator_cupy import _cuda
+
+    source = inspect.getsource(_cuda.CupyCuda)
+    names = set(re.findall(r"self\._rt\.([A-Za-z_]\w*)", source))
+    assert {"malloc", "pointerGetAttributes", "memcpyAsync", "hostAlloc"} <= names
+    missing = [n for n in sorted(names) if not hasattr(cupy.cuda.runtime, n)]
+    assert missing == []
+    for path in ("cuda.Device", "cuda.Stream", "RawModule", "cuda.driver.CUDADriverError"):
+        obj: Any = cupy
+        for part in path.split("."):
+            obj = getattr(obj, part)
+    assert hasattr(cupy.cuda.compiler, "CompileException")
+    for attr in _cuda.ATTRIBUTES:
+        assert hasattr(cupy.cuda.runtime, f"cudaDevAttr{attr}"), attr
+
+
+def test_adapter_maps_the_missing_driver_to_cuda_errors() -> None:
+    _real_cupy()
+    from vramcore_allocator_cupy._cuda import CupyCuda
+
+    api = CupyCuda()
+    assert api.driver_version() == 0
+    with pytest.raises(CudaError) as info:
+        api.device_count()
+    assert info.value.name == "cudaErrorInsufficientDriver"
+    assert "failed: cudaErrorInsufficientDriver" in str(info.value)
+    with pytest.raises(CudaError):
+        api.malloc(0, 4096)

@@ -133,6 +133,7 @@ class CupyCuda:
             cupy.cuda.compiler.CompileException,
         )
         self._functions: dict[tuple[int, str], Any] = {}
+        self._streams: dict[int, Any] = {}  # handle -> cupy.cuda.Stream (kept alive here)
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
@@ -202,12 +203,22 @@ class CupyCuda:
             self._rt.freeHost(ptr)
 
     def stream_create(self, device: int) -> int:
+        # A CuPy-made stream, so kernels can be launched on it (``with stream:``).
         with self._call("cudaStreamCreateWithFlags", device):
-            return int(self._rt.streamCreateWithFlags(self._rt.streamNonBlocking))
+            stream = self._cupy.cuda.Stream(non_blocking=True)
+        with self._lock:
+            self._streams[int(stream.ptr)] = stream
+        return int(stream.ptr)
 
     def stream_destroy(self, device: int, stream: int) -> None:
+        with self._lock:
+            owned = self._streams.pop(stream, None)
         with self._call("cudaStreamDestroy", device):
-            self._rt.streamDestroy(stream)
+            if owned is None:
+                self._rt.streamDestroy(stream)
+            else:
+                owned.synchronize()
+                del owned  # CuPy destroys the stream it made
 
     def stream_synchronize(self, device: int, stream: int) -> None:
         with self._call("cudaStreamSynchronize", device):
@@ -262,8 +273,9 @@ class CupyCuda:
     ) -> None:
         import numpy
 
-        with self._call(f"launch of {kernel}", device):
+        with self._lock:
+            cupy_stream = self._streams[stream]
+        with self._call(f"launch of {kernel}", device), cupy_stream:
             fn = self._function(device, kernel)
-            cupy_stream = self._cupy.cuda.ExternalStream(stream, device)
             # Pointers go as 64-bit integers: the same bytes as a pointer parameter.
-            fn((grid,), (block,), tuple(numpy.uint64(a) for a in args), stream=cupy_stream)
+            fn((grid,), (block,), tuple(numpy.uint64(a) for a in args))
