@@ -1,0 +1,73 @@
+"""The host benchmark runs in CI-sized form: every measurement present, sane, and reported."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vramcore import benchmark
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "host_bench.py"
+
+
+def run_script(args: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), *args])
+    with pytest.raises(SystemExit) as info:
+        runpy.run_path(str(SCRIPT), run_name="__main__")
+    return int(info.value.code or 0)
+
+
+def test_quick_run_writes_a_table_and_json(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "report.json"
+    code = run_script(
+        ["--quick", "--sizes", "64KiB,1MiB", "--workers", "1,2", "--json", str(out)], monkeypatch
+    )
+    assert code == 0
+    captured = capsys.readouterr()
+    assert "[1/" in captured.err  # progress lines
+    assert "verify sampled 1%" in captured.out
+    report: dict[str, Any] = json.loads(out.read_text())
+    whats = {(r["what"], r["workers"], r["size"]) for r in report["results"]}
+    for size in (65536, 1 << 20):
+        assert ("sha256 (1 thread)", None, size) in whats
+        assert ("memory copy", None, size) in whats
+        for workers in (1, 2):
+            for what in ("seal_model", "seal_file", "verify", "verify sampled 1%"):
+                assert (what, workers, size) in whats
+    for row in report["results"]:
+        assert row["seconds"] > 0
+        assert row["gib_s"] == pytest.approx(row["size"] / row["seconds"] / 2**30)
+    assert report["fixed_verify_cost_us"] > 0
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--repeat", "0"],
+        ["--workers", "0"],
+        ["--workers", "x"],
+        ["--sizes", "12Q"],
+        ["--sample", "2"],
+    ],
+)
+def test_bad_arguments_exit_2(args: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    assert run_script(args, monkeypatch) == 2
+
+
+def test_plot_without_matplotlib_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    report = {
+        "machine": {"cpus": 2, "python": "3.11"},
+        "results": [{"size": 1, "what": "verify", "workers": 1, "gib_s": 1.0}],
+    }
+    with pytest.raises(benchmark.ConfigError, match="pip install matplotlib"):
+        benchmark.plot(report, tmp_path / "x.png")
