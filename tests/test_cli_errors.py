@@ -7,6 +7,8 @@ failures. The table below is the one in the issue's report (input -> code -> mes
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import struct
@@ -78,6 +80,30 @@ def _unreadable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(os, "open", deny)
     return ["seal", str(path), "--no-audit"]
+
+
+def _unreadable_audit_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """An audit log the auditor may not read (EACCES simulated: tests run as root in CI)."""
+    import builtins
+
+    log = tmp_path / "audit"
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert main(["seal", str(_model(tmp_path))]) == 0  # writes the log (VRAMCORE_AUDIT_LOG)
+    key = log / "auditor-initial.key"
+
+    def guard(real: Any) -> Any:
+        def opener(target: Any, *args: Any, **kwargs: Any) -> Any:
+            name = os.fspath(target) if not isinstance(target, int) else ""
+            if name.startswith(str(log)) and name != str(key):
+                raise PermissionError(13, "Permission denied", name)
+            return real(target, *args, **kwargs)
+
+        return opener
+
+    monkeypatch.setattr(os, "open", guard(os.open))
+    monkeypatch.setattr(builtins, "open", guard(builtins.open))
+    monkeypatch.setattr(Path, "open", lambda self, *a, **k: guard(builtins.open)(self, *a, **k))
+    return ["audit", "verify", str(log), "--key-file", str(key)]
 
 
 def _fifo(tmp_path: Path) -> Path:
@@ -184,6 +210,7 @@ CASES: list[tuple[str, Setup, int, str]] = [
     ("hostile VRAMCORE_ALLOCATOR", _hostile_allocator, 2, "VRAMCORE_ALLOCATOR"),
     ("unknown command", _plain("frobnicate"), 2, "invalid choice"),
     ("unknown option", _plain("plugins", "--frob"), 2, "unrecognized arguments"),
+    ("unreadable audit log", _unreadable_audit_log, 2, "Permission denied"),
     ("audit verify, no key", _plain("audit", "verify", "/nonexistent/log"), 2, "--key-file"),
     ("sink raising SystemExit", _exiting_sink, 1, ""),
 ]
