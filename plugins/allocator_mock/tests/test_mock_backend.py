@@ -351,3 +351,22 @@ def test_any_other_backend_outranks_the_mock() -> None:
 
     pm = get_plugin_manager([vramcore_allocator_mock, Gpu()], load_entrypoints=False)
     assert select_backend(pm, env={}).name == "gpu"
+
+
+def test_host_view_is_zero_copy_after_pending_copies_and_absent_when_opaque() -> None:
+    from vramcore_allocator_mock import MockBackend
+
+    for options in ({}, {"async_copies": True}):
+        backend = MockBackend(devices=1, capacity=1 << 20, **options)  # type: ignore[arg-type]
+        buf = backend.allocate(0, 8)
+        handle = backend.copy_in(buf, 0, memoryview(b"abcdefgh"))
+        view = backend.host_view(buf)  # waits for the queued copy first
+        assert view is not None
+        assert bytes(view) == b"abcdefgh"
+        backend.flip_bit(buf, 0)
+        assert view[0] == ord("a") ^ 1  # the same memory, not a copy
+        if handle is not None:
+            handle.wait()
+        backend.free(buf)
+    opaque = MockBackend(devices=1, capacity=1 << 20, opaque_native=True)
+    assert opaque.host_view(opaque.allocate(0, 8)) is None

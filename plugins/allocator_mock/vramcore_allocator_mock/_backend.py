@@ -416,6 +416,18 @@ class MockBackend(AllocatorBackend):
         self._stream.drain()
         out[:] = alloc.view[offset : offset + out.nbytes]
 
+    def host_view(self, buf: DeviceBuffer) -> memoryview | None:
+        """The allocation's bytes, zero-copy (the mock's "VRAM" is host memory), after every
+        copy already issued has landed; ``None`` with ``opaque_native``, which then hashes
+        through :meth:`read_into` as on a GPU. Counts as a read for fault injection."""
+        if self.opaque_native:
+            return None
+        self._check_usable()
+        alloc = self._get(buf)
+        self._fail("read")
+        self._stream.drain()
+        return alloc.view
+
     def free(self, buf: DeviceBuffer) -> None:
         """Release the allocation, after its pending copies; the buffer is unusable afterwards."""
         self._check_usable()
