@@ -16,15 +16,29 @@ Checks run from cheapest to dearest, and the first failure wins:
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+import math
+import secrets
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import attrs
 
-from vramcore.digest import DIGEST_ALG, corrupted_ranges
+from vramcore._residency import Resident
+from vramcore.digest import DIGEST_ALG, corrupted_ranges, merkle_root
+from vramcore.errors import InvalidInput
 from vramcore.seal import SecretKey
 from vramcore.shard import SealedShard
 
-__all__ = ["Problem", "Reason", "digest_problem", "leaves_problem", "seal_problem"]
+__all__ = [
+    "Problem",
+    "Reason",
+    "check_leaves",
+    "check_sample",
+    "digest_problem",
+    "leaves_problem",
+    "quarantine_problem",
+    "sample_ranges",
+    "seal_problem",
+]
 
 #: Tensor names quoted in a failure message at most (all of them are in ``Problem.tensors``).
 _MAX_NAMED_TENSORS = 8
@@ -97,6 +111,67 @@ def leaves_problem(shard: SealedShard, runs: Sequence[tuple[int, bytes, bytes]])
         if sealed != now:
             ranges += corrupted_ranges(sealed, now, shard.leaf_size, shard.vram_bytes, first)
     return _changed(shard, ranges) if ranges else None
+
+
+def check_leaves(
+    shard: SealedShard,
+    resident: Resident,
+    ranges: Iterable[tuple[int, int]],
+    rehash: Callable[[int, int], bytes],
+) -> Problem | None:
+    """Check 5 on leaf ``ranges``: ``rehash(first, stop)`` reads them from VRAM now.
+
+    The sealed leaves are compared only once they are shown to give the signed root (leaves
+    that came from a device with its root are not trusted before that; the check runs once
+    per resident shard).
+    """
+    sealed = resident.digest
+    if not resident.leaves_checked:
+        if merkle_root(sealed.leaves).hex() != shard.digest:
+            return Problem(Reason.DIGEST, "the sealed leaf hashes do not give the sealed root")
+        resident.leaves_checked = True
+    runs = [(first, sealed.leaf_range(first, stop), rehash(first, stop)) for first, stop in ranges]
+    return leaves_problem(shard, runs)
+
+
+def check_sample(value: object) -> float | int | None:
+    """A valid ``sample`` argument: ``None``, a fraction in ``(0, 1]`` or a leaf count >= 1."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidInput(
+            f"sample must be None, a fraction in (0, 1] or a leaf count, got {value!r:.40}"
+        )
+    if isinstance(value, float) and not 0.0 < value <= 1.0:
+        raise InvalidInput(f"sample as a fraction must be in (0, 1], got {value!r}")
+    if isinstance(value, int) and value < 1:
+        raise InvalidInput(f"sample as a leaf count must be at least 1, got {value}")
+    return value
+
+
+def sample_ranges(leaves: int, wanted: float | int) -> tuple[list[tuple[int, int]], int]:
+    """Leaves to sample, as runs ``(first, stop)``, and how many: chosen by a CSPRNG.
+
+    ``wanted`` is a fraction of ``leaves`` (rounded up, at least one) or a count (at most
+    ``leaves``). A fresh :class:`secrets.SystemRandom` draw every call: an attacker who knows
+    the seal cannot predict which leaves the next check reads.
+    """
+    k = min(leaves, max(1, math.ceil(wanted * leaves)) if isinstance(wanted, float) else wanted)
+    chosen = sorted(secrets.SystemRandom().sample(range(leaves), k))
+    return list(_runs(chosen)), k
+
+
+def _runs(indices: Sequence[int]) -> Iterator[tuple[int, int]]:
+    """Consecutive runs ``(first, stop)`` of sorted distinct ``indices``."""
+    start = prev = -2
+    for i in indices:
+        if i != prev + 1:
+            if start >= 0:
+                yield start, prev + 1
+            start = i
+        prev = i
+    if start >= 0:
+        yield start, prev + 1
 
 
 def _changed(shard: SealedShard, ranges: list[tuple[int, int]]) -> Problem:

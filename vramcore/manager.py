@@ -27,7 +27,6 @@ import contextlib
 import logging
 import math
 import os
-import secrets
 import socket
 import threading
 import uuid
@@ -44,10 +43,11 @@ from vramcore._loading import FileSource, MemorySource, Source, StagingPool
 from vramcore._residency import Residency, Resident
 from vramcore._verification import (
     Problem,
-    Reason,
+    check_leaves,
+    check_sample,
     digest_problem,
-    leaves_problem,
     quarantine_problem,
+    sample_ranges,
     seal_problem,
 )
 from vramcore.audit import DEFAULT_SINK_TIMEOUT, AuditSink, AuditTrail, SinkContext
@@ -641,7 +641,7 @@ class VramManager:
     ) -> None:
         if resident is None:
             self._not_resident(shard)
-        wanted = _check_sample(sample)
+        wanted = check_sample(sample)
 
         def verify(op: Operation) -> None:
             problem = seal_problem(shard, self._require_key(), self.device, resident.shard)
@@ -684,28 +684,18 @@ class VramManager:
     def _sampled_check(
         self, shard: SealedShard, resident: Resident, wanted: float | int
     ) -> tuple[Problem | None, int]:
-        n = resident.digest.leaf_count
-        k = min(n, max(1, math.ceil(wanted * n)) if isinstance(wanted, float) else wanted)
-        chosen = sorted(secrets.SystemRandom().sample(range(n), k))
-        return self._check_leaves(shard, resident, _runs(chosen)), k
+        ranges, count = sample_ranges(resident.digest.leaf_count, wanted)
+        return self._check_leaves(shard, resident, ranges), count
 
     def _check_leaves(
         self, shard: SealedShard, resident: Resident, ranges: Iterable[tuple[int, int]]
     ) -> Problem | None:
-        """Re-hash leaf ``ranges`` from VRAM and compare them with the sealed leaves."""
-        sealed = resident.digest
-        if not resident.leaves_checked:
-            # Sealed leaves that came from the device with its root are trusted only once
-            # they are shown to give the signed root.
-            if merkle_root(sealed.leaves).hex() != shard.digest:
-                return Problem(Reason.DIGEST, "the sealed leaf hashes do not give the sealed root")
-            resident.leaves_checked = True
-        runs: list[tuple[int, bytes, bytes]] = []
-        for first, stop in ranges:
+        def rehash(first: int, stop: int) -> bytes:
             _, now, _ = self._digest(shard.shard_id, resident.buffer, (first, stop))
-            runs.append((first, sealed.leaf_range(first, stop), now))
             self._residency.check_running()
-        return leaves_problem(shard, runs)
+            return now
+
+        return check_leaves(shard, resident, ranges, rehash)
 
     def scrub_slice(self, shard_id: str, first: int, stop: int) -> bool | None:
         """Re-verify leaves ``first`` to ``stop - 1`` of a resident shard (for the scrubber).
@@ -927,30 +917,3 @@ def _check_workers(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1024:
         raise InvalidInput(f"hash_workers must be an integer from 1 to 1024, got {value!r:.40}")
     return value
-
-
-def _check_sample(value: object) -> float | int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidInput(
-            f"sample must be None, a fraction in (0, 1] or a leaf count, got {value!r:.40}"
-        )
-    if isinstance(value, float) and not 0.0 < value <= 1.0:
-        raise InvalidInput(f"sample as a fraction must be in (0, 1], got {value!r}")
-    if isinstance(value, int) and value < 1:
-        raise InvalidInput(f"sample as a leaf count must be at least 1, got {value}")
-    return value
-
-
-def _runs(indices: Sequence[int]) -> Iterator[tuple[int, int]]:
-    """Consecutive runs ``(first, stop)`` of sorted distinct ``indices``."""
-    start = prev = -2
-    for i in indices:
-        if i != prev + 1:
-            if start >= 0:
-                yield start, prev + 1
-            start = i
-        prev = i
-    if start >= 0:
-        yield start, prev + 1
