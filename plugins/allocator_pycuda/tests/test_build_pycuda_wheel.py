@@ -295,3 +295,21 @@ def test_real_elf_linked_against_an_empty_stub(script: ModuleType, tmp_path: Pat
     with zipfile.ZipFile(wheel) as zf:
         (tmp_path / "out.so").write_bytes(zf.read("pycuda/" + lib.name))
     assert "libcuda.so.1" in needed(tmp_path / "out.so")
+
+
+def test_newest_symbol_versions(script: ModuleType) -> None:
+    listing = """
+0000000000000000      DF *UND*  0000000000000000 (GLIBC_2.2.5) free
+0000000000000000      DF *UND*  0000000000000000 (GLIBC_2.34) __libc_start_main
+0000000000000000      DF *UND*  0000000000000000 (GLIBC_2.14) memcpy
+0000000000000000      DF *UND*  0000000000000000 (GLIBCXX_3.4.9) _ZdlPv
+0000000000000000      DF *UND*  0000000000000000 (GLIBCXX_3.4.29) _ZNSt7__cxx11
+0000000000000000      DF *UND*  0000000000000000 (GLIBCXX_3.4.21) _ZNSs
+0000000000000000      DF *UND*  0000000000000000 (CXXABI_1.3.9) _ZTVN10__cxxabiv
+"""
+    assert script.newest_symbol_versions(listing) == {
+        "CXXABI": "1.3.9",
+        "GLIBC": "2.34",
+        "GLIBCXX": "3.4.29",
+    }
+    assert script.newest_symbol_versions("no versions here") == {}
