@@ -13,7 +13,7 @@ import json
 import struct
 from typing import Any
 
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from vramcore.errors import IntegrityViolation, InvalidInput
@@ -170,3 +170,58 @@ def test_any_event_dict_builds_or_raises_invalid_input(
     except InvalidInput:
         return
     assert event_from_dict(event.to_dict()) == event
+
+
+_DTYPES = st.sampled_from(["U8", "F16", "F32", "I64", "BOOL", "BF16"])
+_SIZES = {"U8": 1, "BOOL": 1, "F16": 2, "BF16": 2, "F32": 4, "I64": 8}
+
+
+@settings(max_examples=200)
+@given(
+    tensors=st.lists(
+        st.tuples(
+            st.text(alphabet="abcxyz._0129é", min_size=1, max_size=8),
+            _DTYPES,
+            st.lists(st.integers(0, 5), max_size=3),
+        ),
+        max_size=6,
+        unique_by=lambda t: t[0],
+    ),
+    spaced=st.booleans(),
+    shuffle=st.randoms(use_true_random=False),
+    extra=st.integers(-2, 2),
+)
+def test_valid_layouts_parse_exactly_on_both_paths(
+    tensors: list[tuple[str, str, list[int]]], spaced: bool, shuffle: Any, extra: int
+) -> None:
+    """The fast path (the reference writer's compact layout) and the general JSON path agree:
+    a layout that tiles the data parses to the same map, one byte more or less is refused."""
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, dtype, shape in tensors:
+        n = _SIZES[dtype]
+        for dim in shape:
+            n *= dim
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}
+        offset += n
+    items = list(header.items())
+    shuffle.shuffle(items)
+    if spaced:
+        blob = json.dumps(dict(items), indent=1, ensure_ascii=False).encode()
+    else:
+        blob = json.dumps(dict(items), separators=(",", ":"), ensure_ascii=False).encode()
+    data_len = offset + extra
+    assume(data_len >= 0)
+    raw = struct.pack("<Q", len(blob)) + blob + b"\0" * data_len
+    if extra != 0:
+        with contextlib.suppress(IntegrityViolation):
+            read_tensor_map(io.BytesIO(raw), len(raw))
+            raise AssertionError("a layout that does not cover the data exactly was accepted")
+        return
+    parsed = read_tensor_map(io.BytesIO(raw), len(raw))
+    base = 8 + len(blob)
+    expected = sorted(
+        (spec["data_offsets"][0] + base, spec["data_offsets"][1] + base, name)
+        for name, spec in header.items()
+    )
+    assert [(t.start, t.end, t.name) for t in parsed] == expected

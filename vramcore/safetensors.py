@@ -89,7 +89,7 @@ _FAST_ENTRY = re.compile(
 
 
 def _bad(message: str) -> IntegrityViolation:
-    return IntegrityViolation(f"not a valid safetensors file: {message}")
+    return IntegrityViolation(f"not a valid safetensors file: {message}", reason="malformed_file")
 
 
 def _refuse_constant(name: str) -> Any:
@@ -270,10 +270,10 @@ def _check_layout(
             f"tensor {safe_repr(name)} ends at data byte {end}, past the end of the file "
             f"({data_len} data bytes)"
         )
-    nbits = bits
-    for dim in shape:
+    nbits = 0 if 0 in shape else bits
+    for dim in shape if nbits else ():
         nbits *= dim
-        if nbits > (end - begin) * 8:  # stops a shape of huge dimensions early
+        if nbits > (end - begin) * 8:  # dims are >= 1 here: stop a shape of huge ones early
             break
     if nbits % 8 or nbits // 8 != end - begin:
         raise _bad(
