@@ -134,3 +134,66 @@ def test_check_wheels_names_what_a_gpu_run_would_miss(tmp_path: Path) -> None:
         "vramcore-0.1.0-py3-none-any.whl lacks vramcore/kernels/host_shim.h",
         "vramcore-0.1.0-py3-none-any.whl lacks vramcore/kernels/host_launch.cpp",
     ]
+
+
+def _table_module() -> Any:
+    path = ROOT / "benchmarks" / "gpu" / "results_table.py"
+    spec = importlib.util.spec_from_file_location("results_table", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_results_table_refuses_a_dry_run(dry_run: tuple[int, dict[str, Any], Path]) -> None:
+    _code, report, _out = dry_run
+    table = _table_module()
+    with pytest.raises(table.NotAGpuRun):
+        table.render(report)
+
+
+def test_results_table_from_a_gpu_report(tmp_path: Path) -> None:
+    table = _table_module()
+    gib = 1 << 30
+    report = {
+        "dry_run": False,
+        "mode": "full",
+        "started_utc": "2026-12-01T10:00:00+00:00",
+        "environment": {
+            "commit": "0123456789abcdef",
+            "gpus": [{"name": "NVIDIA H100 80GB HBM3", "driver_version": "580.159.04"}],
+        },
+        "tests": {"counts": {"passed": 120, "skipped": 3}},
+        "benchmark": {
+            "mode": "full",
+            "device_copy": {"copy_gbps": 1500.0},
+            "backends": [
+                {
+                    "backend": "cupy",
+                    "verify": [
+                        {
+                            "bytes": gib,
+                            "device_digest_gbps": 150.0,
+                            "host_path_gbps": 5.0,
+                            "device_over_host": 30.0,
+                        },
+                        {"bytes": 4 * gib, "device_digest_gbps": 320.0},
+                    ],
+                    "h2d_gbps": 50.0,
+                    "seal_file": {"bytes": 4 * gib, "seal_gbps": 42.0, "over_h2d": 0.84},
+                    "targets": {"verify_gbps_at_1GiB": {"met": True}},
+                },
+                {"backend": "pycuda", "skipped": "PyCUDA is not installed"},
+            ],
+        },
+    }
+    text = table.render(report)
+    assert "NVIDIA H100 80GB HBM3, driver 580.159.04, commit `0123456789ab`" in text
+    assert "| cupy | device verify, 4 GiB | 320.0 GB/s (0.21x copy) | >= 300 GB/s |" in text
+    assert "| cupy | host path, 1 GiB | 5.0 GB/s (device 30.0x) | device >= 20x |" in text
+    assert "| pycuda | — | not measured: PyCUDA is not installed | — |" in text
+    assert table.result_name(report) == "2026-12-01-nvidia-h100-80gb-hbm3.json"
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(report))
+    assert table.main([str(path), "--save", str(tmp_path / "results")]) == 0
+    assert (tmp_path / "results" / "2026-12-01-nvidia-h100-80gb-hbm3.json").is_file()
