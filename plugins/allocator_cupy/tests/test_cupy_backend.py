@@ -519,3 +519,15 @@ def test_adapter_maps_the_missing_driver_to_cuda_errors() -> None:
     assert "failed: cudaErrorInsufficientDriver" in str(info.value)
     with pytest.raises(CudaError):
         api.malloc(0, 4096)
+
+
+def test_no_room_for_digest_scratch_defers_to_the_host(
+    fake_cuda: FakeCuda, fake_backend: CupyBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    buf = fake_backend.allocate(0, fake_cuda.capacity - 100)  # the GPU is (nearly) full
+    with pytest.raises(InsufficientVram):
+        fake_backend.digest(buf, LEAF)
+    assert plugin.vramcore_device_digest(fake_backend, buf, LEAF, None) is None
+    assert "host hashes instead" in caplog.text
+    assert len(fake_cuda.mem) == 1
+    fake_backend.free(buf)

@@ -14,10 +14,12 @@ Environment: ``VRAMCORE_CUPY_NVML=0`` turns the NVML queries off (on by default 
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 
 from vramcore.backend import AllocatorBackend, BackendSpec, DeviceBuffer, DeviceDigest
+from vramcore.errors import InsufficientVram
 from vramcore.hookspecs import hookimpl
 from vramcore_allocator_cupy._backend import BackendClosed, CupyBackend
 from vramcore_allocator_cupy._memory import SAFETENSORS_DTYPES, DeviceMemory
@@ -40,6 +42,8 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+log = logging.getLogger(__name__)
 
 #: Above the mock (a real GPU wins whenever one is usable).
 PRIORITY = 100
@@ -74,4 +78,9 @@ def vramcore_device_digest(
     """Digest a cupy buffer on its GPU; defer (``None``) for every other backend."""
     if not isinstance(backend, CupyBackend) or buffer.backend != backend.name:
         return None
-    return backend.digest(buffer, leaf_size, leaf_range)
+    try:
+        return backend.digest(buffer, leaf_size, leaf_range)
+    except InsufficientVram:
+        # A full GPU has no room for the scratch; hashing on the host is slower, not weaker.
+        log.warning("cupy: no VRAM for the device digest's scratch; the host hashes instead")
+        return None

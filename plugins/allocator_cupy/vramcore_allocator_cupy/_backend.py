@@ -412,7 +412,11 @@ class CupyBackend(AllocatorBackend):
     def digest(
         self, buf: DeviceBuffer, leaf_size: int, leaf_range: tuple[int, int] | None = None
     ) -> DeviceDigest:
-        """The ``rfc6962-sha256`` digest of ``buf`` computed on its GPU (see kernels)."""
+        """The ``rfc6962-sha256`` digest of ``buf`` computed on its GPU (see kernels).
+
+        Raises :class:`~vramcore.errors.InsufficientVram` when the GPU has no room for the
+        digest's scratch memory (48 bytes per leaf); the plugin hook then defers to the host.
+        """
         rec = self._record(buf)
         ops = _KernelOps(self._api, rec, self._stream(rec.device))
         try:
@@ -477,7 +481,12 @@ class _KernelOps:
         self._stream = stream
 
     def alloc(self, nbytes: int) -> int:
-        return self._api.malloc(self._rec.device, nbytes)
+        try:
+            return self._api.malloc(self._rec.device, nbytes)
+        except CudaError as exc:
+            if exc.status == ERROR_MEMORY_ALLOCATION:
+                raise InsufficientVram(nbytes, 0, device=self._rec.device) from None
+            raise
 
     def free(self, scratch: int) -> None:
         # The stream may still run a launch that writes the scratch memory.
