@@ -163,9 +163,11 @@ def test_expected_sha256_mismatch_on_a_file_leaks_nothing(
     assert snapshot() == before
     assert audit_capture.types() == [
         "vram.allocated",
-        "vram.allocation_failed",
+        "vram.seal_refused",  # the input failed, not the device
         "vram.deallocated",
     ]
+    refused = audit_capture.of_type("vram.seal_refused")[0]
+    assert refused.reason == "sha256_mismatch"  # type: ignore[attr-defined]
     assert mock_manager.shards() == []
 
 
@@ -181,7 +183,7 @@ def test_expected_sha256_mismatch_on_bytes_leaves_nothing_allocated(
     assert mock_manager.shards() == []
     assert audit_capture.types() == [
         "vram.allocated",
-        "vram.allocation_failed",
+        "vram.seal_refused",
         "vram.deallocated",
     ]
     with pytest.raises(InvalidInput, match="64 hexadecimal digits"):

@@ -131,11 +131,11 @@ def test_seal_file_input_errors(
 ) -> None:
     empty = tmp_path / "empty.bin"
     empty.write_bytes(b"")
-    with pytest.raises(InvalidInput, match="cannot read"):
+    with pytest.raises(InvalidInput, match="no such file"):
         mock_manager.seal_file(tmp_path / "missing.bin")
-    with pytest.raises(InvalidInput, match="not a regular file"):
+    with pytest.raises(InvalidInput, match="is a directory"):
         mock_manager.seal_file(tmp_path)
-    with pytest.raises(InvalidInput, match="greater than 0"):
+    with pytest.raises(InvalidInput, match="empty"):
         mock_manager.seal_file(empty)
     with pytest.raises(InvalidInput, match="64 hexadecimal"):
         mock_manager.seal_file(_write(tmp_path / "ok.bin", b"x"), expected_sha256="xyz")

@@ -61,6 +61,21 @@ class Emitter:
                 )
             )
 
+    def seal_refused(self, shard_id: str, nbytes: int, reason: str, detail: str) -> None:
+        """``vram.seal_refused``: the input failed a check (SHA-256, format, changed)."""
+        if self._trail.sinks:
+            self._emit(
+                events.SealRefused(
+                    worker_id=self.worker_id,
+                    shard_id=shard_id,
+                    device=self.device,
+                    nbytes=nbytes,
+                    backend=self.backend,
+                    reason=reason,
+                    detail=scrub_text(detail),
+                )
+            )
+
     def sealed(self, shard: SealedShard) -> None:
         """``vram.sealed`` (critical)."""
         if self._trail.sinks:

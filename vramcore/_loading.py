@@ -249,14 +249,19 @@ class FileSource(Source):
                     if self.progress is not None:
                         self.progress(offset + len(view), nbytes)
                 if fh.read(1):
-                    raise IntegrityViolation(f"{p} grew while it was loaded")
+                    raise IntegrityViolation(
+                        f"{p} grew while it was loaded", reason="changed_while_loading"
+                    )
         finally:
             if file_hash is not None:
                 file_hash.close()
         result = self._finish(file_hash, hasher)
         if self.tensors and parse_tensor_map(device_reader(backend, buf), nbytes) != self.tensors:
             # Without expected_sha256 nothing else notices a header rewritten mid-load.
-            raise IntegrityViolation(f"{p} changed while it was loaded (safetensors header)")
+            raise IntegrityViolation(
+                f"{p} changed while it was loaded (safetensors header)",
+                reason="changed_while_loading",
+            )
         return result
 
 
@@ -291,7 +296,8 @@ def _read_exactly(fh: Any, view: memoryview, path: Path, offset: int, nbytes: in
         n = fh.readinto(view[got:])
         if not n:
             raise IntegrityViolation(
-                f"{path} shrank while it was loaded ({offset + got} of {nbytes} bytes read)"
+                f"{path} shrank while it was loaded ({offset + got} of {nbytes} bytes read)",
+                reason="changed_while_loading",
             )
         got += n
 
@@ -325,7 +331,8 @@ def check_expected_sha256(actual: str, expected: str) -> str:
     if actual != expected:
         raise IntegrityViolation(
             f"SHA-256 mismatch: expected {expected}, the bytes have {actual}; "
-            "the shard was not sealed"
+            "the shard was not sealed",
+            reason="sha256_mismatch",
         )
     return actual
 

@@ -127,7 +127,16 @@ class SealVerificationFailed(VramError):
 
 
 class IntegrityViolation(VramError):
-    """Loaded bytes do not match what was promised (``expected_sha256``, a malformed file)."""
+    """Loaded bytes do not match what was promised (``expected_sha256``, a malformed file).
+
+    :attr reason: ``"sha256_mismatch"``, ``"malformed_file"``, ``"changed_while_loading"``
+        or ``"integrity"`` (anything else); audited as the ``reason`` of a
+        ``vram.seal_refused`` event.
+    """
+
+    def __init__(self, message: str, *, reason: str = "integrity") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class PolicyViolation(VramError):

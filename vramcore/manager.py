@@ -32,7 +32,6 @@ import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Literal, NoReturn
 
 import attrs
@@ -67,6 +66,7 @@ from vramcore.errors import (
     AuditError,
     ConfigError,
     InsufficientVram,
+    IntegrityViolation,
     InvalidInput,
     ManagerClosed,
     NotSealed,
@@ -80,7 +80,13 @@ from vramcore.policy import Finding, VramPolicy
 from vramcore.scrub import Scrubber
 from vramcore.seal import SecretKey, WorkerToken
 from vramcore.shard import SealedShard
-from vramcore.validation import check_device_index, check_shard_id, check_size, clean_text
+from vramcore.validation import (
+    check_device_index,
+    check_path,
+    check_shard_id,
+    check_size,
+    clean_text,
+)
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "DEFAULT_CLOSE_TIMEOUT", "VramManager"]
 
@@ -352,25 +358,26 @@ class VramManager:
             before loading.
         """
         self._check_open()
-        if not isinstance(path, str | os.PathLike) or "\0" in os.fspath(path):
-            raise InvalidInput(
-                f"path must be a file path (str or os.PathLike) without NUL, got "
-                f"{type(path).__name__}"
-            )
+        p = check_path(path)
         if progress is not None and not callable(progress):
             raise InvalidInput("progress must be callable as progress(done, total)")
-        p = Path(path)
         if shard_id is None:
             with contextlib.suppress(InvalidInput):
                 shard_id = check_shard_id(p.name)
-        source = FileSource(
-            p,
-            self._chunk_bytes,
-            expected_sha256=expected_sha256,
-            want_sha256=_check_flag(compute_sha256, "compute_sha256"),
-            progress=progress,
-        )
-        return self._seal(self._shard_id(shard_id), source)
+        sid = self._shard_id(shard_id)
+        try:
+            source = FileSource(
+                p,
+                self._chunk_bytes,
+                expected_sha256=expected_sha256,
+                want_sha256=_check_flag(compute_sha256, "compute_sha256"),
+                progress=progress,
+            )
+        except IntegrityViolation as exc:  # a malformed header, refused before allocating
+            with contextlib.suppress(VramError):
+                self._emitter.seal_refused(sid, 0, exc.reason, str(exc))
+            raise
+        return self._seal(sid, source)
 
     def _shard_id(self, shard_id: str | None) -> str:
         return check_shard_id(shard_id) if shard_id is not None else f"shard-{uuid.uuid4().hex}"
@@ -581,7 +588,10 @@ class VramManager:
         )
         try:
             with contextlib.suppress(VramError):  # the original error matters more
-                self._emitter.allocation_failed(shard_id, nbytes, reason)
+                if isinstance(exc, IntegrityViolation):  # the input, not the device, failed
+                    self._emitter.seal_refused(shard_id, nbytes, exc.reason, str(exc))
+                else:
+                    self._emitter.allocation_failed(shard_id, nbytes, reason)
         finally:
             if buf is not None:
                 self._free(buf)
