@@ -15,6 +15,7 @@ from vramcore.testing import undocumented_public_names
         "vramcore_allocator_pycuda._backend",
         "vramcore_allocator_pycuda._contexts",
         "vramcore_allocator_pycuda._copies",
+        "vramcore_allocator_pycuda._dlpack",
         "vramcore_allocator_pycuda._kernels",
         "vramcore_allocator_pycuda._native",
         "vramcore_allocator_pycuda._probe",

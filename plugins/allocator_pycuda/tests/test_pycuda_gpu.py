@@ -127,8 +127,11 @@ def test_shard_views_read_the_sealed_bytes(gpu_backend: PyCudaBackend) -> None:
         import torch
     except ImportError:
         torch = None
-    if torch is not None:  # the CUDA Array Interface, zero copy
+    if torch is not None:  # the CUDA Array Interface and DLPack, zero copy
         tensor = torch.as_tensor(native, device="cuda")
         assert bytes(tensor.cpu().numpy()) == data
-        del tensor
+        via_dlpack = torch.from_dlpack(native)
+        assert via_dlpack.data_ptr() == tensor.data_ptr()
+        assert bytes(via_dlpack.cpu().numpy()) == data
+        del tensor, via_dlpack
     gpu_backend.free(buf)

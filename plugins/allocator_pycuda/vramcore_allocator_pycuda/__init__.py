@@ -16,8 +16,9 @@ backend gives, proven by the same :class:`vramcore.testing.BackendContract` suit
   with ``SourceModule`` once per device context, giving the host's root and leaves;
 * **probe** -- device attributes (integrated, managed, pageable access through HMM/ATS,
   ECC), UUID and PCI id, plus NVML's ECC error count with the ``nvml`` extra;
-* **inference** -- ``VramManager.verified(shard)`` yields a :class:`PyCudaShard`: the
-  ``DeviceAllocation``, ``GPUArray`` views, and the CUDA Array Interface.
+* **inference** -- ``VramManager.verified(shard)`` yields a buffer whose ``native`` is a
+  :class:`PyCudaShard`: the ``DeviceAllocation``, ``GPUArray`` views, the CUDA Array
+  Interface and a DLPack export, all without a copy.
 
 Without PyCUDA, or without a driver, the plugin still loads: the backend reports itself not
 viable with the reason (``vramcore plugins``), and nothing here imports PyCUDA until then.

@@ -6,6 +6,8 @@ from typing import Any
 
 from vramcore.errors import InvalidInput
 
+from ._dlpack import KDL_CUDA, export
+
 __all__ = ["PyCudaShard"]
 
 
@@ -15,8 +17,10 @@ class PyCudaShard:
     * :attr:`allocation` -- the ``pycuda.driver.DeviceAllocation`` (pass it to kernels);
     * :meth:`gpuarray` -- a ``pycuda.gpuarray.GPUArray`` view of a byte range, any dtype;
     * ``__cuda_array_interface__`` -- the bytes as a ``uint8`` vector, which CuPy, PyTorch
-      (``torch.as_tensor(shard, device="cuda")``) and Numba take without a copy. PyCUDA
-      implements no DLPack export, so this interface is the zero-copy route to DLPack users.
+      (``torch.as_tensor(shard, device="cuda")``) and Numba take without a copy;
+    * ``__dlpack__`` / ``__dlpack_device__`` -- the same vector for ``torch.from_dlpack``,
+      ``cupy.from_dlpack`` or JAX (PyCUDA has no DLPack export of its own; this one is built
+      here, with no copy).
 
     The views share the allocation: they are valid until the shard is deallocated, after
     which every accessor raises. Its repr shows the device and size, never the address.
@@ -78,6 +82,29 @@ class PyCudaShard:
             "strides": None,
             "stream": None,
         }
+
+    def __dlpack__(
+        self,
+        *,
+        stream: Any = None,
+        max_version: Any = None,
+        dl_device: Any = None,
+        copy: bool | None = None,
+    ) -> Any:
+        """A DLPack capsule of the shard's bytes (``uint8``, 1-D), never a copy.
+
+        ``stream`` needs no ordering: the shard was verified, no work on it is pending.
+        :raises BufferError: a copy or another device was asked for.
+        """
+        if copy:
+            raise BufferError("a shard is exported in place, never copied")
+        if dl_device is not None and tuple(dl_device) != self.__dlpack_device__():
+            raise BufferError(f"the shard lives on CUDA device {self.device}")
+        return export(int(self._live()), self.nbytes, KDL_CUDA, self.device, self)
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        """``(kDLCUDA, device ordinal)``."""
+        return (KDL_CUDA, self.device)
 
     def release(self) -> None:
         """Forget the allocation (the backend calls it when it frees the memory)."""
