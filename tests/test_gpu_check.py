@@ -71,6 +71,9 @@ def test_dry_run_takes_every_step(dry_run: tuple[int, dict[str, Any], Path]) -> 
         "gpu-bench.json",
     }
     assert code == (0 if report["passed"] else 1)
+    if report["steps"]["kernel"]["status"] == "ok":  # nvcc here: the native benchmark built
+        assert report["kernel"]["build"]["exit"] == 0
+        assert any("registers" in line for line in report["kernel"]["build"]["ptxas"])
 
 
 def test_dry_run_gpu_tests_ran_on_the_fake_runtime(
@@ -197,3 +200,17 @@ def test_results_table_from_a_gpu_report(tmp_path: Path) -> None:
     path.write_text(json.dumps(report))
     assert table.main([str(path), "--save", str(tmp_path / "results")]) == 0
     assert (tmp_path / "results" / "2026-12-01-nvidia-h100-80gb-hbm3.json").is_file()
+
+
+def test_kernel_check_pattern_is_the_one_kernel_bench_writes() -> None:
+    spec = importlib.util.spec_from_file_location(
+        "kernel_check", ROOT / "benchmarks" / "gpu" / "kernel_check.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    pytest.importorskip("numpy")
+    words = [(k * 2654435761) % 2**32 for k in range(3)]
+    expected = b"".join(w.to_bytes(4, "little") for w in words)[:9]
+    assert module.pattern(9).tobytes() == expected
+    assert len(module.host_root(65537)) == 64
