@@ -355,3 +355,39 @@ def test_cli_command_is_absolute_under_uv_run(monkeypatch: pytest.MonkeyPatch) -
     command = cli_command()
     assert command != "vramcore"
     assert os.path.isabs(command.split()[0].strip("'"))
+
+
+@pytest.mark.parametrize(
+    ("raised", "code", "kind"),
+    [
+        (RuntimeError("boom\x1b[31m"), 1, "internal"),
+        (KeyboardInterrupt(), 130, "interrupted"),
+        (RecursionError(), 1, "internal"),
+        (PermissionError(13, "Permission denied", "/var/log/x"), 2, "unreadable_input"),
+    ],
+)
+def test_unexpected_errors_are_one_line_too(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    raised: BaseException,
+    code: int,
+    kind: str,
+) -> None:
+    def explode(*_args: Any) -> int:
+        raise raised
+
+    monkeypatch.setattr(vramcore.cli, "cmd_plugins", explode)
+    got, out, err = _run(capsys, ["plugins", "--json"])
+    assert got == code
+    assert json.loads(out)["error"]["kind"] == kind
+    assert "\x1b" not in out and "Traceback" not in out + err
+
+
+def test_vramcore_debug_shows_the_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    def explode(*_args: Any) -> int:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(vramcore.cli, "cmd_plugins", explode)
+    monkeypatch.setenv("VRAMCORE_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="boom"):
+        main(["plugins"])

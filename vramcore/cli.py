@@ -323,23 +323,26 @@ def _load_plugins(console: Console) -> VramcorePluginManager:
     return pm
 
 
+#: Error kinds the CLI reports (``error.kind`` under ``--json``) and their exit codes.
+_KINDS: tuple[tuple[type[BaseException], str, int], ...] = (
+    (UsageError, "usage", EXIT_USAGE),
+    (InvalidInput, "invalid_input", EXIT_USAGE),
+    (ConfigError, "configuration", EXIT_USAGE),
+    (PolicyViolation, "policy", EXIT_FAILURE),
+    (IntegrityViolation, "integrity", EXIT_FAILURE),
+    (SealVerificationFailed, "integrity", EXIT_FAILURE),
+    (VramError, "failure", EXIT_FAILURE),
+)
+
+
 def _classify(exc: BaseException) -> tuple[str, int, str]:
     """``(kind, exit code, message)`` for an exception that ended a command."""
-    if isinstance(exc, UsageError):
-        return "usage", EXIT_USAGE, str(exc)
-    if isinstance(exc, InvalidInput):
-        return "invalid_input", EXIT_USAGE, str(exc)
-    if isinstance(exc, ConfigError):
-        return "configuration", EXIT_USAGE, str(exc)
     if isinstance(exc, AuditError):
-        code = EXIT_USAGE if exc.configuration else EXIT_FAILURE
-        return "audit", code, str(exc)
-    if isinstance(exc, IntegrityViolation | SealVerificationFailed | PolicyViolation | VramError):
-        return (
-            "integrity" if not isinstance(exc, PolicyViolation) else "policy",
-            EXIT_FAILURE,
-            (f"{type(exc).__name__}: {exc}"),
-        )
+        return "audit", EXIT_USAGE if exc.configuration else EXIT_FAILURE, str(exc)
+    for cls, kind, code in _KINDS:
+        if isinstance(exc, cls):
+            named = kind in ("policy", "integrity", "failure")
+            return kind, code, f"{type(exc).__name__}: {exc}" if named else str(exc)
     if isinstance(exc, OSError):
         where = f"{exc.filename}: " if exc.filename else ""
         problem = exc.strerror or type(exc).__name__
@@ -347,18 +350,14 @@ def _classify(exc: BaseException) -> tuple[str, int, str]:
             problem = "permission denied (cannot read it)"
         return "unreadable_input", EXIT_USAGE, f"{where}{problem}"
     if isinstance(exc, SystemExit):
-        return (
-            "plugin_exit",
-            EXIT_FAILURE,
-            (f"a plugin tried to end the process (SystemExit {exc.code!r}); the operation failed"),
+        message = (
+            f"a plugin tried to end the process (SystemExit {exc.code!r}); the operation failed"
         )
+        return "plugin_exit", EXIT_FAILURE, message
     if isinstance(exc, RecursionError):
         return "internal", EXIT_FAILURE, "input nested too deeply to process"
-    return (
-        "internal",
-        EXIT_FAILURE,
-        (f"unexpected {type(exc).__name__}: {exc} (a bug: set VRAMCORE_DEBUG=1 for a traceback)"),
-    )
+    message = f"unexpected {type(exc).__name__}: {exc} (a bug: VRAMCORE_DEBUG=1 shows a traceback)"
+    return "internal", EXIT_FAILURE, message
 
 
 def _quiet_broken_pipe() -> None:
