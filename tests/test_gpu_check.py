@@ -137,6 +137,8 @@ def test_check_wheels_names_what_a_gpu_run_would_miss(tmp_path: Path) -> None:
         "vramcore-0.1.0-py3-none-any.whl lacks vramcore/kernels/host_shim.h",
         "vramcore-0.1.0-py3-none-any.whl lacks vramcore/kernels/host_launch.cpp",
     ]
+    _wheel(tmp_path, "cffi-1.0-cp312-x.whl", [])
+    assert any("2 wheels of cffi" in p for p in gc.check_wheels(tmp_path)["problems"])
 
 
 def _table_module() -> Any:

@@ -82,6 +82,13 @@ def render(report: dict[str, Any]) -> str:
         missed = [k for k, t in res.get("targets", {}).items() if t.get("met") is False]
         if missed:
             lines.append(f"| {name} | targets missed | {', '.join(missed)} | — |")
+    for row in (report.get("kernel") or {}).get("sizes", []):
+        if "leaf_gbps" in row:
+            check = "root = host" if row.get("host_root_matches") else "root not checked"
+            lines.append(
+                f"| native kernel | leaf hashes, {row['bytes'] / GiB:g} GiB | "
+                f"{row['leaf_gbps']} GB/s, tree {row['tree_ms']} ms ({check}) | — |"
+            )
     tests = report.get("tests", {}).get("counts", {})
     lines += ["", f"GPU tests: {', '.join(f'{v} {k}' for k, v in sorted(tests.items()))}."]
     return "\n".join(lines)
