@@ -277,3 +277,22 @@ def test_unknown_backend_says_what_to_install_and_escapes_hostile_names(
     code, _, err = run(capsys, "devices")
     assert code == 2
     assert "\x1b" not in err
+
+
+def test_audit_chain_installed_but_unconfigured_says_which_variable(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("VRAMCORE_AUDIT_LOG")
+    code, _, err = run(capsys, "seal", str(model(tmp_path)))
+    assert code == 2
+    assert "the audit chain plugin is installed but VRAMCORE_AUDIT_LOG is not set" in err
+    assert "pip install" not in err
+
+
+def test_seal_without_expected_hash_says_it_was_not_computed(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code, out, _ = run(capsys, "seal", str(model(tmp_path)), "--no-audit")
+    assert code == 0
+    assert "sha256 not computed (give --expect-sha256 to check it)" in out
+    assert "None" not in out

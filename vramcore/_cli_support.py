@@ -19,6 +19,7 @@ from vramcore.seal import TOKEN_ADVICE, WorkerToken
 
 __all__ = [
     "AUDIT_ADVICE",
+    "AUDIT_CONFIG_ADVICE",
     "GIB",
     "MAX_BENCH_BYTES",
     "add_manager_options",
@@ -43,6 +44,12 @@ AUDIT_ADVICE = (
     "the vramcore repository: pip install ./plugins/audit_chain) and set "
     "VRAMCORE_AUDIT_LOG=/path/to/dir together with VRAMCORE_WORKER_TOKEN, or pass --no-audit "
     "to run without an audit trail on purpose"
+)
+#: The same when the audit chain plugin is installed but not configured.
+AUDIT_CONFIG_ADVICE = (
+    "no durable audit sink is configured: the audit chain plugin is installed but "
+    "VRAMCORE_AUDIT_LOG is not set; set VRAMCORE_AUDIT_LOG=/path/to/dir together with "
+    "VRAMCORE_WORKER_TOKEN, or pass --no-audit to run without an audit trail on purpose"
 )
 
 
@@ -148,7 +155,9 @@ def make_manager(
         )
     except AuditError as exc:
         if exc.configuration:
-            raise UsageError(AUDIT_ADVICE) from None
+            chain = any(p.name == "audit_chain" for p in pm.loaded)
+            no_log = not os.environ.get("VRAMCORE_AUDIT_LOG")
+            raise UsageError(AUDIT_CONFIG_ADVICE if chain and no_log else AUDIT_ADVICE) from None
         raise
     except InvalidInput as exc:
         if f"device {args.device} " in str(exc):

@@ -183,7 +183,7 @@ def cmd_seal(args: argparse.Namespace, console: Console, pm: VramcorePluginManag
     lines = [
         f"sealed   {shard.shard_id}: {human_bytes(size)} on GPU {shard.gpu_device}",
         f"digest   {shard.digest_alg} {shard.digest}",
-        f"file     sha256 {shard.file_sha256}",
+        f"file     sha256 {shard.file_sha256 or 'not computed (give --expect-sha256 to check it)'}",
         f"tensors  {len(shard.tensors)}",
         f"seal     {(t1 - t0) * 1000:.1f} ms ({rate(size, t1 - t0)})",
         f"verify   {(t2 - t1) * 1000:.1f} ms ({rate(size, t2 - t1)})",
