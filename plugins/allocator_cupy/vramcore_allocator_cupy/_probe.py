@@ -45,7 +45,7 @@ def why_not(
 ) -> str | None:
     """``None`` when CuPy, a CUDA driver and at least one GPU are here, else the reason."""
     if importlib.util.find_spec("cupy") is None and import_cupy is _import_cupy:
-        return f"CuPy is not installed: {INSTALL_HINT}"
+        return "CuPy is not installed"  # the core adds the install hint
     try:
         import_cupy()
     except ImportError as exc:
@@ -78,7 +78,8 @@ def _explain(exc: CudaError, make_api: Callable[[], CudaApi]) -> str:
             return "no CUDA driver found (no NVIDIA GPU or driver on this machine)"
         return (
             f"the CUDA driver ({_version(driver)}) is older than CuPy's CUDA runtime "
-            f"({_version(runtime)}): install the CuPy build for this driver ({INSTALL_HINT})"
+            f"({_version(runtime)}): install the CuPy build for this driver ([cuda12x] or "
+            "[cuda13x])"
         )
     if "NoDevice" in exc.name:
         return "no CUDA device found (driver present, no GPU visible)"
