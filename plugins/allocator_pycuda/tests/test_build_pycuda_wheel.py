@@ -313,3 +313,23 @@ def test_newest_symbol_versions(script: ModuleType) -> None:
         "GLIBCXX": "3.4.29",
     }
     assert script.newest_symbol_versions("no versions here") == {}
+
+
+def test_a_new_wheel_replaces_other_versions_only(script: ModuleType, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in (
+        "pytools-2025.1-py3-none-any.whl",
+        "pycuda-2025.1-cp312-cp312-linux_x86_64.whl",
+        "vramcore_allocator_pycuda-0.1.0-py3-none-any.whl",
+    ):
+        (out / name).write_bytes(b"old")
+    new = tmp_path / "pycuda-2026.1-cp312-cp312-linux_x86_64.whl"
+    new.write_bytes(b"new")
+    assert script.replace_wheel(new, out) == out / new.name
+    assert sorted(p.name for p in out.iterdir()) == [
+        "pycuda-2026.1-cp312-cp312-linux_x86_64.whl",
+        "pytools-2025.1-py3-none-any.whl",
+        "vramcore_allocator_pycuda-0.1.0-py3-none-any.whl",
+    ]
+    assert script.dist_name("Mako") == script.dist_name("mako-1.4.3-py3-none-any.whl")
