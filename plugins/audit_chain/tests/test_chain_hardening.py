@@ -24,7 +24,7 @@ from vramcore_audit_chain import (
 from vramcore_audit_chain import _format as fmt
 
 from vramcore.cli import main
-from vramcore.errors import ConfigError
+from vramcore.errors import AuditError, ConfigError
 
 
 def _files(directory: Path) -> list[Path]:
@@ -300,7 +300,7 @@ def test_deeply_nested_json_in_the_log_is_malformed_not_a_crash(
 
 
 def test_log_names_that_are_not_regular_files_are_refused(
-    log: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    log: Path, tmp_path: Path, chain: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     nxt = len(_files(log)) + 1
     (log / fmt.log_file_name(nxt)).symlink_to("/dev/zero")
@@ -313,6 +313,8 @@ def test_log_names_that_are_not_regular_files_are_refused(
     assert code == 2 and "not a regular file" in capsys.readouterr().err
     code = main(["audit", "show", str(log)])
     assert code == 2
+    with pytest.raises(AuditError, match="not a regular file"):  # nor will the writer open it
+        ChainSink(ChainConfig(directory=log), chain.context())
 
 
 def test_a_verifier_crash_is_never_reported_as_an_integrity_failure(

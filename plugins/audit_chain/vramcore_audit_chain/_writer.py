@@ -25,6 +25,7 @@ import hashlib
 import logging
 import os
 import secrets
+import stat
 import threading
 import time
 from collections.abc import Sequence
@@ -656,6 +657,12 @@ class ChainWriter:
     def _prepare(self, keys: SinkContext) -> None:
         """Read the state and the log's tail; decide between setup and resuming (no writes)."""
         files = fmt.log_files(self._dir)
+        for _, path in files:
+            if not stat.S_ISREG(path.lstat().st_mode):
+                raise AuditError(
+                    f"{path} is not a regular file (a link, device or FIFO): the writer will not "
+                    "append to this log. Keep the directory for the auditor and start a new one"
+                )
         state = read_state(self._dir / fmt.STATE_NAME, self._cipher)
         self._state = state
         if (
