@@ -531,3 +531,27 @@ def test_no_room_for_digest_scratch_defers_to_the_host(
     assert "host hashes instead" in caplog.text
     assert len(fake_cuda.mem) == 1
     fake_backend.free(buf)
+
+
+def test_cli_without_cupy_names_what_to_install(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As on a machine where CuPy was never installed (its import spec not found)."""
+    import importlib.util
+
+    from vramcore_allocator_cupy import _probe
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        _probe.importlib.util, "find_spec", lambda name, *a: None if name == "cupy" else real(name)
+    )
+    monkeypatch.delenv("VRAMCORE_PLUGINS", raising=False)
+    code, out, err = _cli(["plugins", "--json"], capsys)
+    assert code == 0, err
+    (row,) = [b for b in json.loads(out)["backends"] if b["name"] == "cupy"]
+    assert (row["viable"], row["reason"]) == (False, "CuPy is not installed")
+    assert "vramcore-allocator-cupy[cuda12x]" in row["install_hint"]
+    code, out, err = _cli(["devices", "--allocator", "cupy"], capsys)
+    assert code == 2
+    assert "CuPy is not installed" in err and "vramcore-allocator-cupy[cuda12x]" in err
+    assert "Traceback" not in out + err
