@@ -478,3 +478,24 @@ def test_a_worker_on_the_second_gpu_touches_only_that_gpu(fake_driver: Any, fake
     b.close()
     assert fake_driver.used == [0, 0]
     assert fake_driver.pinned and all(p.freed for p in fake_driver.pinned)
+
+
+def test_close_goes_on_past_a_dead_context_and_reports_it(
+    fake_driver: Any, fake_api: DriverApi, monkeypatch: pytest.MonkeyPatch
+):
+    fake_driver.specs.append({**fake_driver.specs[0], "attributes": {}})
+    fake_driver.used.append(0)
+    context_type = type(fake_driver.primary_contexts[0])
+    fake_driver.primary_contexts.append(context_type(fake_driver, 1, primary=True))
+    b = PyCudaBackend(fake_api)
+    dead, alive = b.allocate(0, 100), b.allocate(1, 100)
+
+    def refuse() -> None:
+        raise fake_driver.Error("cuCtxPushCurrent failed: context is destroyed")
+
+    monkeypatch.setattr(fake_driver.primary_contexts[0], "push", refuse)
+    with pytest.raises(AllocationFailed, match="context of GPU 0"):
+        b.close()
+    assert fake_driver.used == [100, 0], "GPU 1 was not cleaned up after GPU 0 failed"
+    assert dead.freed and alive.freed
+    assert fake_driver.stack() == []

@@ -292,19 +292,30 @@ class PyCudaBackend(AllocatorBackend):
             devices = list(self._devices.values())
         failures: list[VramError] = []
         for dev in devices:
-            with activated(self._api, dev.context, dev.ordinal):
-                for record in live:
-                    if record.buffer.device == dev.ordinal:
-                        record.buffer.freed = True
-                        record.shard.release()
-                        failures += _attempt(self._drv, "cuMemFree", record.allocation.free)
-                failures += _attempt(self._drv, "event destroy", dev.events.close)
-                failures += _attempt(self._drv, "module unload", dev.kernels.close)
-                if dev.ordinal == self._pinned_home:
-                    failures += _attempt(self._drv, "pinned free", self._pinned.close)
-                dev.streams.clear()
+            for record in live:
+                if record.buffer.device == dev.ordinal:
+                    record.buffer.freed = True
+                    record.shard.release()
+            try:
+                with activated(self._api, dev.context, dev.ordinal):
+                    failures += self._close_device(dev, live)
+            except VramError as exc:  # a dead context: go on with the other devices
+                failures.append(exc)
         if failures:
             raise failures[0]
+
+    def _close_device(self, dev: _Device, live: list[_Live]) -> list[VramError]:
+        """Release what lives in ``dev``'s context (pushed); the failures, cleanup going on."""
+        failures: list[VramError] = []
+        for record in live:
+            if record.buffer.device == dev.ordinal:
+                failures += _attempt(self._drv, "cuMemFree", record.allocation.free)
+        failures += _attempt(self._drv, "event destroy", dev.events.close)
+        failures += _attempt(self._drv, "module unload", dev.kernels.close)
+        if dev.ordinal == self._pinned_home:
+            failures += _attempt(self._drv, "pinned free", self._pinned.close)
+        dev.streams.clear()
+        return failures
 
 
 def _attempt(drv: Any, what: str, step: Any) -> list[VramError]:
