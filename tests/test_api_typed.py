@@ -1,10 +1,8 @@
 """Typed errors from the public API for wrong types and values (issue 8, point 3).
 
 Each wrong argument raises :class:`vramcore.errors.InvalidInput` (also a ``ValueError``) whose
-message names the argument, never a bare ``TypeError``/``ValueError`` from deep inside. Tests
-marked ``xfail(strict=True, reason="needs manager wiring: ...")`` describe checks that live in
-:mod:`vramcore.validation` and wait for the manager to call them; they fail loudly (XPASS)
-once it does, so the mark is removed then.
+message names the argument, never a bare ``TypeError``/``ValueError`` from deep inside; the
+checks live in :mod:`vramcore.validation` and the manager calls them first.
 """
 
 from __future__ import annotations
@@ -62,19 +60,13 @@ def test_tokens_without_entropy_are_refused_by_the_manager(
         VramManager(token, allocator=mock_backend, plugin_manager=make_plugin_manager())
 
 
-_PATH_WIRING = "needs manager wiring: seal_file calls check_path(path) first"
-
-
-_WAITS = pytest.mark.xfail(strict=True, reason=_PATH_WIRING)
-
-
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        pytest.param(lambda _t: 123, "must be a path", marks=_WAITS, id="int"),
+        pytest.param(lambda _t: 123, "must be a path", id="int"),
         pytest.param(lambda t: f"{t}/a\0b", "NUL", id="NUL"),
-        pytest.param(lambda t: t / ("n" * 300), "at most 255 bytes", marks=_WAITS, id="long"),
-        pytest.param(lambda t: t, "is a directory", marks=_WAITS, id="directory"),
+        pytest.param(lambda t: t / ("n" * 300), "at most 255 bytes", id="long"),
+        pytest.param(lambda t: t, "is a directory", id="directory"),
         pytest.param(lambda _t: "/dev/null", "not a regular file", id="/dev/null"),
     ],
 )
@@ -85,11 +77,6 @@ def test_seal_file_names_what_is_wrong_with_the_path(
         mock_manager.seal_file(make(tmp_path))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs manager wiring: a failed SHA-256 or format check emits "
-    "events.SealRefused (vram.seal_refused), not vram.allocation_failed",
-)
 def test_a_sha256_mismatch_is_audited_as_a_refused_seal(
     mock_manager: Any, audit_capture: CapturingSink, tmp_path: Path
 ) -> None:
@@ -97,5 +84,18 @@ def test_a_sha256_mismatch_is_audited_as_a_refused_seal(
     path.write_bytes(b"weights" * 1000)
     with pytest.raises(IntegrityViolation):
         mock_manager.seal_file(path, expected_sha256=hashlib.sha256(b"other").hexdigest())
-    assert "vram.seal_refused" in audit_capture.types()
+    (event,) = audit_capture.of_type("vram.seal_refused")
+    assert event.reason == "sha256_mismatch"  # type: ignore[attr-defined]
     assert "vram.allocation_failed" not in audit_capture.types()
+
+
+def test_a_malformed_safetensors_file_is_audited_as_a_refused_seal(
+    mock_manager: Any, audit_capture: CapturingSink, tmp_path: Path
+) -> None:
+    path = tmp_path / "bad.safetensors"
+    header = b'{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}}'
+    path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(5))  # one byte too many
+    with pytest.raises(IntegrityViolation) as info:
+        mock_manager.seal_file(path)
+    assert info.value.reason == "malformed_file"
+    assert [e.reason for e in audit_capture.of_type("vram.seal_refused")] == ["malformed_file"]  # type: ignore[attr-defined]
