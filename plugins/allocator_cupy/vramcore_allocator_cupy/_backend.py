@@ -316,12 +316,17 @@ class CupyBackend(AllocatorBackend):
         if count <= 0 or nbytes <= 0:
             raise InvalidInput("staging needs a positive count and size")
         taken: list[tuple[int, int]] = []
+        failure: CudaError | None = None
         try:
             for _ in range(count):
                 taken.append(self._take_pinned(nbytes))
         except CudaError as exc:
+            failure = exc
+        if failure is not None:
             self._return_pinned(taken)
-            log.warning("cupy backend: no pinned staging memory (%s); copies are synchronous", exc)
+            log.warning(
+                "cupy backend: no pinned staging memory (%s); copies are synchronous", failure
+            )
             yield [memoryview(bytearray(nbytes)) for _ in range(count)]
             return
         try:
