@@ -56,15 +56,21 @@ def _current_context_on_thread(fn: Any) -> Any:
     import pycuda.driver as drv
 
     seen: list[Any] = []
+    errors: list[BaseException] = []
 
     def run() -> None:
-        fn()
+        try:
+            fn()
+        except BaseException as exc:
+            errors.append(exc)
         seen.append(drv.Context.get_current())
 
     thread = threading.Thread(target=run)
     thread.start()
     thread.join(120)
     assert not thread.is_alive()
+    if errors:
+        raise errors[0]
     return seen[0]
 
 
@@ -73,7 +79,9 @@ def test_no_context_is_left_pushed_on_any_thread(gpu_backend: PyCudaBackend) -> 
 
     data = random.Random(1).randbytes(3 * LEAF + 5)
     box: list[Any] = []
-    assert _current_context_on_thread(lambda: box.append(gpu_backend.allocate(0, len(data))))
+    assert (
+        _current_context_on_thread(lambda: box.append(gpu_backend.allocate(0, len(data)))) is None
+    )
     buf = box[0]
     for step in (
         lambda: gpu_backend.copy_in(buf, 0, memoryview(data)),
