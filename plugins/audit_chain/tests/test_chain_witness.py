@@ -5,7 +5,10 @@ tail deletion after a crash), caught with a file witness and with the telemetry 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -272,6 +275,50 @@ def test_a_real_crash_is_not_mistaken_for_an_attack(
     _session(chain_dir, chain, [FileWitness(witness_file)], 5)
     code, doc, _ = _verify_cli(capsys, chain_dir, witness_file)
     assert code == 0 and doc["recoveries"] == 1 and doc["anchors"] >= 4, doc
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_sigkilled_writer_then_cut_tail_is_caught_and_the_real_crash_is_not(
+    chain_dir: Path, tmp_path: Path, chain: Any, witness_file: Path, capsys: Any
+) -> None:
+    _session(chain_dir, chain, [FileWitness(witness_file)], 10)
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child never returns
+        try:
+            os.close(read_fd)
+            sink = _sink(chain_dir, chain, [FileWitness(witness_file)], checkpoint_records=1000)
+            for i, event in enumerate(chain.sample_events(100_000)):
+                sink.emit(event)
+                os.write(write_fd, b"%d\n" % i)
+        finally:
+            os._exit(3)
+    os.close(write_fd)
+    got = b""
+    deadline = time.monotonic() + 20
+    while got.count(b"\n") < 60 and time.monotonic() < deadline:
+        got += os.read(read_fd, 65536)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    os.close(read_fd)
+    assert got.count(b"\n") >= 60
+    # The real crash: restarting recovers it, and the witness agrees.
+    real = tmp_path / "real-crash"
+    shutil.copytree(chain_dir, real)
+    shutil.copy(witness_file, tmp_path / "witness-copy")
+    _session(real, chain, [FileWitness(tmp_path / "witness-copy")], 3)
+    code, doc, _ = _verify_cli(capsys, real, tmp_path / "witness-copy")
+    assert code == 0, doc
+    # The attack: the crashed session cut away, back to the previous clean close.
+    path = fmt.log_files(chain_dir)[-1][1]
+    lines = _lines(path)
+    last_close = max(i for i, line in enumerate(lines) if b'"reason":"close"' in line)
+    path.write_bytes(b"".join(lines[: last_close + 1]))
+    assert chain.verify(chain_dir).ok  # nothing to see without the witness
+    code, doc, _ = _verify_cli(capsys, chain_dir, witness_file)
+    assert (code, doc["reason"]) == (1, "rolled_back"), doc
+    with pytest.raises(AuditError, match="records were removed"):
+        _sink(chain_dir, chain, [FileWitness(witness_file)])
 
 
 # -- anchors ---------------------------------------------------------------------------------
