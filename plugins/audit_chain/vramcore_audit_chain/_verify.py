@@ -13,6 +13,7 @@ Files are streamed in chunks: memory stays bounded (a few MiB) whatever their si
 from __future__ import annotations
 
 import _hashlib
+import bisect
 import hashlib
 import hmac
 import re
@@ -237,6 +238,7 @@ class _Verifier:
         self.pinned_log_id: str | None = None
         self.all_anchors: list[Anchor] = []
         self.anchor_at: dict[int, list[Anchor]] = {}
+        self.anchor_seqs: list[int] = []
         self.anchors_checked = 0
         self.log_id: str | None = None
         self.records = 0
@@ -540,11 +542,12 @@ class _Verifier:
         self.anchor_at = {}
         for anchor in mine:
             self.anchor_at.setdefault(anchor.seq, []).append(anchor)
+        self.anchor_seqs = sorted(self.anchor_at)
         return self._next_anchor(from_seq)
 
     def _next_anchor(self, from_seq: int) -> int:
-        later = [seq for seq in self.anchor_at if seq >= from_seq]
-        return min(later) if later else -1
+        i = bisect.bisect_left(self.anchor_seqs, from_seq)
+        return self.anchor_seqs[i] if i < len(self.anchor_seqs) else -1
 
     def _check_anchors(self, seq: int, epoch: int, mac: bytes) -> None:
         for anchor in self.anchor_at[seq]:
