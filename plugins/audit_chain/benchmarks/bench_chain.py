@@ -67,14 +67,22 @@ def bench_naive(events: list[SealVerified], directory: Path) -> float:
 
 
 def bench_mode(
-    events: list[SealVerified], directory: Path, mode: str, threads: int = 1
+    events: list[Any], directory: Path, mode: str, threads: int = 1, witness: bool = False
 ) -> tuple[float, Path]:
-    """Emit ``events`` through a sink in ``mode``; events/s including the final close."""
+    """Emit ``events`` through a sink in ``mode``; events/s including the final close.
+
+    :param witness: publish heads to a file witness (next to the log directory).
+    """
     cfg = ChainConfig(directory=directory, durability=mode)
-    sink = ChainSink(cfg, SinkContext.from_token(WorkerToken(_TOKEN), worker_id="bench", device=0))
+    witnesses = [FileWitness(directory.with_name(directory.name + ".witness"))] if witness else []
+    sink = ChainSink(
+        cfg,
+        SinkContext.from_token(WorkerToken(_TOKEN), worker_id="bench", device=0),
+        witnesses=witnesses,
+    )
     per = len(events) // threads
 
-    def work(part: list[SealVerified]) -> None:
+    def work(part: list[Any]) -> None:
         for event in part:
             sink.emit(event)
 
@@ -226,13 +234,21 @@ def main() -> None:
                                   digest="ab" * 32, digest_alg="rfc6962-sha256",
                                   leaf_size=65536, backend="mock")  # fmt: skip
         results["mixed_0.1pct_critical"], _ = bench_mode(mixed, root / "mixed", "mixed")
+        results["mixed_0.1pct_critical_file_witness"], _ = bench_mode(
+            mixed, root / "mixed-w", "mixed", witness=True
+        )
+        critical = [mixed[0]] * args.sync_events  # every event critical: a head after each
+        results["immediate_all_critical"], _ = bench_mode(critical, root / "crit", "immediate")
+        results["immediate_all_critical_file_witness"], _ = bench_mode(
+            critical, root / "crit-w", "immediate", witness=True
+        )
         results["verify_records_per_s"], records = bench_verify(log_dir)
     if args.json:
         print(json.dumps(results, indent=2))
         return
-    print(f"{'measurement':<28}{'per second':>14}")
+    print(f"{'measurement':<40}{'per second':>14}")
     for name, value in results.items():
-        print(f"{name:<28}{value:>14,.0f}")
+        print(f"{name:<40}{value:>14,.0f}")
     print(f"(verified {records} records; naive baseline fsyncs each event like immediate mode)")
 
 
