@@ -613,10 +613,16 @@ class ChainWriter:
                 "give each worker process its own VRAMCORE_AUDIT_LOG directory"
             ) from None
         path = self._dir / fmt.LOCK_NAME
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             if path.is_symlink() or not path.is_file():
                 path.unlink()
-        self._lock_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        try:
+            self._lock_fd = os.open(path, flags, 0o600)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot write {path} (it shows the writer's pid): {exc.strerror}; remove it"
+            ) from None
         os.ftruncate(self._lock_fd, 0)
         os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode("ascii"), 0)
 
