@@ -36,7 +36,7 @@ def test_leaf_size_must_be_a_multiple_of_4096(
         _manager(mock_backend, make_plugin_manager, leaf_size=leaf_size)
 
 
-@pytest.mark.parametrize("policy", ["strict", {"allow_host_access": False}, 1])
+@pytest.mark.parametrize("policy", ["strict", {"strict_host_isolation": False}, 1])
 def test_policy_must_be_a_vram_policy(
     mock_backend: Any, make_plugin_manager: Any, policy: object
 ) -> None:
@@ -47,7 +47,7 @@ def test_policy_must_be_a_vram_policy(
 @pytest.mark.parametrize("flag", ["false", "no", 0, None])
 def test_policy_flags_refuse_truthy_strings(flag: object) -> None:
     with pytest.raises(InvalidInput, match="True or False"):
-        VramPolicy(allow_host_access=flag)  # type: ignore[arg-type]
+        VramPolicy(strict_host_isolation=flag)  # type: ignore[arg-type]
     with pytest.raises(InvalidInput, match="True or False"):
         VramPolicy(require_ecc=flag)  # type: ignore[arg-type]
 

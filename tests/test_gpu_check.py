@@ -21,12 +21,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "gpu-check"
-#: GPU tests allowed to fail in the dry run, with why: they check a decision outside the
-#: GPU plugins that is not made yet (the fake device reports HMM like an H100).
-_POLICY_TEST = "tests.gpu.test_gpu_backends::test_default_policy_on_this_device_follows_the_design"
-KNOWN_FAILURES = {
-    f"{_POLICY_TEST}[cupy]": "vramcore/policy.py still refuses HMM-only access (DESIGN: report)",
-}
+#: GPU tests allowed to fail in the dry run, with why (none: the fake device reports HMM like
+#: an H100, and the policy reports it rather than refusing, as DESIGN says).
+KNOWN_FAILURES: dict[str, str] = {}
 
 
 def _script() -> Any:

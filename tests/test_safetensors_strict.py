@@ -263,8 +263,8 @@ def test_the_test_token_stays_valid() -> None:
 
 @pytest.mark.parametrize("bad", ["false", 1, None, "True"])
 def test_policy_flags_must_be_booleans(bad: object) -> None:
-    with pytest.raises(InvalidInput, match="allow_host_access must be True or False"):
-        VramPolicy(allow_host_access=bad)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match="strict_host_isolation must be True or False"):
+        VramPolicy(strict_host_isolation=bad)  # type: ignore[arg-type]
 
 
 def test_typed_argument_checks() -> None:

@@ -140,11 +140,16 @@ class Emitter:
                 )
             )
 
-    def policy_violation(self, device: int, rule: str, detail: str) -> None:
-        """``policy.violation`` (critical)."""
+    def policy_violation(self, device: int, rule: str, detail: str, *, refused: bool) -> None:
+        """``policy.violation`` (critical to record); severity ``warning`` when only reported."""
         if self._trail.sinks:
+            severity = events.Severity.CRITICAL if refused else events.Severity.WARNING
             self._emit(
                 events.PolicyViolation(
-                    worker_id=self.worker_id, device=device, rule=rule, detail=detail
+                    worker_id=self.worker_id,
+                    device=device,
+                    rule=rule,
+                    detail=detail,
+                    severity=severity,
                 )
             )

@@ -109,19 +109,26 @@ def cmd_devices(args: argparse.Namespace, console: Console, pm: VramcorePluginMa
         devices = list(pm.hook.vramcore_probe_devices(backend=backend) or ())
     finally:
         backend.close()
-    policy = VramPolicy(allow_host_access=args.allow_host_access)
+    policy = VramPolicy(strict_host_isolation=args.strict_host_isolation)
     rows = []
     lines = [f"Backend {spec.name}: {len(devices)} device(s)"]
     for info in devices:
         findings = policy.check_device(info)
+        refusals = [f for f in findings if f.refused]
+        notes = [f for f in findings if not f.refused]
         rows.append(
             {
                 **info.to_dict(),
-                "policy_ok": not findings,
-                "violations": [{"rule": f.rule, "detail": f.detail} for f in findings],
+                "policy_ok": not refusals,
+                "violations": [{"rule": f.rule, "detail": f.detail} for f in refusals],
+                "reported": [{"rule": f.rule, "detail": f.detail} for f in notes],
             }
         )
-        verdict = "OK" if not findings else "REFUSED: " + "; ".join(f.detail for f in findings)
+        verdict = (
+            "REFUSED: " + "; ".join(f.detail for f in refusals)
+            if refusals
+            else "OK" + "".join(f" (note: {f.detail})" for f in notes)
+        )
         lines.append(
             f"  GPU {info.index}: {info.name}, {human_bytes(info.total_bytes)} "
             f"({human_bytes(info.free_bytes)} free) - {verdict}"
@@ -250,7 +257,9 @@ def build_parser(pm: VramcorePluginManager) -> argparse.ArgumentParser:
     )
     p.add_argument("--allocator", help="backend name (default: VRAMCORE_ALLOCATOR or best)")
     p.add_argument(
-        "--allow-host-access", action="store_true", help="accept ATS/HMM devices (not recommended)"
+        "--strict-host-isolation",
+        action="store_true",
+        help="refuse devices that can read pageable host memory (HMM/ATS), not just report them",
     )
     p = commands.add(
         "seal",

@@ -150,7 +150,7 @@ class VramManager:
         if policy is not None and not isinstance(policy, VramPolicy):
             raise InvalidInput(
                 f"policy must be a vramcore.VramPolicy, got {type(policy).__name__}; "
-                "e.g. VramPolicy(allow_host_access=False)"
+                "e.g. VramPolicy(strict_host_isolation=True)"
             )
         self.leaf_size = check_leaf_size(leaf_size)
         check_size(chunk_bytes, field="chunk_bytes")
@@ -255,15 +255,21 @@ class VramManager:
         return list(devices)
 
     def _enforce(self, findings: Sequence[Finding]) -> None:
-        if not findings:
-            return
+        """Audit every finding; raise for the refused ones (reported ones are logged)."""
         for finding in findings:
-            self._emitter.policy_violation(self.device, finding.rule, finding.detail)
-        raise PolicyViolation(
-            f"VRAM-only policy refused: {'; '.join(f.detail for f in findings)}",
-            rule=findings[0].rule,
-            device=self.device,
-        )
+            self._emitter.policy_violation(
+                self.device, finding.rule, finding.detail, refused=finding.refused
+            )
+        refused = [f for f in findings if f.refused]
+        for finding in findings:
+            if not finding.refused:
+                log.warning("VRAM-only policy: %s", finding.detail)
+        if refused:
+            raise PolicyViolation(
+                f"VRAM-only policy refused: {'; '.join(f.detail for f in refused)}",
+                rule=refused[0].rule,
+                device=self.device,
+            )
 
     def _attributes(self, shard_id: str, nbytes: int, **more: Any) -> dict[str, Any]:
         return {

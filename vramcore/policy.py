@@ -1,13 +1,22 @@
 """The VRAM-only residency policy.
 
-Weights must live in discrete device memory that the host cannot map or page in. A device
-passes when it is not integrated, and when it cannot read pageable host memory (ATS or HMM) —
-unless the operator explicitly allows host access, for instance on a Grace Hopper system where
-ATS is always on. Supporting managed memory is not a violation (every recent discrete GPU
-does); *using* it is: each allocation's pointer type must be plain device memory.
+Weights must live in discrete device memory that the host cannot map or page in.
 
-Checked when a manager starts (every device it will use) and on every allocation. A failure is
-audited as a :class:`vramcore.events.PolicyViolation` event and raised as
+* An **integrated** GPU is refused: its "device" memory is host RAM.
+* **Every allocation** must be plain device memory (``cudaMalloc``): managed, host-mapped or
+  host memory is refused. This per-allocation check is never relaxed; supporting managed
+  memory is not a violation (every recent discrete GPU does), *using* it is.
+* **Pageable host memory access** (HMM on recent Linux drivers, ATS on Grace Hopper) lets a
+  kernel dereference host pointers; it does not move or mirror a ``cudaMalloc``'d shard, which
+  stays in HBM and is checked pointer by pointer above. So by default it is *reported*: a
+  ``policy.violation`` audit event with severity ``warning`` (rule ``hmm`` or ``ats``), and the
+  device is used. An H100 on a current driver reports HMM; refusing it for that alone would
+  refuse every modern GPU host. Operators who want no device that can reach host memory at
+  all set ``strict_host_isolation=True``, which refuses such devices.
+* ``require_ecc=True`` refuses devices whose ECC is off or unknown.
+
+Checked when a manager starts and on every allocation. A refusal is audited as a
+:class:`vramcore.events.PolicyViolation` event (severity ``critical``) and raised as
 :class:`vramcore.errors.PolicyViolation`.
 """
 
@@ -23,10 +32,15 @@ __all__ = ["Finding", "VramPolicy"]
 
 @attrs.frozen
 class Finding:
-    """One broken rule: its name and a sentence an operator can act on."""
+    """One rule a device or allocation breaks: its name and a sentence an operator can act on.
+
+    :attr refused: whether the policy refuses because of it; ``False`` for findings that are
+        only reported (pageable host memory access without ``strict_host_isolation``).
+    """
 
     rule: str
     detail: str
+    refused: bool = True
 
 
 def _flag(_inst: object, attr: attrs.Attribute[bool], value: object) -> None:
@@ -38,19 +52,18 @@ def _flag(_inst: object, attr: attrs.Attribute[bool], value: object) -> None:
 class VramPolicy:
     """What the worker accepts.
 
-    :attr allow_host_access: accept devices that can read pageable host memory through ATS or
-        HMM. Off by default; turning it on means a kernel bug could read weights from (or a
-        host process could plant them in) host RAM, which the seal then cannot rule out.
+    :attr strict_host_isolation: refuse devices that can read pageable host memory (HMM or
+        ATS) instead of reporting them (see the module docstring for why the default reports).
     :attr require_ecc: refuse devices whose ECC is reported off or unknown.
 
     Both must be real booleans (:class:`~vramcore.errors.InvalidInput` otherwise).
     """
 
-    allow_host_access: bool = attrs.field(default=False, validator=_flag)
+    strict_host_isolation: bool = attrs.field(default=False, validator=_flag)
     require_ecc: bool = attrs.field(default=False, validator=_flag)
 
     def check_device(self, info: DeviceInfo) -> list[Finding]:
-        """Every rule ``info`` breaks (an empty list means the device passes)."""
+        """Every rule ``info`` breaks; the device is refused if any finding is ``refused``."""
         found = []
         if info.integrated:
             found.append(
@@ -59,13 +72,19 @@ class VramPolicy:
                     f"GPU {info.index} ({info.name}) is integrated: its memory is host RAM",
                 )
             )
-        if info.pageable_memory_access and not self.allow_host_access:
+        if info.pageable_memory_access:
             how = "ATS (host page tables)" if info.host_page_tables else "HMM"
+            then = (
+                "refused (strict_host_isolation)"
+                if self.strict_host_isolation
+                else "reported; shards stay in device memory, checked per allocation"
+            )
             found.append(
                 Finding(
                     "ats" if info.host_page_tables else "hmm",
                     f"GPU {info.index} ({info.name}) can access pageable host memory through "
-                    f"{how}; refuse, or set allow_host_access if this is accepted on purpose",
+                    f"{how}: {then}",
+                    refused=self.strict_host_isolation,
                 )
             )
         if self.require_ecc and info.ecc_enabled is not True:

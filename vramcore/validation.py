@@ -209,7 +209,7 @@ def check_policy(policy: object, *, field: str = "policy") -> VramPolicy:
         return VramPolicy()
     if not isinstance(policy, VramPolicy):
         raise InvalidInput(
-            f"{field} must be a vramcore.VramPolicy (e.g. VramPolicy(allow_host_access=True)) "
+            f"{field} must be a vramcore.VramPolicy (e.g. VramPolicy(strict_host_isolation=True)) "
             f"or None for the strict default, got {type(policy).__name__} {safe_repr(policy)}"
         )
     return policy

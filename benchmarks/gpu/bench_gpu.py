@@ -202,7 +202,7 @@ def bench_backend(name: str, args: argparse.Namespace) -> dict[str, Any]:
             allocator=backend,
             plugin_manager=pm,
             audit="disabled",
-            policy=VramPolicy(allow_host_access=True),
+            policy=VramPolicy(),
         )
         with manager, tempfile.TemporaryDirectory(prefix="vramcore-bench-") as tmp:
             path = Path(tmp) / "shard.bin"

@@ -95,7 +95,7 @@ def gpu_manager(
         TEST_TOKEN,
         allocator=gpu_backend,
         plugin_manager=pm,
-        policy=VramPolicy(allow_host_access=True),
+        policy=VramPolicy(),
     )
     manager.sink = sink  # type: ignore[attr-defined]
     try:

@@ -222,16 +222,17 @@ def test_policy_flags_from_the_real_device(
 
 
 def test_default_policy_on_this_device_follows_the_design(gpu_backend: AllocatorBackend) -> None:
-    """DESIGN: HMM-only pageable access is reported, not refused; ATS needs strict opt-in."""
+    """DESIGN: pageable host access (HMM/ATS) is reported, refused only under strict isolation."""
     for info in gpu_backend.devices():
         findings = VramPolicy().check_device(info)
-        if info.pageable_memory_access and not info.host_page_tables:
-            assert [f.rule for f in findings if f.rule not in ("hmm",)] == []
-            assert not [f for f in findings if f.rule == "hmm"], (
-                "the default policy refuses a discrete GPU for HMM alone (DESIGN: report, "
-                "refuse only under strict host isolation)"
-            )
-        elif not info.pageable_memory_access:
+        assert not info.integrated
+        assert [f for f in findings if f.refused] == [], "a discrete GPU must not be refused"
+        if info.pageable_memory_access:
+            (reported,) = findings
+            assert reported.rule == ("ats" if info.host_page_tables else "hmm")
+            strict = VramPolicy(strict_host_isolation=True).check_device(info)
+            assert [f.rule for f in strict if f.refused] == [reported.rule]
+        else:
             assert findings == []
 
 
