@@ -144,19 +144,19 @@ def test_safetensors_header_rewritten_before_loading_is_refused(
 ) -> None:
     import vramcore._loading
     from vramcore.errors import IntegrityViolation
-    from vramcore.safetensors import read_tensor_map, write_safetensors
+    from vramcore.safetensors import read_header, write_safetensors
 
     path = tmp_path / "m.safetensors"
     with path.open("wb") as fh:
         write_safetensors(fh, {"alpha": ("U8", [70000], b"a" * 70000)})
 
     def read_then_rename(fh: Any, size: int) -> Any:
-        tensors = read_tensor_map(fh, size)
+        tensors = read_header(fh, size)
         # Same length, other name: only the header changes, the file size does not.
         path.write_bytes(path.read_bytes().replace(b'"alpha"', b'"omega"', 1))
         return tensors
 
-    monkeypatch.setattr(vramcore._loading, "read_tensor_map", read_then_rename)
+    monkeypatch.setattr(vramcore._loading, "read_header", read_then_rename)
     with _seal_file_manager(make_plugin_manager, mock_backend) as vram:
         with pytest.raises(IntegrityViolation, match="safetensors header"):
             vram.seal_file(path)

@@ -28,7 +28,7 @@ import attrs
 from vramcore.backend import AllocatorBackend, CopyHandle, DeviceBuffer
 from vramcore.digest import LeafHasher
 from vramcore.errors import AllocationFailed, IntegrityViolation, InvalidInput
-from vramcore.safetensors import parse_tensor_map, read_tensor_map
+from vramcore.safetensors import read_header
 from vramcore.shard import TensorMap
 from vramcore.validation import check_sha256_hex, check_size
 
@@ -192,8 +192,8 @@ class MemorySource(Source):
 class FileSource(Source):
     """A regular file, streamed through two staging buffers, sealed byte for byte.
 
-    The tensor map of a ``.safetensors`` file is read before loading and must be found again,
-    unchanged, in the bytes that landed in VRAM.
+    The header of a ``.safetensors`` file is checked and its tensor map read before loading;
+    the same header bytes must then be found in VRAM (one comparison, not a second parse).
     """
 
     path: Path
@@ -203,6 +203,7 @@ class FileSource(Source):
     progress: Progress | None = None
     nbytes: int = attrs.field(init=False)
     kind: str = attrs.field(init=False, default="file")
+    _header: bytes = attrs.field(init=False, default=b"", repr=False)
 
     def __attrs_post_init__(self) -> None:
         p = self.path
@@ -218,7 +219,7 @@ class FileSource(Source):
             self.want_sha256 = True
         if p.suffix == ".safetensors":
             with _open(p) as fh:
-                self.tensors = read_tensor_map(fh, self.nbytes)
+                self._header, self.tensors = read_header(fh, self.nbytes)
 
     def load(
         self,
@@ -256,8 +257,9 @@ class FileSource(Source):
             if file_hash is not None:
                 file_hash.close()
         result = self._finish(file_hash, hasher)
-        if self.tensors and parse_tensor_map(device_reader(backend, buf), nbytes) != self.tensors:
-            # Without expected_sha256 nothing else notices a header rewritten mid-load.
+        if self._header and device_reader(backend, buf)(len(self._header)) != self._header:
+            # The header checked before loading must be the one in VRAM, byte for byte: without
+            # expected_sha256 nothing else notices a header rewritten mid-load.
             raise IntegrityViolation(
                 f"{p} changed while it was loaded (safetensors header)",
                 reason="changed_while_loading",
