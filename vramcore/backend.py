@@ -255,7 +255,8 @@ class BackendSpec:
     :attr probe: returns ``None`` when the backend can run here, else the reason it cannot
         ("no CUDA driver found"); must be cheap and must not raise.
     :attr factory: builds the backend; called only when the probe passed.
-    :attr install_hint: what to install to make it usable ("pip install vramcore-allocator-cupy").
+    :attr install_hint: what to install to make it usable, said so that it works as printed
+        (never a package-index name this project does not publish).
     :attr description: one line for ``vramcore plugins``.
     """
 

@@ -184,7 +184,8 @@ def _require_mock() -> Any:
     plugin = mock_plugin()
     if plugin is None:
         pytest.skip(
-            "vramcore-allocator-mock is not installed (pip install vramcore-allocator-mock)"
+            "vramcore-allocator-mock is not installed (from a clone of the vramcore repository: "
+            "pip install ./plugins/allocator_mock)"
         )
     return plugin
 

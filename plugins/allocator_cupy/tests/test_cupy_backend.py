@@ -165,7 +165,7 @@ def test_plugin_registers_the_cupy_backend() -> None:
     (spec,) = plugin.vramcore_allocator_backends()
     assert spec.name == "cupy"
     assert spec.priority > 0
-    assert "vramcore-allocator-cupy" in spec.install_hint
+    assert "./plugins/allocator_cupy[cuda12x]" in spec.install_hint
 
 
 def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -550,7 +550,7 @@ def test_cli_without_cupy_names_what_to_install(
     assert code == 0, err
     (row,) = [b for b in json.loads(out)["backends"] if b["name"] == "cupy"]
     assert (row["viable"], row["reason"]) == (False, "CuPy is not installed")
-    assert "vramcore-allocator-cupy[cuda12x]" in row["install_hint"]
+    assert "./plugins/allocator_cupy[cuda12x]" in row["install_hint"]
     code, out, err = _cli(["devices", "--allocator", "cupy"], capsys)
     assert code == 2
     assert "CuPy is not installed" in err and "vramcore-allocator-cupy[cuda12x]" in err

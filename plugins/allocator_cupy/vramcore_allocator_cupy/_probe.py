@@ -22,7 +22,10 @@ from vramcore_allocator_cupy._cuda import CudaApi, CudaError
 
 __all__ = ["INSTALL_HINT", "device_info", "why_not"]
 
-INSTALL_HINT = "pip install 'vramcore-allocator-cupy[cuda12x]'  (or [cuda13x] for a CUDA 13 driver)"
+INSTALL_HINT = (
+    "from a clone of the vramcore repository: pip install './plugins/allocator_cupy[cuda12x]' "
+    "(or [cuda13x] for a CUDA 13 driver)"
+)
 
 
 def _import_cupy() -> Any:

@@ -329,7 +329,7 @@ def test_entry_point_hook_offers_the_mock_at_the_lowest_priority(
     assert spec.name == "mock"
     assert spec.priority < 0
     assert spec.why_not() is None
-    assert "vramcore-allocator-mock" in spec.install_hint
+    assert "pip install ./plugins/allocator_mock" in spec.install_hint
     backend = spec.factory()
     assert isinstance(backend, MockBackend)
     assert [d.total_bytes for d in backend.devices()] == [8 << 20] * 2

@@ -72,7 +72,9 @@ def vramcore_allocator_backends() -> Sequence[BackendSpec]:
             priority=-100,
             probe=lambda: None,
             factory=MockBackend.from_env,
-            install_hint="pip install vramcore-allocator-mock",
+            install_hint=(
+                "from a clone of the vramcore repository: pip install ./plugins/allocator_mock"
+            ),
             description="host memory standing in for VRAM (tests, demos); fault injection",
         )
     ]

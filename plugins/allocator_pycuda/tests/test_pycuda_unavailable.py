@@ -63,7 +63,7 @@ def test_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
     reason = vramcore_allocator_pycuda.unavailable_reason()
     assert reason is not None
     assert reason.startswith("PyCUDA is not installed")
-    assert "vramcore-allocator-pycuda[pycuda]" in reason
+    assert "./plugins/allocator_pycuda[pycuda]" in reason
     assert "scripts/build-pycuda-wheel" in reason
 
 

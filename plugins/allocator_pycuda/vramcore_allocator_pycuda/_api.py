@@ -39,8 +39,9 @@ __all__ = [
 LIBCUDA = "libcuda.so.1"
 #: What to install; the extra pulls PyCUDA from the index (which builds it from source).
 INSTALL_HINT = (
-    "pip install 'vramcore-allocator-pycuda[pycuda]' on a machine with the CUDA toolkit and "
-    "driver (or install a wheel built by scripts/build-pycuda-wheel)"
+    "from a clone of the vramcore repository: pip install './plugins/allocator_pycuda[pycuda]' "
+    "on a machine with the CUDA toolkit and driver (or install a wheel built by "
+    "scripts/build-pycuda-wheel)"
 )
 
 # cuPointerGetAttribute attributes and CUmemorytype values (cuda.h; stable since CUDA 4/6).
