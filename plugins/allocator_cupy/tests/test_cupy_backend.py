@@ -553,5 +553,5 @@ def test_cli_without_cupy_names_what_to_install(
     assert "./plugins/allocator_cupy[cuda12x]" in row["install_hint"]
     code, out, err = _cli(["devices", "--allocator", "cupy"], capsys)
     assert code == 2
-    assert "CuPy is not installed" in err and "vramcore-allocator-cupy[cuda12x]" in err
+    assert "CuPy is not installed" in err and "./plugins/allocator_cupy[cuda12x]" in err
     assert "Traceback" not in out + err
