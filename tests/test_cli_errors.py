@@ -360,9 +360,9 @@ def test_cli_command_is_absolute_under_uv_run(monkeypatch: pytest.MonkeyPatch) -
 @pytest.mark.parametrize(
     ("raised", "code", "kind"),
     [
-        (RuntimeError("boom\x1b[31m"), 1, "internal"),
+        (RuntimeError("boom\x1b[31m"), 3, "internal"),
         (KeyboardInterrupt(), 130, "interrupted"),
-        (RecursionError(), 1, "internal"),
+        (RecursionError(), 3, "internal"),
         (PermissionError(13, "Permission denied", "/var/log/x"), 2, "unreadable_input"),
     ],
 )

@@ -37,7 +37,15 @@ from vramcore._cli_support import (
     report_lines,
     sink_reports,
 )
-from vramcore.commands import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Commands, Console, UsageError
+from vramcore.commands import (
+    EXIT_FAILURE,
+    EXIT_INTERNAL,
+    EXIT_OK,
+    EXIT_USAGE,
+    Commands,
+    Console,
+    UsageError,
+)
 from vramcore.demo import cmd_bench, cmd_demo
 from vramcore.errors import (
     AuditError,
@@ -364,9 +372,9 @@ def _classify(exc: BaseException) -> tuple[str, int, str]:
         )
         return "plugin_exit", EXIT_FAILURE, message
     if isinstance(exc, RecursionError):
-        return "internal", EXIT_FAILURE, "input nested too deeply to process"
+        return "internal", EXIT_INTERNAL, "input nested too deeply to process"
     message = f"unexpected {type(exc).__name__}: {exc} (a bug: VRAMCORE_DEBUG=1 shows a traceback)"
-    return "internal", EXIT_FAILURE, message
+    return "internal", EXIT_INTERNAL, message
 
 
 def _quiet_broken_pipe() -> None:

@@ -2,7 +2,8 @@
 
 A command is an argparse parser plus a handler ``handler(args, console) -> int`` returning the
 exit code: :data:`EXIT_OK` (0), :data:`EXIT_FAILURE` (1, an integrity, policy or audit failure
-was found) or :data:`EXIT_USAGE` (2, bad usage or configuration, or input that cannot be read).
+was found), :data:`EXIT_USAGE` (2, bad usage or configuration, or input that cannot be read) or
+:data:`EXIT_INTERNAL` (3, the command itself failed unexpectedly: a bug, never a verdict).
 A handler raises :class:`UsageError` (or any :class:`vramcore.errors.InvalidInput` /
 ``ConfigError``) for a user mistake; the CLI prints it in one line (one JSON object under
 ``--json``), never a traceback. Every command gets ``--json``; :class:`Console` prints either
@@ -20,11 +21,22 @@ from typing import Any, TextIO
 
 from vramcore.validation import escape_text
 
-__all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "Commands", "Console", "Handler", "UsageError"]
+__all__ = [
+    "EXIT_FAILURE",
+    "EXIT_INTERNAL",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "Commands",
+    "Console",
+    "Handler",
+    "UsageError",
+]
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+#: A crash of the command itself: never 1, which says "an integrity failure was found".
+EXIT_INTERNAL = 3
 
 
 class UsageError(Exception):
