@@ -56,7 +56,7 @@ DEFAULT_LEAF_SIZE = 65536
 HASH_SIZE = 32
 #: Below this many bytes a span is hashed on the calling thread: handing it to a worker costs
 #: more than it saves (and keeps the fixed cost of verifying a small shard low).
-_INLINE_BYTES = 1 << 20
+_INLINE_BYTES = 256 << 10
 _LEAF_PREFIX = b"\x00"
 _NODE_PREFIX = b"\x01"
 
@@ -123,32 +123,38 @@ class LeafHasher:
         self._out = bytearray(-(-nbytes // leaf_size) * HASH_SIZE)
         self._futures: list[Future[None]] = []
 
-    def feed(self, offset: int, chunk: memoryview) -> Callable[[], None]:
-        """Hash ``chunk``, which holds the covered bytes from ``offset`` on (leaf-aligned)."""
+    def feed(self, offset: int, chunk: memoryview, *, join: bool = False) -> Callable[[], None]:
+        """Hash ``chunk``, which holds the covered bytes from ``offset`` on (leaf-aligned).
+
+        :param join: the caller hashes a share itself and returns when all of the chunk is
+            hashed (for a caller with nothing else to do; saves one thread hand-off).
+        """
         if offset % self.leaf_size:
             raise InvalidInput(f"chunk offset {offset} is not on a leaf boundary")
         out = memoryview(self._out)
         base = offset // self.leaf_size * HASH_SIZE
         n = len(chunk)
+        size = self.leaf_size
+
+        def target(start: int, stop: int) -> memoryview:
+            dst = base + start // size * HASH_SIZE
+            return out[dst : dst + leaf_count(stop - start, size) * HASH_SIZE]
+
         if self._workers == 1 or n <= _INLINE_BYTES:
-            _hash_span(chunk, self.leaf_size, out[base : base + leaf_count(n, self.leaf_size) * 32])
+            _hash_span(chunk, size, target(0, n))
             return _done
-        leaves = leaf_count(n, self.leaf_size)
-        per = -(-leaves // self._workers)
-        span = per * self.leaf_size
-        futures = []
+        span = -(-leaf_count(n, size) // self._workers) * size
+        starts = list(range(0, n, span))
         pool = _pool(self._workers)
-        for start in range(0, n, span):
-            piece = chunk[start : start + span]
-            dst = base + start // self.leaf_size * HASH_SIZE
-            futures.append(
-                pool.submit(
-                    _hash_span,
-                    piece,
-                    self.leaf_size,
-                    out[dst : dst + leaf_count(len(piece), self.leaf_size) * HASH_SIZE],
-                )
-            )
+        handed = starts[1:] if join else starts  # with join, the first span is ours
+        futures = [
+            pool.submit(_hash_span, chunk[s : s + span], size, target(s, min(n, s + span)))
+            for s in handed
+        ]
+        if join:
+            _hash_span(chunk[:span], size, target(0, min(n, span)))
+            _wait_all(futures)
+            return _done
         self._futures.extend(futures)
         return functools.partial(_wait_all, futures)
 
@@ -313,7 +319,7 @@ def host_leaves(
     hasher = LeafHasher(end - start, leaf_size, workers, first)
     view = backend.host_view(buf)
     if view is not None:
-        hasher.feed(0, view[start:end])
+        hasher.feed(0, view[start:end], join=True)
         return hasher.packed()
     chunk = len(staging[0]) // leaf_size * leaf_size
     if chunk <= 0 or len(staging) < 2 or len(staging[1]) < chunk:
