@@ -197,13 +197,37 @@ def test_demo_removes_its_temporary_audit_log_unless_kept(
 
 
 def test_bench_prints_ratios_against_baseline(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(capsys, "bench", "--size", "1MiB", "--repeat", "1", "--json", "--no-audit")
+    code, out, _ = run(
+        capsys,
+        "bench",
+        "--size",
+        "64KiB",
+        "--size",
+        "1MiB",
+        "--workers",
+        "2",
+        "--repeat",
+        "1",
+        "--json",
+        "--no-audit",
+    )
     data = json.loads(out)
     assert code == 0
-    assert data["bytes"] == 1 << 20
-    baseline = data["sha256, 1 thread (baseline)"]
-    assert baseline["ratio"] == pytest.approx(1.0)
-    assert data["verify_sealed (mock)"]["gib_s"] > 0
+    rows = {(r["what"], r["size"]): r for r in data["results"]}
+    assert rows[("sha256 (1 thread)", 1 << 20)]["vs_sha256"] == pytest.approx(1.0)
+    for what in ("seal_model", "seal_file", "verify", "verify sampled 1%"):
+        assert rows[(what, 1 << 20)]["workers"] == 2
+        assert rows[(what, 65536)]["gib_s"] > 0
+    assert data["fixed_verify_cost_us"] > 0
+
+
+@pytest.mark.parametrize(
+    "args", [["--sample", "0"], ["--sample", "1.5"], ["--workers", "0"], ["--size", "x"]]
+)
+def test_bench_bad_options_exit_2(capsys: pytest.CaptureFixture[str], args: list[str]) -> None:
+    code, _, err = run(capsys, "bench", *args, "--no-audit")
+    assert code == 2
+    assert "Traceback" not in err
 
 
 def test_no_command_prints_help_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:

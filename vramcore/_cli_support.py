@@ -95,6 +95,17 @@ def count(text: str) -> int:
     return value
 
 
+def fraction(text: str) -> float:
+    """A number in ``(0, 1]`` (argparse ``type=`` for ``--sample``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got {text!r}")
+    return value
+
+
 def device_index(text: str) -> int:
     """A device index, 0 or more (argparse ``type=`` for ``--device``)."""
     try:
@@ -132,11 +143,13 @@ def make_manager(
     pm: VramcorePluginManager,
     *,
     temporary_log: bool = False,
+    hash_workers: int | None = None,
 ) -> Any:
     """A manager from the ``--allocator``, ``--device`` and ``--no-audit`` options.
 
     :param temporary_log: the audit log is the caller's own throw-away directory (the demo),
         so an ephemeral token is fine for it.
+    :param hash_workers: host hashing threads (default: the manager's).
     """
     from vramcore.manager import VramManager
     from vramcore.plugins import select_backend
@@ -152,6 +165,7 @@ def make_manager(
             allocator=args.allocator,
             plugin_manager=pm,
             audit="required" if audit else "disabled",
+            hash_workers=hash_workers,
         )
     except AuditError as exc:
         if exc.configuration:

@@ -30,6 +30,7 @@ from vramcore._cli_support import (
     GIB,
     add_manager_options,
     count,
+    fraction,
     human_bytes,
     make_manager,
     parse_size,
@@ -278,9 +279,26 @@ def build_parser(pm: VramcorePluginManager) -> argparse.ArgumentParser:
     p.add_argument("--expect-sha256", help="the file's published SHA-256, checked while loading")
     p.add_argument("--shard-id", help="shard id (default: the file name)")
     add_manager_options(p)
-    p = commands.add("bench", help="digest and seal/verify throughput", handler=core(cmd_bench))
-    p.add_argument("--size", type=parse_size, default=256 << 20, help="bytes (default 256MiB)")
+    p = commands.add(
+        "bench",
+        help="seal/verify throughput by shard size and worker count, against baselines",
+        handler=core(cmd_bench),
+    )
+    p.add_argument(
+        "--size",
+        type=parse_size,
+        action="append",
+        help="a shard size, repeatable (default 64KiB to 1GiB)",
+    )
     p.add_argument("--repeat", type=count, default=3, help="runs per measurement, best kept")
+    p.add_argument(
+        "--workers", type=count, action="append", help="hash worker count, repeatable (1 and all)"
+    )
+    p.add_argument(
+        "--sample", type=fraction, default=0.01, help="sampled check fraction (default 0.01)"
+    )
+    p.add_argument("--quick", action="store_true", help="small sizes, one run each (CI smoke)")
+    p.add_argument("--plot", metavar="PNG", help="write a throughput plot (needs matplotlib)")
     add_manager_options(p)
     pm.hook.vramcore_add_commands(commands=commands)
     return parser

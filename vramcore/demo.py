@@ -176,52 +176,36 @@ def _demo_tamper(manager: Any, shard: Any, steps: dict[str, Any], lines: list[st
 
 
 def cmd_bench(args: argparse.Namespace, console: Console, pm: VramcorePluginManager) -> int:
-    """Digest and seal/verify throughput, against a one-thread SHA-256 baseline (same run)."""
-    from vramcore.digest import hash_leaves, merkle_root
+    """Seal, verify and sampled-verify throughput by shard size and worker count, beside
+    one-thread SHA-256, a memory copy and ``model_signing`` measured in the same run (see
+    :mod:`vramcore.benchmark`)."""
+    from vramcore import benchmark
 
-    size = args.size
-    if size > MAX_BENCH_BYTES or size > _available_memory() // 3:
+    sizes = args.size or (benchmark.QUICK_SIZES if args.quick else benchmark.DEFAULT_SIZES)
+    biggest = max(sizes)
+    room = min(MAX_BENCH_BYTES, _available_memory() // 3)
+    if biggest > room:
         raise UsageError(
-            f"--size {size} bytes is more than this machine can benchmark (at most "
-            f"{human_bytes(min(MAX_BENCH_BYTES, _available_memory() // 3))}: the data is "
-            "held in host memory, and on the mock its VRAM too)"
+            f"--size {biggest} bytes is more than this machine can benchmark (at most "
+            f"{human_bytes(room)}: the data is held in host memory, and on the mock its VRAM too)"
         )
-    data = secrets.token_bytes(size)
-    results: dict[str, Any] = {"bytes": size, "repeat": args.repeat}
+    workers = args.workers or [1, os.cpu_count() or 2]
 
-    def best(fn: Any) -> float:
-        times = []
-        for _ in range(args.repeat):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return min(times)
+    def manager(count: int) -> Any:
+        return make_manager(args, console, pm, hash_workers=count)
 
-    console.progress(f"benchmarking on {human_bytes(size)}, best of {args.repeat}")
-    baseline = best(lambda: hashlib.sha256(data).digest())
-    merkle = best(lambda: merkle_root(hash_leaves(data)))
-    with make_manager(args, console, pm) as manager:
-        shards: list[Any] = []
-
-        def seal() -> None:
-            if shards:
-                manager.deallocate(shards.pop())
-            shards.append(manager.seal_model(data))
-
-        seal_t = best(seal)
-        verify_t = best(lambda: manager.verify_sealed(shards[0]))
-        backend = manager.backend_name
-    rows = [
-        ("sha256, 1 thread (baseline)", baseline),
-        (f"merkle leaves, {os.cpu_count()} threads", merkle),
-        (f"seal_model ({backend})", seal_t),
-        (f"verify_sealed ({backend})", verify_t),
-    ]
-    lines = [f"{'what':<36} {'GiB/s':>8} {'vs baseline':>12}"]
-    for name, t in rows:
-        results[name] = {"seconds": t, "gib_s": size / t / GIB, "ratio": baseline / t}
-        lines.append(f"{name:<36} {size / t / GIB:>8.2f} {baseline / t:>11.2f}x")
-    console.result(results, "\n".join(lines))
+    report = benchmark.run(
+        manager,
+        sizes=sizes,
+        workers=workers,
+        repeat=1 if args.quick else args.repeat,
+        sample=args.sample,
+        progress=console.progress,
+    )
+    if args.plot:
+        benchmark.plot(report, args.plot)
+        console.progress(f"plot written to {args.plot}")
+    console.result(report, benchmark.format_table(report))
     return EXIT_OK
 
 
