@@ -37,11 +37,14 @@ __all__ = [
     "LoadResult",
     "MemorySource",
     "Source",
+    "StagingFactory",
     "StagingPool",
     "check_expected_sha256",
 ]
 
 Progress = Callable[[int, int], None]
+#: Lends two staging buffers for the duration of a ``with`` block.
+StagingFactory = Callable[[], contextlib.AbstractContextManager[list[memoryview]]]
 
 
 @attrs.frozen
@@ -128,7 +131,7 @@ class Source(abc.ABC):
         backend: AllocatorBackend,
         buf: DeviceBuffer,
         *,
-        staging: Callable[[], contextlib.AbstractContextManager[list[memoryview]]],
+        staging: StagingFactory,
         hasher: LeafHasher | None,
     ) -> LoadResult:
         """Copy every byte into ``buf``; hash leaves into ``hasher`` when given.
@@ -166,7 +169,7 @@ class MemorySource(Source):
         backend: AllocatorBackend,
         buf: DeviceBuffer,
         *,
-        staging: Callable[[], contextlib.AbstractContextManager[list[memoryview]]],
+        staging: StagingFactory,
         hasher: LeafHasher | None,
     ) -> LoadResult:
         """Copy the bytes in chunks; hash leaves and the SHA-256 straight from them meanwhile."""
@@ -226,7 +229,7 @@ class FileSource(Source):
         backend: AllocatorBackend,
         buf: DeviceBuffer,
         *,
-        staging: Callable[[], contextlib.AbstractContextManager[list[memoryview]]],
+        staging: StagingFactory,
         hasher: LeafHasher | None,
     ) -> LoadResult:
         """Read, copy and hash chunk by chunk, double-buffered."""

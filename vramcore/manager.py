@@ -38,7 +38,7 @@ import attrs
 
 from vramcore._emitter import Emitter
 from vramcore._hookutil import BUILTIN_PLUGIN, implementers
-from vramcore._loading import FileSource, MemorySource, Source, StagingPool
+from vramcore._loading import FileSource, MemorySource, Source, StagingFactory, StagingPool
 from vramcore._residency import Residency, Resident
 from vramcore._verification import (
     Problem,
@@ -201,7 +201,7 @@ class VramManager:
             )
         return backend
 
-    def _make_staging(self) -> Callable[[], contextlib.AbstractContextManager[list[memoryview]]]:
+    def _make_staging(self) -> StagingFactory:
         """Two staging buffers: the backend's own (pinned) when it lends them, else a pool."""
         chunk = self._chunk_bytes
         if type(self._backend).staging is not AllocatorBackend.staging:
@@ -501,14 +501,7 @@ class VramManager:
             elif host is not None:
                 result = ShardDigest(merkle_root(host), host, "host")
             else:  # a device that answered before declines now: read back
-                root, leaves, _ = compute_digest(
-                    self._hook,
-                    self._backend,
-                    buf,
-                    self.leaf_size,
-                    staging=self._staging,
-                    workers=self._workers,
-                )
+                root, leaves, _ = self._compute(buf, None)
                 assert root is not None
                 result = ShardDigest(root, leaves, "host")
             self._device_digest = result.source == "device"
@@ -530,19 +523,24 @@ class VramManager:
             "leaf_size": self.leaf_size,
         }
 
+    def _compute(
+        self, buf: DeviceBuffer, leaf_range: tuple[int, int] | None
+    ) -> tuple[bytes | None, bytes, str]:
+        return compute_digest(
+            self._hook,
+            self._backend,
+            buf,
+            self.leaf_size,
+            staging=self._staging,
+            workers=self._workers,
+            leaf_range=leaf_range,
+        )
+
     def _digest(
         self, shard_id: str, buf: DeviceBuffer, leaf_range: tuple[int, int] | None
     ) -> tuple[bytes | None, bytes, str]:
         def digest(op: Operation) -> tuple[bytes | None, bytes, str]:
-            root, leaves, where = compute_digest(
-                self._hook,
-                self._backend,
-                buf,
-                self.leaf_size,
-                staging=self._staging,
-                workers=self._workers,
-                leaf_range=leaf_range,
-            )
+            root, leaves, where = self._compute(buf, leaf_range)
             self._device_digest = where == "device"
             op.attributes["source"] = where
             op.attributes["leaf_count"] = len(leaves) // 32
