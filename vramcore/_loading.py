@@ -342,12 +342,6 @@ def check_expected_sha256(actual: str, expected: str) -> str:
     return actual
 
 
-@contextlib.contextmanager
-def no_staging() -> Iterator[list[memoryview]]:
-    """A staging factory for sources that need none."""
-    yield []
-
-
 class StagingPool:
     """Reusable host staging buffers of one size, for backends that lend none of their own.
 

@@ -33,6 +33,7 @@ import attrs
 
 from vramcore.backend import AllocatorBackend, DeviceBuffer, DeviceDigest
 from vramcore.errors import ConfigError, InvalidInput
+from vramcore.validation import check_leaf_size
 
 __all__ = [
     "DEFAULT_LEAF_SIZE",
@@ -82,15 +83,6 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 def leaf_count(nbytes: int, leaf_size: int) -> int:
     """Number of leaves of an ``nbytes`` shard (at least one)."""
     return max(1, -(-nbytes // leaf_size))
-
-
-def check_leaf_size(leaf_size: object) -> int:
-    """``leaf_size`` if it is a positive ``int`` multiple of 4096, else :class:`InvalidInput`."""
-    if isinstance(leaf_size, bool) or not isinstance(leaf_size, int) or leaf_size <= 0:
-        raise InvalidInput(f"leaf_size must be a positive integer, got {leaf_size!r:.40}")
-    if leaf_size % 4096:
-        raise InvalidInput(f"leaf_size must be a multiple of 4096 bytes, got {leaf_size}")
-    return leaf_size
 
 
 def _hash_span(view: memoryview, leaf_size: int, out: memoryview) -> None:

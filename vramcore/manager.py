@@ -56,7 +56,6 @@ from vramcore.digest import (
     DIGEST_ALG,
     LeafHasher,
     ShardDigest,
-    check_leaf_size,
     compute_digest,
     default_workers,
     device_digest,
@@ -82,7 +81,10 @@ from vramcore.seal import SecretKey, WorkerToken
 from vramcore.shard import SealedShard
 from vramcore.validation import (
     check_device_index,
+    check_flag,
+    check_leaf_size,
     check_path,
+    check_policy,
     check_shard_id,
     check_size,
     clean_text,
@@ -147,11 +149,6 @@ class VramManager:
     ) -> None:
         if audit not in ("required", "disabled"):
             raise InvalidInput(f"audit must be 'required' or 'disabled', got {audit!r:.40}")
-        if policy is not None and not isinstance(policy, VramPolicy):
-            raise InvalidInput(
-                f"policy must be a vramcore.VramPolicy, got {type(policy).__name__}; "
-                "e.g. VramPolicy(strict_host_isolation=True)"
-            )
         self.leaf_size = check_leaf_size(leaf_size)
         check_size(chunk_bytes, field="chunk_bytes")
         self._workers = _check_workers(hash_workers)
@@ -164,7 +161,7 @@ class VramManager:
             field="worker_id",
             limit=256,
         )
-        self.policy = policy or VramPolicy()
+        self.policy = check_policy(policy)
         self._chunk_bytes = max(self.leaf_size, chunk_bytes // self.leaf_size * self.leaf_size)
         self._pm = plugin_manager if plugin_manager is not None else get_plugin_manager()
         self._hook = self._pm.hook
@@ -332,7 +329,7 @@ class VramManager:
             view,
             self._chunk_bytes,
             expected_sha256=expected_sha256,
-            want_sha256=_check_flag(compute_sha256, "compute_sha256"),
+            want_sha256=check_flag(compute_sha256, field="compute_sha256"),
         )
         return self._seal(self._shard_id(shard_id), source)
 
@@ -376,7 +373,7 @@ class VramManager:
                 p,
                 self._chunk_bytes,
                 expected_sha256=expected_sha256,
-                want_sha256=_check_flag(compute_sha256, "compute_sha256"),
+                want_sha256=check_flag(compute_sha256, field="compute_sha256"),
                 progress=progress,
             )
         except IntegrityViolation as exc:  # a malformed header, refused before allocating
@@ -917,12 +914,6 @@ def _check_seconds(value: object, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
         raise InvalidInput(f"{name} must be a positive number of seconds, got {value!r:.40}")
     return float(value)
-
-
-def _check_flag(value: object, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise InvalidInput(f"{name} must be True or False, got {type(value).__name__}")
-    return value
 
 
 def _check_workers(value: object) -> int:

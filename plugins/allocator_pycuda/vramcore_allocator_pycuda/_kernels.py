@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vramcore.backend import DeviceDigest
-from vramcore.digest import check_leaf_size, leaf_count
+from vramcore.digest import leaf_count
 from vramcore.errors import AllocationFailed, InsufficientVram, InvalidInput, VramError
 from vramcore.kernels import (
     LEAF_KERNEL,
@@ -26,7 +26,7 @@ from vramcore.kernels import (
     device_merkle,
     kernel_source,
 )
-from vramcore.validation import scrub_text
+from vramcore.validation import check_leaf_size, scrub_text
 
 from ._api import DriverApi
 
