@@ -37,7 +37,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import enum
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 import attrs
@@ -112,6 +112,9 @@ class DeviceInfo:
     :attr host_page_tables: that access goes through the host's page tables (ATS).
     :attr ecc_enabled: ECC state, ``None`` when unknown.
     :attr ecc_errors: uncorrected ECC error count, ``None`` when unknown.
+    :attr health: further health facts a backend knows, by name (NVML's ``retired_pages``,
+        ``remapped_rows_uncorrectable``, ``remap_pending``, ``remap_failed``,
+        ``addressing_mode``...); empty when none. Reported, not read by the policy.
     """
 
     index: int
@@ -127,10 +130,12 @@ class DeviceInfo:
     host_page_tables: bool = False
     ecc_enabled: bool | None = None
     ecc_errors: int | None = None
+    health: Mapping[str, int | bool | str | None] = attrs.field(factory=dict, hash=False)
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready mapping of every field."""
         out = attrs.asdict(self)
+        out["health"] = dict(self.health)
         if self.compute_capability is not None:
             out["compute_capability"] = list(self.compute_capability)
         return out

@@ -142,4 +142,11 @@ def device_info(api: CudaApi, index: int, *, nvml: bool = True) -> DeviceInfo:
             info["ecc_errors"] = health.uncorrected_ecc
             if health.ecc_enabled is not None:
                 info["ecc_enabled"] = health.ecc_enabled
+            info["health"] = {
+                "retired_pages": health.retired_pages,
+                "remapped_rows_uncorrectable": health.remapped_rows_uncorrectable,
+                "remap_pending": health.remap_pending,
+                "remap_failed": health.remap_failed,
+                "addressing_mode": health.addressing_mode,
+            }
     return DeviceInfo(**info)
