@@ -12,7 +12,7 @@ import pytest
 from attrs import fields as attrs_fields
 
 from vramcore import hookimpl, hookspecs
-from vramcore.audit import AuditWitness, SinkContext
+from vramcore.audit import AuditSink, AuditWitness, SinkContext
 from vramcore.backend import DeviceDigest as VramDeviceDigest
 from vramcore.backend import DeviceInfo
 from vramcore.commands import Commands, Console
@@ -244,6 +244,34 @@ def test_sink_context_gives_plugin_keys_never_the_token_or_seal_key(
     manager.close()
     with pytest.raises(InvalidInput, match="wiped"):
         context.derive_key("my_plugin/state")  # the master key dies with the manager
+
+
+def test_each_plugin_derives_keys_of_its_own(new_manager: Any, mock_backend: Any) -> None:
+    seen: dict[str, SinkContext] = {}
+
+    def plugin(label: str) -> object:
+        class KeyedSinkPlugin:
+            @hookimpl
+            def vramcore_audit_sinks(self, context: SinkContext) -> Sequence[AuditSink]:
+                seen[label] = context
+                return [CapturingSink()]
+
+        return KeyedSinkPlugin()
+
+    a, b = plugin("a"), plugin("b")
+    new_manager(mock_backend, a, b)
+    assert seen["a"].scope != seen["b"].scope
+    # The same purpose gives each plugin a different key: one cannot derive the other's.
+    assert seen["a"].derive_key("shared/purpose").export() != (
+        seen["b"].derive_key("shared/purpose").export()
+    )
+    # Offline, the key is re-derived from the token and the plugin's name.
+    again = SinkContext.from_token(
+        WorkerToken(TEST_TOKEN), worker_id="x", device=0, scope=seen["a"].scope
+    )
+    assert again.derive_key("shared/purpose").export() == (
+        seen["a"].derive_key("shared/purpose").export()
+    )
 
 
 class RecordingWitness(AuditWitness):

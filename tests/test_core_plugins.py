@@ -125,8 +125,21 @@ def test_direct_plugin_with_wrong_hook_arguments_is_a_config_error() -> None:
 def test_direct_plugins_are_listed_with_their_hooks() -> None:
     pm = get_plugin_manager([vramcore_allocator_mock], load_entrypoints=False)
     (info,) = pm.loaded
-    assert info.name == "vramcore_allocator_mock"
+    # An installed plugin module passed directly keeps its entry-point name (the scope of its
+    # keys), so it is the same plugin in a test as in production.
+    assert info.name == "mock"
     assert "vramcore_allocator_backends" in info.hooks
+
+
+def test_plugin_objects_that_are_not_installed_keep_their_own_names() -> None:
+    class Local:
+        pass
+
+    module = type(vramcore_allocator_mock)("my_local_plugin")
+    pm = get_plugin_manager([module, Local()], load_entrypoints=False)
+    names = [p.name for p in pm.loaded]
+    assert names[0] == "my_local_plugin"
+    assert names[1].startswith("Local-")
 
 
 # -- entry points ---------------------------------------------------------------------------

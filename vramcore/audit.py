@@ -66,26 +66,38 @@ class SinkContext:
     It holds no worker token and nothing that can sign a seal: keys of a plugin's own come
     from :meth:`derive_key`, derived from a plugin master key that is itself derived one way
     from the token (``HKDF(HKDF(token, PLUGIN_MASTER_INFO), PLUGIN_KEY_INFO_PREFIX ‖
-    purpose)``). The manager wipes that master key when it closes.
+    len(scope) ‖ scope ‖ purpose)``). Each plugin gets a context scoped to its own name (its
+    entry-point name), so through this API one plugin cannot derive another's keys. The
+    manager wipes the master key when it closes.
 
     :attr worker_id: the worker's public id.
     :attr device: the device index the manager runs on.
     :attr token_fingerprint: the worker token's fingerprint (public; tells logs of different
         tokens apart).
+    :attr scope: the plugin this context was made for (its entry-point name); part of every
+        key :meth:`derive_key` gives.
     """
 
     worker_id: str
     device: int
     token_fingerprint: str = ""
+    scope: str = ""
     _master: SecretKey | None = attrs.field(default=None, repr=False, eq=False, alias="master")
 
     @classmethod
-    def from_token(cls, token: WorkerToken, *, worker_id: str, device: int) -> SinkContext:
-        """A context whose :meth:`derive_key` derives from ``token`` (the manager uses this)."""
+    def from_token(
+        cls, token: WorkerToken, *, worker_id: str, device: int, scope: str = ""
+    ) -> SinkContext:
+        """A context whose :meth:`derive_key` derives from ``token`` for plugin ``scope``.
+
+        The manager makes one per plugin; an auditor or a test re-derives a plugin's key
+        offline with the same token and the plugin's entry-point name as ``scope``.
+        """
         return cls(
             worker_id=worker_id,
             device=device,
             token_fingerprint=token.fingerprint,
+            scope=scope,
             master=token.derive(PLUGIN_MASTER_INFO),
         )
 
@@ -116,7 +128,9 @@ class SinkContext:
             raise InvalidInput("a plugin key length must be an integer from 16 to 64 bytes")
         if self._master is None:
             raise ConfigError("this SinkContext carries no key material (no worker token)")
-        return self._master.derive(PLUGIN_KEY_INFO_PREFIX + purpose.encode("ascii"), length)
+        scope = self.scope.encode("utf-8")
+        info = PLUGIN_KEY_INFO_PREFIX + len(scope).to_bytes(4, "big") + scope
+        return self._master.derive(info + purpose.encode("ascii"), length)
 
 
 class AuditSink:
@@ -302,12 +316,13 @@ class AuditTrail:
     Each sink gets a delivery lane (a thread of its own): its ``emit`` is called from that
     one thread, in event order, and the caller waits at most ``sink_timeout`` seconds.
 
-    :param hook: the plugin manager's hook relay (``pm.hook``).
+    :param plugin_manager: the plugins (each is asked for its sinks with a context of its own).
     :param sink_timeout: seconds a sink may take per event (and to close).
     """
 
-    def __init__(self, hook: Any, sink_timeout: float = DEFAULT_SINK_TIMEOUT) -> None:
-        self._hook = hook
+    def __init__(self, plugin_manager: Any, sink_timeout: float = DEFAULT_SINK_TIMEOUT) -> None:
+        self._pm = plugin_manager
+        self._hook = plugin_manager.hook
         self._sinks: list[AuditSink] = []
         self._witnesses: list[AuditWitness] = []
         self._lanes: dict[int, _Lane] = {}
@@ -326,15 +341,27 @@ class AuditTrail:
     def collect(self, context: SinkContext) -> None:
         """Ask every plugin for its witnesses and sinks, and give the sinks the witnesses.
 
+        Each plugin is called on its own, with ``context`` scoped to its name, so the keys it
+        derives are its own.
+
         :raises ConfigError: a plugin returned something that is not a sink or a witness.
         """
-        for witnesses in self._hook.vramcore_audit_witnesses(context=context):
-            self._witnesses.extend(_checked(witnesses, AuditWitness, "vramcore_audit_witnesses"))
-        for sinks in self._hook.vramcore_audit_sinks(context=context):
-            self._sinks.extend(_checked(sinks, AuditSink, "vramcore_audit_sinks"))
+        for answer in self._call_each("vramcore_audit_witnesses", context):
+            self._witnesses.extend(_checked(answer, AuditWitness, "vramcore_audit_witnesses"))
+        for answer in self._call_each("vramcore_audit_sinks", context):
+            self._sinks.extend(_checked(answer, AuditSink, "vramcore_audit_sinks"))
         for sink in self._sinks:
             sink.attach_witnesses(self.witnesses)
             self._lanes[id(sink)] = _Lane(sink, self._timeout)
+
+    def _call_each(self, hook_name: str, context: SinkContext) -> list[object]:
+        impls = getattr(self._hook, hook_name).get_hookimpls()
+        answers: list[object] = []
+        for impl in reversed(impls):  # pluggy's own calling order
+            others = [i.plugin for i in impls if i is not impl]
+            caller = self._pm.subset_hook_caller(hook_name, remove_plugins=others)
+            answers += caller(context=attrs.evolve(context, scope=impl.plugin_name))
+        return answers
 
     def require_durable(self) -> None:
         """Raise unless at least one sink keeps a lasting record.

@@ -167,7 +167,7 @@ class VramManager:
         self._hook = self._pm.hook
         self._residency = Residency()
         self._closed = False
-        self._audit = AuditTrail(self._hook, _check_seconds(audit_timeout, "audit_timeout"))
+        self._audit = AuditTrail(self._pm, _check_seconds(audit_timeout, "audit_timeout"))
         self._key: SecretKey | None = None
         self._sink_context: SinkContext | None = None
         self._owns_backend = not isinstance(allocator, AllocatorBackend)

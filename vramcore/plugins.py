@@ -30,6 +30,7 @@ import os
 import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from types import ModuleType
 from typing import Any
 
 import attrs
@@ -174,12 +175,27 @@ def get_plugin_manager(
     pm = VramcorePluginManager()
     pm.add_hookspecs(hookspecs)
     pm.register(_builtin, name="vramcore.builtin")
+    installed = _entry_point_modules() if any(isinstance(p, ModuleType) for p in plugins) else {}
     for plugin in plugins:
-        name = getattr(plugin, "__name__", None) or f"{type(plugin).__name__}-{id(plugin):x}"
+        # An installed plugin module passed directly keeps its entry-point name: its name is
+        # the scope of its keys (SinkContext.derive_key), the same in tests and in production.
+        name = installed.get(plugin.__name__) if isinstance(plugin, ModuleType) else None
+        name = (
+            name or getattr(plugin, "__name__", None) or f"{type(plugin).__name__}-{id(plugin):x}"
+        )
         pm.register_checked(plugin, name=name)
     if load_entrypoints:
         _load_entrypoints(pm, env, strict=strict)
     return pm
+
+
+def _entry_point_modules() -> dict[str, str]:
+    """Module name -> entry-point name, for installed plugins whose entry point is a module."""
+    found: dict[str, str] = {}
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if ":" not in ep.value:
+            found.setdefault(ep.value.strip(), ep.name)
+    return found
 
 
 def _dist_of(ep: Any) -> tuple[str, str]:

@@ -24,7 +24,10 @@ def log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _key() -> bytes:
-    context = SinkContext.from_token(WorkerToken(TEST_TOKEN), worker_id="test", device=0)
+    # The sink's key is scoped to the plugin's entry-point name: re-derive it the same way.
+    context = SinkContext.from_token(
+        WorkerToken(TEST_TOKEN), worker_id="test", device=0, scope="example_jsonl"
+    )
     return context.derive_key(example.KEY_PURPOSE).export()
 
 

@@ -77,7 +77,9 @@ def bench_mode(
     witnesses = [FileWitness(directory.with_name(directory.name + ".witness"))] if witness else []
     sink = ChainSink(
         cfg,
-        SinkContext.from_token(WorkerToken(_TOKEN), worker_id="bench", device=0),
+        SinkContext.from_token(
+            WorkerToken(_TOKEN), worker_id="bench", device=0, scope="audit_chain"
+        ),
         witnesses=witnesses,
     )
     per = len(events) // threads
@@ -155,7 +157,9 @@ print(json.dumps({"records": records, "seconds": elapsed, "ok": ok,
 def bench_verify_large(records: int, root: Path) -> dict[str, Any]:
     """Write a log of ``records`` records with a file witness; verify it in fresh processes."""
     directory, witness = root / "large", root / "witness.ndjson"
-    context = SinkContext.from_token(WorkerToken(_TOKEN), worker_id="bench", device=0)
+    context = SinkContext.from_token(
+        WorkerToken(_TOKEN), worker_id="bench", device=0, scope="audit_chain"
+    )
     sink = ChainSink(
         ChainConfig(directory=directory, durability="batched"),
         context,

@@ -17,7 +17,7 @@ TOKEN = "chain-test-token-" + "x" * 24
 
 
 def context(token: str = TOKEN) -> SinkContext:
-    return SinkContext.from_token(WorkerToken(token), worker_id="w1", device=0)
+    return SinkContext.from_token(WorkerToken(token), worker_id="w1", device=0, scope="audit_chain")
 
 
 def sample_events(n: int) -> list[Any]:

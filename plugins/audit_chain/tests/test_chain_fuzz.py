@@ -29,7 +29,7 @@ edits = st.lists(
 def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("pristine") / "log"
     context = SinkContext.from_token(
-        WorkerToken("fuzz-token-" + "y" * 24), worker_id="w1", device=0
+        WorkerToken("fuzz-token-" + "y" * 24), worker_id="w1", device=0, scope="audit_chain"
     )
     sink = ChainSink(
         ChainConfig(directory=directory, durability="batched", checkpoint_records=8), context

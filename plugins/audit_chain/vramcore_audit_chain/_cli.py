@@ -252,7 +252,9 @@ def cmd_public_key(args: argparse.Namespace, console: Console) -> int:
         raise UsageError("set VRAMCORE_WORKER_TOKEN to the worker's token")
     token = WorkerToken(raw)
     try:
-        public = public_key_hex(signing_key(SinkContext.from_token(token, worker_id="", device=-1)))
+        public = public_key_hex(
+            signing_key(SinkContext.from_token(token, worker_id="", device=-1, scope=fmt.KEY_SCOPE))
+        )
     finally:
         token.wipe()
     console.result({"public_key": public}, public)

@@ -38,6 +38,7 @@ __all__ = [
     "GENESIS_PREV",
     "HEAD_FORMAT",
     "INITIAL_KEY_INFO",
+    "KEY_SCOPE",
     "MAX_LINE",
     "STATE_KEY_PURPOSE",
     "ParsedLine",
@@ -64,6 +65,9 @@ __all__ = [
 #: Format tag written into the genesis record.
 FORMAT = "vramcore-audit-chain/2"
 #: HKDF info of the token-derived base of the chain key (never the seal key's info).
+#: The scope the manager gives this plugin's keys (its entry-point name): the CLI re-derives
+#: the checkpoint signing key under it (``vramcore audit public-key``).
+KEY_SCOPE = "audit_chain"
 CHAIN_KEY_PURPOSE = "audit_chain/chain-key"
 #: HKDF info that turns base key + setup nonce into the epoch-0 key.
 INITIAL_KEY_INFO = b"vramcore/v1/audit-chain/epoch-0"
