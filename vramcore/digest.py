@@ -49,6 +49,7 @@ __all__ = [
     "hash_leaves_packed",
     "leaf_count",
     "merkle_root",
+    "sealing_digest",
 ]
 
 DIGEST_ALG = "rfc6962-sha256"
@@ -392,16 +393,54 @@ def device_digest(
     return _check_device_digest(hook, offered, first, stop, leaf_range is None)
 
 
+def sealing_digest(
+    hook: Any,
+    backend: AllocatorBackend,
+    buf: DeviceBuffer,
+    leaf_size: int,
+    *,
+    host_leaves: bytes | None,
+    ask_device: bool,
+    read_back: Callable[[], tuple[bytes | None, bytes, str]],
+) -> ShardDigest:
+    """The digest a new seal signs.
+
+    The device's answer when one comes (``ask_device``); when the leaves were also hashed on
+    the host from the bytes handed to the device (``host_leaves``, the first seal of a
+    manager), the two must agree or the seal is refused. Else the host leaves; else (a device
+    that answered before declines now) ``read_back()``.
+
+    :raises ConfigError: the device digest disagrees with the host's, or is malformed.
+    """
+    answer = device_digest(hook, backend, buf, leaf_size) if ask_device else None
+    if answer is not None:
+        root, leaves = answer
+        assert root is not None  # a whole-shard answer has a root
+        if host_leaves is not None and (leaves != host_leaves or merkle_root(host_leaves) != root):
+            raise ConfigError(
+                f"the device digest plugin ({_implementers(hook)}) disagrees with the host "
+                "digest of the same bytes; the seal was refused"
+            )
+        return ShardDigest(root, leaves, "device")
+    if host_leaves is not None:
+        return ShardDigest(merkle_root(host_leaves), host_leaves, "host")
+    root, leaves, _ = read_back()
+    assert root is not None
+    return ShardDigest(root, leaves, "host")
+
+
+def _implementers(hook: Any) -> str:
+    from vramcore._hookutil import implementers
+
+    return implementers(hook.vramcore_device_digest)
+
+
 def _check_device_digest(
     hook: Any, offered: object, first: int, stop: int, whole: bool
 ) -> tuple[bytes | None, bytes]:
     def bad(what: str) -> ConfigError:
-        names = sorted(
-            {i.plugin_name for i in hook.vramcore_device_digest.get_hookimpls()}
-            - {"vramcore.builtin"}
-        )
         return ConfigError(
-            f"the device digest plugin ({', '.join(names) or '?'}) returned {what}; "
+            f"the device digest plugin ({_implementers(hook)}) returned {what}; "
             "the digest was refused"
         )
 

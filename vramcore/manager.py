@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import socket
 import threading
@@ -58,8 +57,7 @@ from vramcore.digest import (
     ShardDigest,
     compute_digest,
     default_workers,
-    device_digest,
-    merkle_root,
+    sealing_digest,
 )
 from vramcore.errors import (
     AuditError,
@@ -85,8 +83,10 @@ from vramcore.validation import (
     check_leaf_size,
     check_path,
     check_policy,
+    check_seconds,
     check_shard_id,
     check_size,
+    check_workers,
     clean_text,
 )
 
@@ -151,8 +151,8 @@ class VramManager:
             raise InvalidInput(f"audit must be 'required' or 'disabled', got {audit!r:.40}")
         self.leaf_size = check_leaf_size(leaf_size)
         check_size(chunk_bytes, field="chunk_bytes")
-        self._workers = _check_workers(hash_workers)
-        self._close_timeout = _check_seconds(close_timeout, "close_timeout")
+        self._workers = default_workers() if hash_workers is None else check_workers(hash_workers)
+        self._close_timeout = check_seconds(close_timeout, field="close_timeout")
         self._token = (
             worker_token if isinstance(worker_token, WorkerToken) else WorkerToken(worker_token)
         )
@@ -167,7 +167,7 @@ class VramManager:
         self._hook = self._pm.hook
         self._residency = Residency()
         self._closed = False
-        self._audit = AuditTrail(self._pm, _check_seconds(audit_timeout, "audit_timeout"))
+        self._audit = AuditTrail(self._pm, check_seconds(audit_timeout, field="audit_timeout"))
         self._key: SecretKey | None = None
         self._sink_context: SinkContext | None = None
         self._owns_backend = not isinstance(allocator, AllocatorBackend)
@@ -481,26 +481,15 @@ class VramManager:
         host = load.leaves
 
         def digest(op: Operation) -> ShardDigest:
-            answer = None
-            if self._device_digest is not False:
-                answer = device_digest(self._hook, self._backend, buf, self.leaf_size)
-            result: ShardDigest
-            if answer is not None:
-                root, leaves = answer
-                assert root is not None  # a whole-shard answer has a root
-                result = ShardDigest(root, leaves, "device")
-                if host is not None and (leaves != host or merkle_root(host) != root):
-                    raise ConfigError(
-                        "the device digest plugin "
-                        f"({implementers(self._hook.vramcore_device_digest)}) disagrees with "
-                        "the host digest of the same bytes; the seal was refused"
-                    )
-            elif host is not None:
-                result = ShardDigest(merkle_root(host), host, "host")
-            else:  # a device that answered before declines now: read back
-                root, leaves, _ = self._compute(buf, None)
-                assert root is not None
-                result = ShardDigest(root, leaves, "host")
+            result = sealing_digest(
+                self._hook,
+                self._backend,
+                buf,
+                self.leaf_size,
+                host_leaves=host,
+                ask_device=self._device_digest is not False,
+                read_back=lambda: self._compute(buf, None),
+            )
             self._device_digest = result.source == "device"
             op.attributes["source"] = result.source
             op.attributes["leaf_count"] = result.leaf_count
@@ -908,17 +897,3 @@ def _shard_id_of(shard: object) -> str:
     if not isinstance(shard, SealedShard):
         raise InvalidInput(f"expected a SealedShard, got {type(shard).__name__}")
     return shard.shard_id
-
-
-def _check_seconds(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
-        raise InvalidInput(f"{name} must be a positive number of seconds, got {value!r:.40}")
-    return float(value)
-
-
-def _check_workers(value: object) -> int:
-    if value is None:
-        return default_workers()
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1024:
-        raise InvalidInput(f"hash_workers must be an integer from 1 to 1024, got {value!r:.40}")
-    return value

@@ -8,6 +8,7 @@ argument and says what would be accepted. Messages quote a bad value only throug
 from __future__ import annotations
 
 import errno
+import math
 import os
 import re
 import stat
@@ -30,9 +31,11 @@ __all__ = [
     "check_leaf_size",
     "check_path",
     "check_policy",
+    "check_seconds",
     "check_sha256_hex",
     "check_shard_id",
     "check_size",
+    "check_workers",
     "clean_text",
     "escape_text",
     "safe_repr",
@@ -183,6 +186,20 @@ def check_flag(value: object, *, field: str) -> bool:
     """Check a yes/no option is a real ``bool``: ``"false"`` is a truthy string, not a no."""
     if not isinstance(value, bool):
         raise InvalidInput(f"{field} must be True or False, got {safe_repr(value)}")
+    return value
+
+
+def check_seconds(value: object, *, field: str) -> float:
+    """A positive, finite number of seconds (a timeout)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise InvalidInput(f"{field} must be a positive number of seconds, got {safe_repr(value)}")
+    return float(value)
+
+
+def check_workers(value: object, *, field: str = "hash_workers") -> int:
+    """A thread count from 1 to 1024."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1024:
+        raise InvalidInput(f"{field} must be an integer from 1 to 1024, got {safe_repr(value)}")
     return value
 
 
