@@ -15,6 +15,11 @@ included) or does not answer in time on a :attr:`critical <vramcore.events.Audit
 event fails the operation with :class:`~vramcore.errors.AuditError` (fail closed); on other
 events the failure is logged, reported through
 :func:`~vramcore.hookspecs.vramcore_audit_failure` and delivery goes on.
+
+The caller waits for every event, critical or not, so an operation returns only once each
+sink has its events (and a tracing sink adds them inside the operation's span). The price of
+bounding that wait is one thread hand-off per event and sink: about 0.1 ms on the 2-core
+development VM, against about 0.02 ms for a verification with no sink at all.
 """
 
 from __future__ import annotations
