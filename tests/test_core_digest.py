@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 
@@ -185,7 +186,9 @@ def test_host_read_back_equals_hash_leaves_through_two_staging_buffers(
     buf = DeviceBuffer(device=0, nbytes=nbytes, backend="fake", native=None)
     chunk = chunk_leaves * 4096
     staging = [memoryview(bytearray(chunk + 100)) for _ in range(2)]  # rounded to leaves
-    packed = host_leaves(backend, buf, 4096, staging=staging, workers=workers)  # type: ignore[arg-type]
+    packed = host_leaves(
+        backend, buf, 4096, staging=lambda: contextlib.nullcontext(staging), workers=workers
+    )  # type: ignore[arg-type]
     assert packed == hash_leaves_packed(data, 4096)
     assert backend.reads == [(o, min(chunk, nbytes - o)) for o in range(0, nbytes, chunk)]
     assert len(backend.buffers) <= 2
@@ -196,7 +199,14 @@ def test_host_read_back_of_a_leaf_range_reads_only_those_leaves() -> None:
     backend = ReadBackOnly(data)
     buf = DeviceBuffer(device=0, nbytes=len(data), backend="fake", native=None)
     staging = [memoryview(bytearray(4096)) for _ in range(2)]
-    packed = host_leaves(backend, buf, 4096, staging=staging, workers=1, leaf_range=(9, 11))  # type: ignore[arg-type]
+    packed = host_leaves(
+        backend,
+        buf,
+        4096,
+        staging=lambda: contextlib.nullcontext(staging),
+        workers=1,
+        leaf_range=(9, 11),
+    )  # type: ignore[arg-type]
     assert packed == hash_leaves_packed(data, 4096)[9 * 32 :]
     assert backend.reads == [(9 * 4096, 4096), (10 * 4096, 3)]
 
@@ -227,3 +237,37 @@ def test_corrupted_ranges_of_packed_leaves_and_leaf_ranges() -> None:
     assert corrupted_ranges(good[:64], bytes(bad[32:96]), 4096, 10**9, first_leaf=500) == [
         (500 * 4096, 502 * 4096)
     ]
+
+
+def test_a_host_digest_asks_for_the_host_view_once() -> None:
+    # A mock's host_view counts as a read (fault injection, pending copies drained): once.
+    from vramcore.digest import compute_digest
+
+    data = os.urandom(3 * 4096)
+
+    class HostViewOnly:
+        calls = 0
+
+        def host_view(self, buf: object) -> memoryview:
+            HostViewOnly.calls += 1
+            return memoryview(data)
+
+    class NoDevice:
+        def vramcore_device_digest(self, **kwargs: object) -> None:
+            return None
+
+    buf = DeviceBuffer(device=0, nbytes=len(data), backend="fake", native=None)
+    root, leaves, where = compute_digest(
+        NoDevice(),
+        HostViewOnly(),
+        buf,
+        4096,
+        staging=contextlib.nullcontext,
+        workers=1,  # type: ignore[arg-type]
+    )
+    assert (root, leaves, where) == (
+        reference_digest(data, 4096),
+        hash_leaves_packed(data, 4096),
+        "host",
+    )
+    assert HostViewOnly.calls == 1

@@ -22,6 +22,7 @@ Where the digest is computed (:func:`compute_digest`):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -297,15 +298,15 @@ def host_leaves(
     buf: DeviceBuffer,
     leaf_size: int,
     *,
-    staging: Sequence[memoryview],
+    staging: Callable[[], contextlib.AbstractContextManager[Sequence[memoryview]]],
     workers: int,
     leaf_range: tuple[int, int] | None = None,
 ) -> bytes:
     """Packed leaf hashes of ``buf`` (or of leaves ``leaf_range``) computed on the host.
 
     Hashes straight from :meth:`~vramcore.backend.AllocatorBackend.host_view` when the backend
-    offers one; else reads the bytes back through the two ``staging`` buffers (leaf-aligned,
-    equal sizes), hashing one while the next is read.
+    offers one; else reads the bytes back through the two buffers ``staging()`` lends
+    (leaf-aligned, equal sizes; entered only then), hashing one while the next is read.
     """
     first, stop = leaf_range if leaf_range is not None else (0, leaf_count(buf.nbytes, leaf_size))
     start, end = first * leaf_size, min(stop * leaf_size, buf.nbytes)
@@ -314,17 +315,20 @@ def host_leaves(
     if view is not None:
         hasher.feed(0, view[start:end], join=True)
         return hasher.packed()
-    chunk = len(staging[0]) // leaf_size * leaf_size
-    if chunk <= 0 or len(staging) < 2 or len(staging[1]) < chunk:
-        raise InvalidInput(f"host_leaves needs two staging buffers of at least {leaf_size} bytes")
-    waiters: list[Callable[[], None]] = []
-    for i, offset in enumerate(range(start, end, chunk)):
-        if len(waiters) == 2:  # the batch that used this staging buffer must be done
-            waiters.pop(0)()
-        out = staging[i % 2][: min(chunk, end - offset)]
-        backend.read_into(buf, offset, out)
-        waiters.append(hasher.feed(offset - start, out))
-    return hasher.packed()
+    with staging() as buffers:
+        chunk = len(buffers[0]) // leaf_size * leaf_size
+        if chunk <= 0 or len(buffers) < 2 or len(buffers[1]) < chunk:
+            raise InvalidInput(
+                f"host_leaves needs two staging buffers of at least {leaf_size} bytes"
+            )
+        waiters: list[Callable[[], None]] = []
+        for i, offset in enumerate(range(start, end, chunk)):
+            if len(waiters) == 2:  # the batch that used this staging buffer must be done
+                waiters.pop(0)()
+            out = buffers[i % 2][: min(chunk, end - offset)]
+            backend.read_into(buf, offset, out)
+            waiters.append(hasher.feed(offset - start, out))
+        return hasher.packed()
 
 
 def compute_digest(
@@ -350,15 +354,9 @@ def compute_digest(
     answer = device_digest(hook, backend, buf, leaf_size, leaf_range)
     if answer is not None:
         return answer[0], answer[1], "device"
-    if backend.host_view(buf) is not None:
-        leaves = host_leaves(
-            backend, buf, leaf_size, staging=(), workers=workers, leaf_range=(first, stop)
-        )
-    else:
-        with staging() as buffers:
-            leaves = host_leaves(
-                backend, buf, leaf_size, staging=buffers, workers=workers, leaf_range=(first, stop)
-            )
+    leaves = host_leaves(
+        backend, buf, leaf_size, staging=staging, workers=workers, leaf_range=(first, stop)
+    )
     root = merkle_root(leaves) if leaf_range is None else None
     return root, leaves, "host"
 
