@@ -404,10 +404,14 @@ class CupyBackend(AllocatorBackend):
         self._bounds(rec, offset, n)
         if n == 0:
             return
+        self._copy_out(rec, offset, view)
+
+    def _copy_out(self, rec: _Alloc, offset: int, view: memoryview) -> None:
+        """Copy ``len(view)`` bytes at ``offset`` of an allocation to host ``view``, and wait."""
         addr, _keep = _address(view, writable=True)
         stream = self._stream(rec.device)
         try:
-            self._api.memcpy_async(rec.device, addr, rec.ptr + offset, n, False, stream)
+            self._api.memcpy_async(rec.device, addr, rec.ptr + offset, view.nbytes, False, stream)
             self._api.stream_synchronize(rec.device, stream)
         except CudaError as exc:
             raise AllocationFailed(f"copy from the GPU failed: {exc}") from None
@@ -463,13 +467,8 @@ class CupyBackend(AllocatorBackend):
     def _read_bytes(self, rec: _Alloc, offset: int, n: int) -> bytes:
         """``n`` bytes at ``offset`` of an allocation (for :class:`DeviceMemory` views)."""
         out = bytearray(n)
-        addr, _keep = _address(memoryview(out), writable=True)
-        stream = self._stream(rec.device)
-        try:
-            self._api.memcpy_async(rec.device, addr, rec.ptr + offset, n, False, stream)
-            self._api.stream_synchronize(rec.device, stream)
-        except CudaError as exc:
-            raise AllocationFailed(f"copy from the GPU failed: {exc}") from None
+        if n:
+            self._copy_out(rec, offset, memoryview(out))
         return bytes(out)
 
     def __repr__(self) -> str:
