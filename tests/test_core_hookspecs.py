@@ -204,6 +204,48 @@ def test_device_digest_hook_with_a_malformed_leaf_list_fails_the_seal_cleanly(
     assert mock_backend.live_allocations == 0
 
 
+def test_device_digest_leaf_indices_are_kept_as_a_tuple() -> None:
+    answer = VramDeviceDigest(root=None, leaves=bytes(64), leaf_indices=[3, 9])
+    assert answer.leaf_indices == (3, 9)
+    assert answer.leaf_count == 2
+    assert VramDeviceDigest(root=None, leaves=bytes(32)).leaf_indices is None
+
+
+def test_device_digest_implementation_without_leaf_indices_sees_a_whole_buffer_request(
+    make_plugin_manager: Any, mock_backend: Any, pattern: Any
+) -> None:
+    # pluggy passes an implementation only the arguments it names: one written before
+    # ``leaf_indices`` existed is asked an index question as a whole-buffer one (the
+    # documented fallback the core accepts), and one that names it gets the indices.
+    seen: dict[str, Any] = {}
+
+    class Old:
+        @hookimpl
+        def vramcore_device_digest(
+            self, backend: Any, buffer: Any, leaf_size: int, leaf_range: Any
+        ) -> Any:
+            seen["old"] = leaf_range
+            return None
+
+    class New:
+        @hookimpl
+        def vramcore_device_digest(
+            self, backend: Any, buffer: Any, leaf_size: int, leaf_range: Any, leaf_indices: Any
+        ) -> Any:
+            seen["new"] = (leaf_range, leaf_indices)
+            return None
+
+    buf = mock_backend.allocate(0, 4 * 65536)
+    try:
+        pm = make_plugin_manager(Old(), New())
+        pm.hook.vramcore_device_digest(
+            backend=mock_backend, buffer=buf, leaf_size=65536, leaf_range=None, leaf_indices=[1, 3]
+        )
+    finally:
+        mock_backend.free(buf)
+    assert seen == {"old": None, "new": (None, [1, 3])}
+
+
 def test_audit_sinks_hook_gets_the_context(new_manager: Any, mock_backend: Any) -> None:
     from vramcore.testing import CapturePlugin
 

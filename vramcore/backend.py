@@ -65,19 +65,28 @@ class CopyHandle(Protocol):
         """Block until the copy has finished reading its host buffer."""
 
 
+def _index_tuple(value: Sequence[int] | None) -> tuple[int, ...] | None:
+    return None if value is None else tuple(value)
+
+
 @attrs.frozen(kw_only=True)
 class DeviceDigest:
     """What a device-side digest returns (:func:`~vramcore.hookspecs.vramcore_device_digest`).
 
     :attr root: the RFC 6962 root over *all* of the buffer's leaves (32 bytes), or ``None``
-        when only a leaf range was asked for.
-    :attr leaves: the packed leaf hashes, 32 bytes each, of leaves ``first_leaf`` onwards.
-    :attr first_leaf: index of the first leaf in :attr:`leaves`.
+        when only a leaf range or a list of leaf indices was asked for.
+    :attr leaves: the packed leaf hashes, 32 bytes each: of leaves ``first_leaf`` onwards, or,
+        when :attr:`leaf_indices` is set, of exactly those leaves in that order.
+    :attr first_leaf: index of the first leaf in :attr:`leaves` (``0`` with
+        :attr:`leaf_indices`).
+    :attr leaf_indices: ``None`` for a whole buffer or a range; for an answer to a sampled
+        check, the leaf indices asked for (a tuple; ``leaves`` holds one hash per index).
     """
 
     root: bytes | None
     leaves: bytes | bytearray | memoryview
     first_leaf: int = 0
+    leaf_indices: tuple[int, ...] | None = attrs.field(default=None, converter=_index_tuple)
 
     @property
     def leaf_count(self) -> int:

@@ -384,7 +384,7 @@ def device_digest(
     """
     first, stop = _check_range(buf, leaf_size, leaf_range)
     offered = hook.vramcore_device_digest(
-        backend=backend, buffer=buf, leaf_size=leaf_size, leaf_range=leaf_range
+        backend=backend, buffer=buf, leaf_size=leaf_size, leaf_range=leaf_range, leaf_indices=None
     )
     if offered is None:
         return None

@@ -102,22 +102,48 @@ def vramcore_device_digest(
     buffer: DeviceBuffer,
     leaf_size: int,
     leaf_range: tuple[int, int] | None,
+    leaf_indices: Sequence[int] | None,
 ) -> DeviceDigest | None:
     """Compute the ``rfc6962-sha256`` digest of ``buffer`` on the device itself.
 
-    For the whole buffer (``leaf_range`` is ``None``) return the Merkle root and every packed
-    leaf hash (``SHA-256(0x00 || leaf)``, 32 bytes each, the last leaf possibly shorter). For a
-    range ``(first, stop)`` of leaf indices, return the packed hashes of those leaves
-    (``root=None``, ``first_leaf=first``): the core uses ranges for localisation and sampled
-    checks. The core never rebuilds the tree on the host when the device did; it checks only
-    the shape of the answer (a wrong shape is an error naming the plugin). Return ``None``
-    when this plugin cannot digest this backend's buffers: the core then reads the buffer
-    back and hashes it on the host.
+    The core asks one of three questions; at most one of ``leaf_range`` and ``leaf_indices``
+    is not ``None``:
+
+    * **the whole buffer** (both ``None``): return the Merkle root and every packed leaf hash
+      (``SHA-256(0x00 || leaf)``, 32 bytes each, the last leaf possibly shorter), with
+      ``first_leaf=0`` and ``leaf_indices=None``;
+    * **a leaf range** ``(first, stop)``: return the packed hashes of leaves ``first`` to
+      ``stop - 1`` (``root=None``, ``first_leaf=first``, ``leaf_indices=None``); the core uses
+      ranges to localise a mismatch;
+    * **a list of leaf indices** (a sampled check): a non-empty, strictly increasing sequence
+      of valid leaf indices. Return the packed hashes of exactly those leaves, in that order
+      (``32 * len(leaf_indices)`` bytes), with ``root=None``, ``first_leaf=0`` and
+      ``leaf_indices`` set to the same indices (as a tuple). How they are computed is the
+      plugin's choice (one launch over just those leaves, or the whole buffer when that is
+      cheaper on the device); the answer is the same either way.
+
+    An implementation may omit the ``leaf_indices`` parameter (pluggy passes an implementation
+    only the arguments it names, so plugins written before it existed keep working). Such an
+    implementation sees an index request as a **whole-buffer** request (``leaf_range`` is
+    ``None``) and answers with the root and every leaf; the core accepts a whole-buffer answer
+    (``leaf_indices=None``, a 32-byte root, every leaf) to an index request and takes the
+    sampled leaves from it. Any other answer to an index request (indices other than those
+    asked for, a leaf count that is neither) is a malformed answer.
+
+    The core never rebuilds the tree on the host when the device did; it checks only the
+    shape of the answer (a wrong shape is an error naming the plugin). Return ``None`` when
+    this plugin cannot digest this backend's buffers at all: the core then reads the buffer
+    back and hashes it on the host. Raise
+    :class:`~vramcore.errors.DeviceDigestUnavailable` (or a subclass, such as a plugin's
+    typed CUDA error) when it can but this time cannot (a compile or launch failure, no
+    scratch memory): the core hashes on the host, emits an audited warning and still
+    cross-checks. Any other exception is a typed, audited failure, never a silent pass.
 
     :param backend: the backend that owns ``buffer``.
     :param buffer: the allocation to digest.
     :param leaf_size: leaf size in bytes.
-    :param leaf_range: ``None`` for the whole buffer, else ``(first, stop)`` leaf indices.
+    :param leaf_range: ``None``, or ``(first, stop)`` leaf indices.
+    :param leaf_indices: ``None``, or the sorted, distinct leaf indices of a sampled check.
     :return: a :class:`~vramcore.backend.DeviceDigest`, or ``None`` to defer.
 
     firstresult. Called on every seal and every verification.

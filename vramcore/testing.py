@@ -458,7 +458,11 @@ class BackendContract:
     ) -> DeviceDigest:
         pm = get_plugin_manager(list(digest_plugins), load_entrypoints=False, env={})
         answer = pm.hook.vramcore_device_digest(
-            backend=backend, buffer=buf, leaf_size=leaf_size, leaf_range=leaf_range
+            backend=backend,
+            buffer=buf,
+            leaf_size=leaf_size,
+            leaf_range=leaf_range,
+            leaf_indices=None,
         )
         if answer is None:
             pytest.skip(_NO_DIGEST)
