@@ -21,7 +21,7 @@ import sys
 from typing import Any
 
 from vramcore import VramManager
-from vramcore.benchmark import DEFAULT_SIZES, QUICK_SIZES, format_table, plot, run
+from vramcore._cli.benchmark import DEFAULT_SIZES, QUICK_SIZES, format_table, plot, run
 from vramcore.errors import VramError
 from vramcore.plugins import get_plugin_manager
 

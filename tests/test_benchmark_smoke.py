@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from vramcore import benchmark
+from vramcore._cli import benchmark
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "host_bench.py"
 

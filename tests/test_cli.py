@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from vramcore.cli import main
+from vramcore._cli.cli import main
 from vramcore.safetensors import write_safetensors
 
 TOKEN = "cli-test-token-do-not-print-7f3a9c"
@@ -245,7 +245,7 @@ def test_unknown_command_exits_2_in_one_line(capsys: pytest.CaptureFixture[str])
 def test_console_script_runs_as_a_process(tmp_path: Path) -> None:
     env = {**os.environ, "VRAMCORE_WORKER_TOKEN": TOKEN, "VRAMCORE_AUDIT_LOG": str(tmp_path)}
     proc = subprocess.run(
-        [sys.executable, "-m", "vramcore.cli", "demo", "--json"],
+        [sys.executable, "-m", "vramcore._cli.cli", "demo", "--json"],
         capture_output=True,
         text=True,
         env=env,

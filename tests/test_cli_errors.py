@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
-import vramcore.cli
+import vramcore._cli.cli
 from vramcore import AuditSink, hookimpl
-from vramcore.cli import main
+from vramcore._cli.cli import main
 from vramcore.plugins import get_plugin_manager
 from vramcore.safetensors import write_safetensors
 
@@ -174,7 +174,7 @@ class _ExitingSinkPlugin:
 
 def _exiting_sink(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     monkeypatch.setattr(
-        vramcore.cli, "get_plugin_manager", lambda: get_plugin_manager([_ExitingSinkPlugin()])
+        vramcore._cli.cli, "get_plugin_manager", lambda: get_plugin_manager([_ExitingSinkPlugin()])
     )
     return ["seal", str(_model(tmp_path))]
 
@@ -308,7 +308,7 @@ def test_plugins_json_into_a_closed_pipe_is_quiet() -> None:
     os.close(read_end)  # closed before the process starts: its first write gets EPIPE
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "vramcore.cli", "plugins", "--json"],
+            [sys.executable, "-m", "vramcore._cli.cli", "plugins", "--json"],
             stdout=write_end,
             stderr=subprocess.PIPE,
             env=env,
@@ -342,14 +342,14 @@ def test_console_error_in_json_mode_when_stdout_is_a_broken_pipe() -> None:
 
 
 def test_rates_for_small_files_are_readable() -> None:
-    from vramcore._cli_support import rate
+    from vramcore._cli.support import rate
 
     assert rate(4096, 0.001) == "3.9 MiB/s"
     assert rate(2 << 30, 1.0) == "2.00 GiB/s"
 
 
 def test_cli_command_is_absolute_under_uv_run(monkeypatch: pytest.MonkeyPatch) -> None:
-    from vramcore._cli_support import cli_command
+    from vramcore._cli.support import cli_command
 
     monkeypatch.setenv("UV_RUN_RECURSION_DEPTH", "1")
     command = cli_command()
@@ -376,7 +376,7 @@ def test_unexpected_errors_are_one_line_too(
     def explode(*_args: Any) -> int:
         raise raised
 
-    monkeypatch.setattr(vramcore.cli, "cmd_plugins", explode)
+    monkeypatch.setattr(vramcore._cli.cli, "cmd_plugins", explode)
     got, out, err = _run(capsys, ["plugins", "--json"])
     assert got == code
     assert json.loads(out)["error"]["kind"] == kind
@@ -387,7 +387,7 @@ def test_vramcore_debug_shows_the_traceback(monkeypatch: pytest.MonkeyPatch) -> 
     def explode(*_args: Any) -> int:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(vramcore.cli, "cmd_plugins", explode)
+    monkeypatch.setattr(vramcore._cli.cli, "cmd_plugins", explode)
     monkeypatch.setenv("VRAMCORE_DEBUG", "1")
     with pytest.raises(RuntimeError, match="boom"):
         main(["plugins"])

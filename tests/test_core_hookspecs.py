@@ -11,11 +11,10 @@ from typing import Any
 import pytest
 from attrs import fields as attrs_fields
 
-from vramcore import hookimpl, hookspecs
+from vramcore import Commands, Console, hookimpl, hookspecs
 from vramcore.audit import AuditSink, AuditWitness, SinkContext
 from vramcore.backend import DeviceDigest as VramDeviceDigest
 from vramcore.backend import DeviceInfo
-from vramcore.commands import Commands, Console
 from vramcore.digest import hash_leaves, merkle_root
 from vramcore.errors import (
     AuditError,

@@ -13,10 +13,11 @@ MODULES = [
     "vramcore",
     "vramcore.audit",
     "vramcore.backend",
-    "vramcore.cli",
-    "vramcore.commands",
-    "vramcore.demo",
-    "vramcore._cli_support",
+    "vramcore._cli",
+    "vramcore._cli.cli",
+    "vramcore._cli.commands",
+    "vramcore._cli.demo",
+    "vramcore._cli.support",
     "vramcore._emitter",
     "vramcore._hookutil",
     "vramcore._loading",
@@ -66,7 +67,7 @@ def test_core_imports_no_gpu_library() -> None:
     import sys
 
     code = (
-        "import sys, vramcore, vramcore.cli, vramcore.manager, vramcore.testing;"
+        "import sys, vramcore, vramcore._cli.cli, vramcore.manager, vramcore.testing;"
         "bad = [m for m in ('cupy', 'pycuda', 'torch', 'opentelemetry') if m in sys.modules];"
         "print(','.join(bad))"
     )

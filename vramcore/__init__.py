@@ -10,6 +10,15 @@ devices where weights could live in host memory, and audit everything through pl
 ...         run_inference(buffer.native)
 """
 
+from vramcore._cli.commands import (
+    EXIT_FAILURE,
+    EXIT_INTERNAL,
+    EXIT_OK,
+    EXIT_USAGE,
+    Commands,
+    Console,
+    UsageError,
+)
 from vramcore._context import correlate
 from vramcore.audit import AuditSink, AuditWitness, SinkContext
 from vramcore.backend import (
@@ -34,10 +43,16 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_LEAF_SIZE",
     "DIGEST_ALG",
+    "EXIT_FAILURE",
+    "EXIT_INTERNAL",
+    "EXIT_OK",
+    "EXIT_USAGE",
     "AllocatorBackend",
     "AuditSink",
     "AuditWitness",
     "BackendSpec",
+    "Commands",
+    "Console",
     "CopyHandle",
     "DeviceBuffer",
     "DeviceDigest",
@@ -46,6 +61,7 @@ __all__ = [
     "SealedShard",
     "SinkContext",
     "TensorRange",
+    "UsageError",
     "VramManager",
     "VramPolicy",
     "WorkerToken",

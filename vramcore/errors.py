@@ -15,6 +15,7 @@ __all__ = [
     "AuditError",
     "BackendUnavailable",
     "ConfigError",
+    "DeviceDigestUnavailable",
     "InsufficientVram",
     "IntegrityViolation",
     "InvalidInput",
@@ -58,6 +59,20 @@ class BackendUnavailable(ConfigError):
     def __init__(self, message: str, *, choices: Sequence[str] = ()) -> None:
         super().__init__(message)
         self.choices = tuple(choices)
+
+
+class DeviceDigestUnavailable(BackendUnavailable):
+    """The device cannot compute this digest (a kernel that fails to compile or launch, no
+    scratch memory for it): raised by a ``vramcore_device_digest`` implementation.
+
+    Not a verdict on the bytes: the core then hashes the same bytes on the host, audits a
+    warning, and still cross-checks later device digests. Any *other* exception from a
+    device-digest hook is a typed, audited failure of the operation. Retriable: the device may
+    have room (or a working driver) for the next digest. A plugin may raise a subclass (its own
+    typed CUDA error, for instance).
+    """
+
+    retriable = True
 
 
 class InsufficientVram(VramError):

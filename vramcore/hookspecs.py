@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
+    from vramcore._cli.commands import Commands
     from vramcore.audit import AuditSink, AuditWitness, SinkContext
     from vramcore.backend import (
         AllocatorBackend,
@@ -22,7 +23,6 @@ if TYPE_CHECKING:
         DeviceDigest,
         DeviceInfo,
     )
-    from vramcore.commands import Commands
     from vramcore.events import AuditEvent
     from vramcore.narration import Operation
     from vramcore.seal import SecretKey, WorkerToken
@@ -241,7 +241,7 @@ def vramcore_add_commands(commands: Commands) -> None:
     """Add subcommands to the ``vramcore`` CLI.
 
     :param commands: call ``commands.add(name, help=..., handler=...)`` or
-        ``commands.group(name, help=...)`` (see :class:`vramcore.commands.Commands`).
+        ``commands.group(name, help=...)`` (see :class:`vramcore.Commands`).
     :return: nothing (the return value is ignored).
 
     Not firstresult. Called once when the CLI builds its parser.

@@ -209,7 +209,7 @@ def test_policy_flags_from_the_real_device(
         gpu_backend.free(buf)
     if os.environ.get("VRAMCORE_GPU_FAKE") == "1":
         return  # the CLI builds the real backend, which the fake cannot stand in for
-    from vramcore.cli import main
+    from vramcore._cli.cli import main
 
     capsys.readouterr()
     code = main(["devices", "--json", "--allocator", backend_name])

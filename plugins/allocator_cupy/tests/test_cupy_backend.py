@@ -169,7 +169,7 @@ def test_plugin_registers_the_cupy_backend() -> None:
 
 
 def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    from vramcore.cli import main
+    from vramcore._cli.cli import main
 
     code = main(args)
     out, err = capsys.readouterr()

@@ -140,12 +140,12 @@ def _cli(args: list[str], tmp_path: Path, *, shadow: bool) -> subprocess.Complet
             (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
             (tmp_path / name).write_text(text)
         env["PYTHONPATH"] = str(tmp_path)
-        code = "import sys; from vramcore.cli import main; sys.exit(main(sys.argv[1:]))"
+        code = "import sys; from vramcore._cli.cli import main; sys.exit(main(sys.argv[1:]))"
     else:  # PyCUDA hidden, whether or not this environment has it
         code = (
             "import sys\n"
             "sys.modules['pycuda'] = None  # import fails, find_spec answers None\n"
-            "from vramcore.cli import main\n"
+            "from vramcore._cli.cli import main\n"
             "sys.exit(main(sys.argv[1:]))\n"
         )
     return subprocess.run(

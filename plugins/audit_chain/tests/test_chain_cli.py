@@ -11,7 +11,7 @@ import vramcore_allocator_mock
 import vramcore_audit_chain
 from vramcore_audit_chain import _format as fmt
 
-from vramcore.cli import main
+from vramcore._cli.cli import main
 from vramcore.manager import VramManager
 from vramcore.plugins import get_plugin_manager
 

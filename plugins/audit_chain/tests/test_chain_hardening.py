@@ -23,7 +23,7 @@ from vramcore_audit_chain import (
 )
 from vramcore_audit_chain import _format as fmt
 
-from vramcore.cli import main
+from vramcore._cli.cli import main
 from vramcore.errors import AuditError, ConfigError
 
 

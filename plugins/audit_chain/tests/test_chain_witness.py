@@ -31,8 +31,8 @@ from vramcore_audit_chain import (
 from vramcore_audit_chain import _format as fmt
 from vramcore_audit_tracing import TracingPlugin, TracingWitness
 
+from vramcore._cli.cli import main
 from vramcore.audit import AuditWitness
-from vramcore.cli import main
 from vramcore.errors import AuditError, ConfigError
 from vramcore.events import SealVerified
 from vramcore.manager import VramManager

@@ -15,8 +15,8 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+from vramcore import Commands
 from vramcore.audit import AuditSink, AuditWitness, SinkContext
-from vramcore.commands import Commands
 from vramcore.hookspecs import hookimpl
 from vramcore_audit_chain._cli import add_commands
 from vramcore_audit_chain._config import ChainConfig, Durability

@@ -11,8 +11,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from vramcore import EXIT_FAILURE, EXIT_INTERNAL, EXIT_OK, Commands, Console, UsageError
 from vramcore.audit import SinkContext
-from vramcore.commands import EXIT_FAILURE, EXIT_INTERNAL, EXIT_OK, Commands, Console, UsageError
 from vramcore.errors import AuditError, ConfigError, InvalidInput
 from vramcore.seal import WorkerToken
 from vramcore_audit_chain import _format as fmt
@@ -23,7 +23,7 @@ from vramcore_audit_chain._verify import REASONS, collect_log_files, verify_log
 __all__ = ["EXIT_CRASH", "add_commands"]
 
 #: Exit code when a command itself fails unexpectedly (a bug): never 1, which means "the log
-#: is not intact", and never 0 (the core's :data:`vramcore.commands.EXIT_INTERNAL`).
+#: is not intact", and never 0 (the core's :data:`vramcore.EXIT_INTERNAL`).
 EXIT_CRASH = EXIT_INTERNAL
 
 _Handler = Callable[[argparse.Namespace, Console], int]

@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vramcore.commands import Console, UsageError
-from vramcore.errors import AuditError, InvalidInput
+from vramcore._cli.commands import Console, UsageError
+from vramcore.backend import AllocatorBackend
+from vramcore.errors import AuditError, ConfigError, InvalidInput
 from vramcore.plugins import VramcorePluginManager
 from vramcore.seal import TOKEN_ADVICE, WorkerToken
 
@@ -26,6 +27,7 @@ __all__ = [
     "cli_command",
     "count",
     "human_bytes",
+    "make_backend",
     "make_manager",
     "parse_size",
     "rate",
@@ -144,25 +146,28 @@ def make_manager(
     *,
     temporary_log: bool = False,
     hash_workers: int | None = None,
+    backend: AllocatorBackend | None = None,
 ) -> Any:
     """A manager from the ``--allocator``, ``--device`` and ``--no-audit`` options.
 
     :param temporary_log: the audit log is the caller's own throw-away directory (the demo),
         so an ephemeral token is fine for it.
     :param hash_workers: host hashing threads (default: the manager's).
+    :param backend: a backend the caller built (:func:`make_backend`) and closes itself;
+        default: the manager builds and owns the one ``--allocator`` names.
     """
     from vramcore.manager import VramManager
     from vramcore.plugins import select_backend
 
     audit = not args.no_audit
     token = worker_token(console, audit=audit and not temporary_log)
-    if args.allocator is not None:
+    if backend is None and args.allocator is not None:
         select_backend(pm, args.allocator, source="--allocator")  # its message names the flag
     try:
         return VramManager(
             token,
             device=args.device,
-            allocator=args.allocator,
+            allocator=backend if backend is not None else args.allocator,
             plugin_manager=pm,
             audit="required" if audit else "disabled",
             hash_workers=hash_workers,
@@ -179,6 +184,21 @@ def make_manager(
         raise
 
 
+def make_backend(args: argparse.Namespace, pm: VramcorePluginManager) -> AllocatorBackend:
+    """The backend ``--allocator`` names (else the selection's choice), for a caller that
+    needs the backend object itself (the demo's fault injection); the caller closes it.
+
+    :raises UsageError: ``--allocator`` names an unknown or non-viable backend.
+    :raises ConfigError: the plugin's factory built something that is not a backend.
+    """
+    from vramcore.plugins import select_backend
+
+    backend = select_backend(pm, args.allocator, source="--allocator").factory()
+    if not isinstance(backend, AllocatorBackend):
+        raise ConfigError(f"the allocator plugin built a {type(backend).__name__}, not a backend")
+    return backend
+
+
 def add_manager_options(parser: argparse.ArgumentParser) -> None:
     """Add ``--allocator``, ``--device`` and ``--no-audit``."""
     parser.add_argument("--allocator", help="backend name (default: VRAMCORE_ALLOCATOR or best)")
@@ -193,7 +213,7 @@ def cli_command() -> str:
 
     ``vramcore`` when the shell finds this very installation on its ``PATH``; else the
     absolute path of this environment's script (under ``./dev`` or ``uv run`` the venv is on
-    ``PATH`` for this process only); else ``python -m vramcore.cli``.
+    ``PATH`` for this process only); else ``python -m vramcore._cli.cli``.
     """
     script = Path(sys.executable).parent / "vramcore"
     found = shutil.which("vramcore")
@@ -202,7 +222,7 @@ def cli_command() -> str:
         return "vramcore"
     if script.exists():
         return shlex.quote(str(script))
-    return f"{shlex.quote(sys.executable)} -m vramcore.cli"
+    return f"{shlex.quote(sys.executable)} -m vramcore._cli.cli"
 
 
 def sink_reports(manager: Any) -> list[dict[str, Any]]:

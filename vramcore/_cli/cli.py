@@ -26,7 +26,17 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from vramcore import __version__
-from vramcore._cli_support import (
+from vramcore._cli.commands import (
+    EXIT_FAILURE,
+    EXIT_INTERNAL,
+    EXIT_OK,
+    EXIT_USAGE,
+    Commands,
+    Console,
+    UsageError,
+)
+from vramcore._cli.demo import cmd_bench, cmd_demo
+from vramcore._cli.support import (
     GIB,
     add_manager_options,
     count,
@@ -38,16 +48,6 @@ from vramcore._cli_support import (
     report_lines,
     sink_reports,
 )
-from vramcore.commands import (
-    EXIT_FAILURE,
-    EXIT_INTERNAL,
-    EXIT_OK,
-    EXIT_USAGE,
-    Commands,
-    Console,
-    UsageError,
-)
-from vramcore.demo import cmd_bench, cmd_demo
 from vramcore.errors import (
     AuditError,
     ConfigError,

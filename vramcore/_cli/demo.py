@@ -21,17 +21,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from vramcore._cli_support import (
+from vramcore._cli.commands import EXIT_FAILURE, EXIT_OK, Console, UsageError
+from vramcore._cli.support import (
     GIB,
     MAX_BENCH_BYTES,
     cli_command,
     human_bytes,
+    make_backend,
     make_manager,
     rate,
     report_lines,
     sink_reports,
 )
-from vramcore.commands import EXIT_FAILURE, EXIT_OK, Console, UsageError
+from vramcore.backend import AllocatorBackend
 from vramcore.errors import SealVerificationFailed
 from vramcore.plugins import VramcorePluginManager
 
@@ -93,61 +95,80 @@ def cmd_demo(args: argparse.Namespace, console: Console, pm: VramcorePluginManag
         tempfile.TemporaryDirectory(prefix="vramcore-demo-") as tmp,
     ):
         model = _demo_model(Path(tmp))
-        size = model.stat().st_size
         published = hashlib.sha256(model.read_bytes()).hexdigest()
-        console.progress(f"wrote a synthetic model: {model.name}, {human_bytes(size)}")
-        steps: dict[str, Any] = {"model_bytes": size}
-        lines = []
-        manager = make_manager(args, console, pm, temporary_log=temp_log is not None)
-        with manager:
-            lines.append(
-                f"backend  {manager.backend_name}, GPU {manager.device} "
-                f"({manager.device_info.name}), token fingerprint {manager.token_fingerprint}"
-            )
-            if not args.no_audit:
-                lines.append(f"audit    log directory {os.environ['VRAMCORE_AUDIT_LOG']}")
-            t0 = time.perf_counter()
-            shard = manager.seal_file(model, expected_sha256=published)
-            t1 = time.perf_counter()
-            manager.verify_sealed(shard)
-            t2 = time.perf_counter()
-            steps |= {
-                "seal_seconds": t1 - t0,
-                "verify_seconds": t2 - t1,
-                "digest": shard.digest,
-                "tensors": len(shard.tensors),
-            }
-            lines += [
-                f"sealed   {shard.shard_id}: {human_bytes(size)}, {len(shard.tensors)} tensors, "
-                f"{shard.digest_alg} {shard.digest[:16]}...",
-                f"         in {(t1 - t0) * 1000:.1f} ms ({rate(size, t1 - t0)}); file SHA-256 "
-                "matched the published hash",
-                f"verified from VRAM in {(t2 - t1) * 1000:.1f} ms ({rate(size, t2 - t1)})",
-            ]
-            detected = _demo_tamper(manager, shard, steps, lines)
-            manager.deallocate(shard)
-        reports = sink_reports(manager)
-        if temp_log is not None and not args.keep_audit_log:
-            for report in reports:  # the log is removed below: no hint pointing at it
-                report.pop("hint", None)
-                report.pop("warning", None)
-        lines.extend(report_lines(reports))
-        if temp_log is not None and not args.keep_audit_log:
-            lines.append(
-                "         (temporary log, removed now; "
-                f"`{cli_command()} demo --keep-audit-log` keeps it to verify it yourself)"
-            )
-        audit_ok = all(r.get("verified", True) for r in reports)
-        steps["audit"] = reports
-        ok = detected is not False and audit_ok
-        lines.append("demo     OK" if ok else "demo     FAILED")
-        console.result({**steps, "ok": ok}, "\n".join(lines))
-        return EXIT_OK if ok else EXIT_FAILURE
+        console.progress(
+            f"wrote a synthetic model: {model.name}, {human_bytes(model.stat().st_size)}"
+        )
+        # The demo builds the backend itself: it owns the mock's fault injection it uses below.
+        backend = make_backend(args, pm)
+        with contextlib.closing(backend):
+            return _demo_run(args, console, pm, backend, model, published, temp_log)
 
 
-def _demo_tamper(manager: Any, shard: Any, steps: dict[str, Any], lines: list[str]) -> bool | None:
+def _demo_run(
+    args: argparse.Namespace,
+    console: Console,
+    pm: VramcorePluginManager,
+    backend: AllocatorBackend,
+    model: Path,
+    published: str,
+    temp_log: str | None,
+) -> int:
+    """Seal, verify and tamper with the demo model on ``backend``; print what happened."""
+    size = model.stat().st_size
+    steps: dict[str, Any] = {"model_bytes": size}
+    lines = []
+    manager = make_manager(args, console, pm, temporary_log=temp_log is not None, backend=backend)
+    with manager:
+        lines.append(
+            f"backend  {manager.backend_name}, GPU {manager.device} "
+            f"({manager.device_info.name}), token fingerprint {manager.token_fingerprint}"
+        )
+        if not args.no_audit:
+            lines.append(f"audit    log directory {os.environ['VRAMCORE_AUDIT_LOG']}")
+        t0 = time.perf_counter()
+        shard = manager.seal_file(model, expected_sha256=published)
+        t1 = time.perf_counter()
+        manager.verify_sealed(shard)
+        t2 = time.perf_counter()
+        steps |= {
+            "seal_seconds": t1 - t0,
+            "verify_seconds": t2 - t1,
+            "digest": shard.digest,
+            "tensors": len(shard.tensors),
+        }
+        lines += [
+            f"sealed   {shard.shard_id}: {human_bytes(size)}, {len(shard.tensors)} tensors, "
+            f"{shard.digest_alg} {shard.digest[:16]}...",
+            f"         in {(t1 - t0) * 1000:.1f} ms ({rate(size, t1 - t0)}); file SHA-256 "
+            "matched the published hash",
+            f"verified from VRAM in {(t2 - t1) * 1000:.1f} ms ({rate(size, t2 - t1)})",
+        ]
+        detected = _demo_tamper(manager, backend, shard, steps, lines)
+        manager.deallocate(shard)
+    reports = sink_reports(manager)
+    if temp_log is not None and not args.keep_audit_log:
+        for report in reports:  # the log is removed below: no hint pointing at it
+            report.pop("hint", None)
+            report.pop("warning", None)
+    lines.extend(report_lines(reports))
+    if temp_log is not None and not args.keep_audit_log:
+        lines.append(
+            "         (temporary log, removed now; "
+            f"`{cli_command()} demo --keep-audit-log` keeps it to verify it yourself)"
+        )
+    audit_ok = all(r.get("verified", True) for r in reports)
+    steps["audit"] = reports
+    ok = detected is not False and audit_ok
+    lines.append("demo     OK" if ok else "demo     FAILED")
+    console.result({**steps, "ok": ok}, "\n".join(lines))
+    return EXIT_OK if ok else EXIT_FAILURE
+
+
+def _demo_tamper(
+    manager: Any, backend: AllocatorBackend, shard: Any, steps: dict[str, Any], lines: list[str]
+) -> bool | None:
     """Flip one bit through the mock's fault injection; ``None`` when not on the mock."""
-    backend = manager._backend  # the demo is allowed to reach the mock's fault injection
     if not hasattr(backend, "flip_bit"):
         lines.append("tamper   skipped: the backend has no fault injection (not the mock)")
         return None
@@ -178,8 +199,8 @@ def _demo_tamper(manager: Any, shard: Any, steps: dict[str, Any], lines: list[st
 def cmd_bench(args: argparse.Namespace, console: Console, pm: VramcorePluginManager) -> int:
     """Seal, verify and sampled-verify throughput by shard size and worker count, beside
     one-thread SHA-256, a memory copy and ``model_signing`` measured in the same run (see
-    :mod:`vramcore.benchmark`)."""
-    from vramcore import benchmark
+    :mod:`vramcore._cli.benchmark`)."""
+    from vramcore._cli import benchmark
 
     sizes = args.size or (benchmark.QUICK_SIZES if args.quick else benchmark.DEFAULT_SIZES)
     biggest = max(sizes)
