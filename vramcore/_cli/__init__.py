@@ -5,3 +5,5 @@ Plugins add commands through the ``vramcore_add_commands`` hook with the public 
 ``vramcore.EXIT_*`` codes; nothing else here is API. The console script is
 ``vramcore._cli.cli:main``.
 """
+
+__all__: list[str] = []
