@@ -223,7 +223,9 @@ def test_vramcore_gpu_tests_run_when_forced(
     result.assertoutcome(passed=1)
 
 
-def test_the_mock_is_reached_through_its_entry_point(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_mock_is_reached_through_its_entry_point(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from vramcore import testing
 
     assert testing.mock_plugin() is vramcore_allocator_mock
@@ -231,8 +233,11 @@ def test_the_mock_is_reached_through_its_entry_point(monkeypatch: pytest.MonkeyP
     testing.mock_plugin.cache_clear()
     try:
         assert testing.mock_plugin() is None  # importable, but not installed as the plugin
-        with pytest.raises(pytest.skip.Exception, match="vramcore-allocator-mock is not installed"):
-            testing._require_mock()
+        pytester.makepyfile("def test_uses_the_mock(mock_backend):\n    pass\n")
+        result = pytester.inline_run("-p", "no:cacheprovider")
+        passed, skipped, failed = result.listoutcomes()
+        assert (len(passed), len(skipped), len(failed)) == (0, 1, 0)
+        assert "vramcore-allocator-mock is not installed" in str(skipped[0].longrepr)
     finally:
         testing.mock_plugin.cache_clear()
 

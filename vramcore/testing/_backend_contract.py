@@ -1,246 +1,24 @@
-"""Test helpers and a pytest plugin (entry point ``pytest11``) for vramcore and its plugins.
-
-Fixtures:
-
-``make_plugin_manager``
-    ``make_plugin_manager(*plugins, entrypoints=False)`` composes a fresh plugin manager from
-    the given plugin objects (modules or instances), nothing installed needed. The mock
-    allocator plugin is added when installed, unless ``mock=False``.
-``audit_capture``
-    A :class:`CapturingSink` that records every event.
-``mock_backend``
-    A fresh ``MockBackend`` (1 device, 1 GiB) for fault injection. Parametrize it indirectly
-    with the mock's options to get a stricter one:
-    ``@pytest.mark.parametrize("mock_backend", [{"async_copies": True}], indirect=True)``.
-    Skipped, with the reason, when ``vramcore-allocator-mock`` is not installed.
-``mock_manager``
-    A :class:`~vramcore.VramManager` on ``mock_backend`` delivering to ``audit_capture``;
-    closed after the test.
-
-The mock is reached through its ``vramcore`` entry point (``mock``), never imported by name.
-
-:class:`BackendContract` is the conformance suite every allocator backend passes: subclass it
-in a test module and supply a ``backend`` fixture (see its docstring).
-
-Marker: ``@pytest.mark.vramcore_gpu`` marks a test that needs a real CUDA GPU; without one it
-is skipped with the reason. The plugin only acts on tests carrying that namespaced marker, so
-installing vramcore changes nothing for other projects' tests.
-
-Outside pytest, :class:`CapturingSink` and :class:`CapturePlugin` work on their own.
-"""
+"""The conformance suite every allocator backend passes: :class:`BackendContract`."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 import importlib.metadata
-import inspect
-import os
 import random
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Iterator, Sequence
+from typing import Protocol, runtime_checkable
 
 import pytest
 
-from vramcore.audit import AuditSink, SinkContext
 from vramcore.backend import AllocatorBackend, CopyHandle, DeviceBuffer, DeviceDigest, MemoryKind
 from vramcore.digest import DEFAULT_LEAF_SIZE, hash_leaves, merkle_root
 from vramcore.errors import InsufficientVram, InvalidInput, VramError
-from vramcore.events import AuditEvent
-from vramcore.hookspecs import hookimpl
-from vramcore.plugins import VramcorePluginManager, get_plugin_manager
+from vramcore.plugins import get_plugin_manager
+from vramcore.testing._bounded import run_bounded
 
-__all__ = [
-    "GPU_MARKER",
-    "TEST_TOKEN",
-    "BackendContract",
-    "CapturePlugin",
-    "CapturingSink",
-    "FailingSink",
-    "FaultInjector",
-    "audit_capture",
-    "make_plugin_manager",
-    "mock_backend",
-    "mock_manager",
-    "mock_plugin",
-    "undocumented_public_names",
-]
-
-#: The namespaced marker of tests that need a real GPU (``@pytest.mark.vramcore_gpu``).
-GPU_MARKER = "vramcore_gpu"
-
-#: A worker token for tests; never use a fixed token in production.
-TEST_TOKEN = "vramcore-test-token-0123456789abcdef"  # noqa: S105 - a fixed test token
-
-
-class CapturingSink(AuditSink):
-    """Keeps every event in :attr:`events`, in order (thread-safe).
-
-    Counts as durable, so a manager with only this sink satisfies ``audit="required"`` in
-    tests; it stands in for a real sink such as the audit chain.
-    """
-
-    name = "capture"
-
-    def __init__(self) -> None:
-        self.events: list[AuditEvent] = []
-        self.closed = False
-        self.flushed = 0
-        self._lock = threading.Lock()
-
-    def emit(self, event: AuditEvent) -> None:
-        """Record the event."""
-        with self._lock:
-            self.events.append(event)
-
-    def flush(self) -> None:
-        """Count flushes."""
-        self.flushed += 1
-
-    def close(self) -> None:
-        """Mark closed."""
-        self.closed = True
-
-    def of_type(self, event_type: str) -> list[AuditEvent]:
-        """The captured events whose ``event_type`` is ``event_type``."""
-        with self._lock:
-            return [e for e in self.events if e.event_type == event_type]
-
-    def types(self) -> list[str]:
-        """The ``event_type`` of every captured event, in order."""
-        with self._lock:
-            return [e.event_type for e in self.events]
-
-
-class FailingSink(AuditSink):
-    """A sink that raises ``OSError`` on every event (or only on ``event_types``)."""
-
-    name = "failing"
-
-    def __init__(self, event_types: Sequence[str] | None = None) -> None:
-        self.event_types = set(event_types) if event_types is not None else None
-
-    def emit(self, event: AuditEvent) -> None:
-        """Fail (for the selected event types)."""
-        if self.event_types is None or event.event_type in self.event_types:
-            raise OSError("disk full (injected)")
-
-
-class CapturePlugin:
-    """A plugin object that gives each starting manager the given sinks."""
-
-    def __init__(self, *sinks: AuditSink) -> None:
-        self.sinks = list(sinks)
-        self.contexts: list[SinkContext] = []
-
-    @hookimpl
-    def vramcore_audit_sinks(self, context: SinkContext) -> Sequence[AuditSink]:
-        """Hand out the sinks."""
-        self.contexts.append(context)
-        return self.sinks
-
-
-def undocumented_public_names(module_name: str) -> list[str]:
-    """Names in ``module_name``'s ``__all__`` (and their public methods) without a docstring.
-
-    Also lists ``"<module>"`` when the module itself has none. Plugin authors use it in a
-    one-line test; ``AttributeError`` means ``__all__`` names something that does not exist.
-    """
-    module = importlib.import_module(module_name)
-    missing = [] if inspect.getdoc(module) else ["<module>"]
-    for attr in getattr(module, "__all__", ()):
-        obj = getattr(module, attr)
-        if not (inspect.isclass(obj) or inspect.isfunction(obj)):
-            continue
-        if not inspect.getdoc(obj):
-            missing.append(attr)
-        if inspect.isclass(obj):
-            for name, member in vars(obj).items():
-                target = member.fget if isinstance(member, property) else member
-                if name.startswith("_") or not (callable(target) or isinstance(member, property)):
-                    continue
-                if not inspect.getdoc(target):
-                    missing.append(f"{attr}.{name}")
-    return missing
-
-
-@functools.cache
-def mock_plugin() -> Any:
-    """The mock allocator plugin module, loaded from its ``vramcore`` entry point (``mock``).
-
-    ``None`` when ``vramcore-allocator-mock`` is not installed (or fails to load).
-    """
-    for entry_point in importlib.metadata.entry_points(group="vramcore", name="mock"):
-        try:
-            return entry_point.load()
-        except Exception:  # a broken install counts as not installed
-            return None
-    return None
-
-
-def _require_mock() -> Any:
-    plugin = mock_plugin()
-    if plugin is None:
-        pytest.skip(
-            "vramcore-allocator-mock is not installed (from a clone of the vramcore repository: "
-            "pip install ./plugins/allocator_mock)"
-        )
-    return plugin
-
-
-@pytest.fixture
-def make_plugin_manager() -> Callable[..., VramcorePluginManager]:
-    """Compose a plugin manager from plugin objects (see the module docstring)."""
-
-    def make(
-        *plugins: object, mock: bool = True, entrypoints: bool = False
-    ) -> VramcorePluginManager:
-        chosen = list(plugins)
-        plugin = mock_plugin() if mock else None
-        if plugin is not None and plugin not in chosen:
-            chosen.insert(0, plugin)
-        return get_plugin_manager(chosen, load_entrypoints=entrypoints, env={})
-
-    return make
-
-
-@pytest.fixture
-def audit_capture() -> CapturingSink:
-    """A capturing audit sink."""
-    return CapturingSink()
-
-
-@pytest.fixture
-def mock_backend(request: pytest.FixtureRequest) -> Any:
-    """A fresh mock backend: one device of 1 GiB (options from an indirect parameter)."""
-    options = dict(getattr(request, "param", None) or {})
-    options.setdefault("devices", 1)
-    options.setdefault("capacity", 1 << 30)
-    return _require_mock().MockBackend(**options)
-
-
-@pytest.fixture
-def mock_manager(
-    make_plugin_manager: Callable[..., VramcorePluginManager],
-    audit_capture: CapturingSink,
-    mock_backend: Any,
-) -> Iterator[Any]:
-    """A VramManager on ``mock_backend`` that delivers every event to ``audit_capture``."""
-    from vramcore.manager import VramManager
-
-    pm = make_plugin_manager(CapturePlugin(audit_capture))
-    manager = VramManager(TEST_TOKEN, allocator=mock_backend, plugin_manager=pm, worker_id="test")
-    try:
-        yield manager
-    finally:
-        manager.close()
-
-
-# -------------------------------------------------------------------------
-# The backend conformance suite
-# -------------------------------------------------------------------------
+__all__ = ["BackendContract", "FaultInjector"]
 
 _LEAF = DEFAULT_LEAF_SIZE
 _MIB = 1 << 20
@@ -322,27 +100,6 @@ def _read(backend: AllocatorBackend, buf: DeviceBuffer, offset: int, nbytes: int
     out = bytearray(nbytes)
     backend.read_into(buf, offset, memoryview(out))
     return bytes(out)
-
-
-def _run_bounded(fn: Callable[[], Any], what: str, timeout: float) -> Any:
-    """Run ``fn`` on another thread; fail the test if it does not return within ``timeout``."""
-    result: list[Any] = []
-    error: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            result.append(fn())
-        except BaseException as exc:
-            error.append(exc)
-
-    thread = threading.Thread(target=run, name="vramcore-contract", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        pytest.fail(f"{what} did not return within {timeout:.0f} s: it hangs", pytrace=False)
-    if error:
-        raise error[0]
-    return result[0] if result else None
 
 
 def _installed_plugins() -> list[object]:
@@ -619,22 +376,22 @@ class BackendContract:
             for handle in reversed(handles[1:]):
                 _wait(handle)
                 _wait(handle)
-            _run_bounded(lambda: _wait(handles[0]), "wait() on another thread", self.hang_timeout)
+            run_bounded(lambda: _wait(handles[0]), "wait() on another thread", self.hang_timeout)
             _assert_same(_read(backend, buf, 0, 8 * chunk), b"".join(sources), "after handles")
 
     def test_calls_from_other_threads(self, backend: AllocatorBackend, device: int) -> None:
         """Each call works from a thread other than the one that made the backend."""
         data = _pattern(_LEAF + 3, 7)
         timeout = self.hang_timeout
-        buf = _run_bounded(lambda: backend.allocate(device, len(data)), "allocate", timeout)
-        handle = _run_bounded(lambda: backend.copy_in(buf, 0, memoryview(data)), "copy", timeout)
-        _run_bounded(lambda: _wait(handle), "wait", timeout)
-        got = _run_bounded(lambda: _read(backend, buf, 0, len(data)), "read_into", timeout)
+        buf = run_bounded(lambda: backend.allocate(device, len(data)), "allocate", timeout)
+        handle = run_bounded(lambda: backend.copy_in(buf, 0, memoryview(data)), "copy", timeout)
+        run_bounded(lambda: _wait(handle), "wait", timeout)
+        got = run_bounded(lambda: _read(backend, buf, 0, len(data)), "read_into", timeout)
         _assert_same(got, data, "copy and read on other threads")
-        kind = _run_bounded(lambda: backend.memory_kind(buf), "memory_kind", timeout)
+        kind = run_bounded(lambda: backend.memory_kind(buf), "memory_kind", timeout)
         assert kind is MemoryKind.DEVICE
-        _run_bounded(lambda: backend.mem_info(device), "mem_info", timeout)
-        _run_bounded(lambda: backend.free(buf), "free", timeout)
+        run_bounded(lambda: backend.mem_info(device), "mem_info", timeout)
+        run_bounded(lambda: backend.free(buf), "free", timeout)
 
     def test_concurrent_copies_from_many_threads(
         self, backend: AllocatorBackend, device: int
@@ -744,17 +501,17 @@ class BackendContract:
             backend.copy_in(buf, offset, memoryview(data)[offset : offset + chunk])
             for offset in range(0, len(data), chunk)
         ]
-        _run_bounded(backend.close, "close() with copies in flight", self.hang_timeout)
+        run_bounded(backend.close, "close() with copies in flight", self.hang_timeout)
         landed = True
         for handle in handles:
             try:
-                _run_bounded(
+                run_bounded(
                     functools.partial(_wait, handle), "wait() after close", self.hang_timeout
                 )
             except VramError:
                 landed = False
         try:
-            got = _run_bounded(
+            got = run_bounded(
                 lambda: _read(backend, buf, 0, len(data)), "read after close", self.hang_timeout
             )
         except VramError:
@@ -763,9 +520,9 @@ class BackendContract:
             if landed:
                 _assert_same(got, data, "read after close")
         with contextlib.suppress(VramError):
-            _run_bounded(lambda: backend.free(buf), "free after close", self.hang_timeout)
+            run_bounded(lambda: backend.free(buf), "free after close", self.hang_timeout)
         with contextlib.suppress(VramError):
-            late = _run_bounded(
+            late = run_bounded(
                 lambda: backend.allocate(device, 4096), "allocate after close", self.hang_timeout
             )
             backend.free(late)
@@ -820,49 +577,3 @@ class BackendContract:
         with contextlib.suppress(VramError):  # released already, or released now
             backend.free(buf)
         assert backend.mem_info(device)[0] == start, "free memory did not return to its start"
-
-
-# -------------------------------------------------------------------------
-# The vramcore_gpu marker
-# -------------------------------------------------------------------------
-
-
-def _gpu_available() -> str | None:
-    """``None`` when a CUDA GPU is visible, else why not (for the marker's skip)."""
-    import shutil
-    import subprocess
-
-    if os.environ.get("VRAMCORE_FORCE_GPU_TESTS") == "1":
-        return None
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return "no NVIDIA driver (nvidia-smi not found); run scripts/gpu-check on a GPU machine"
-    try:
-        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20, check=False)
-    except (OSError, subprocess.SubprocessError) as exc:
-        return f"nvidia-smi failed: {exc}"
-    if out.returncode != 0 or "GPU" not in out.stdout:
-        return "nvidia-smi lists no GPU"
-    return None
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    """Register the namespaced ``vramcore_gpu`` marker (harmless to other projects)."""
-    config.addinivalue_line(
-        "markers", f"{GPU_MARKER}: needs a real CUDA GPU (vramcore; skipped with a reason)"
-    )
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip tests marked ``vramcore_gpu``, saying why, when no GPU is visible.
-
-    Only tests carrying that marker are touched: other markers (a project's own ``gpu``)
-    are left alone.
-    """
-    gpu_items = [item for item in items if item.get_closest_marker(GPU_MARKER)]
-    if not gpu_items:
-        return
-    reason = _gpu_available()
-    if reason is not None:
-        for item in gpu_items:
-            item.add_marker(pytest.mark.skip(reason=f"{GPU_MARKER} test: {reason}"))

@@ -1,0 +1,65 @@
+"""Test helpers and a pytest plugin (entry point ``pytest11``) for vramcore and its plugins.
+
+Fixtures:
+
+``make_plugin_manager``
+    ``make_plugin_manager(*plugins, entrypoints=False)`` composes a fresh plugin manager from
+    the given plugin objects (modules or instances), nothing installed needed. The mock
+    allocator plugin is added when installed, unless ``mock=False``.
+``audit_capture``
+    A :class:`CapturingSink` that records every event.
+``mock_backend``
+    A fresh ``MockBackend`` (1 device, 1 GiB) for fault injection. Parametrize it indirectly
+    with the mock's options to get a stricter one:
+    ``@pytest.mark.parametrize("mock_backend", [{"async_copies": True}], indirect=True)``.
+    Skipped, with the reason, when ``vramcore-allocator-mock`` is not installed.
+``mock_manager``
+    A :class:`~vramcore.VramManager` on ``mock_backend`` delivering to ``audit_capture``;
+    closed after the test.
+
+The mock is reached through its ``vramcore`` entry point (``mock``), never imported by name.
+
+:class:`BackendContract` is the conformance suite every allocator backend passes: subclass it
+in a test module and supply a ``backend`` fixture (see its docstring).
+
+Marker: ``@pytest.mark.vramcore_gpu`` marks a test that needs a real CUDA GPU; without one it
+is skipped with the reason. The plugin only acts on tests carrying that namespaced marker, so
+installing vramcore changes nothing for other projects' tests.
+
+Outside pytest, :class:`CapturingSink` and :class:`CapturePlugin` work on their own.
+"""
+
+from __future__ import annotations
+
+from vramcore.testing._backend_contract import BackendContract, FaultInjector
+from vramcore.testing._docs import undocumented_public_names
+from vramcore.testing._fixtures import (
+    TEST_TOKEN,
+    audit_capture,
+    make_plugin_manager,
+    mock_backend,
+    mock_manager,
+    mock_plugin,
+)
+from vramcore.testing._gpu import GPU_MARKER
+from vramcore.testing._gpu import (  # the plugin's hooks, found by pytest on this module
+    pytest_collection_modifyitems as pytest_collection_modifyitems,
+)
+from vramcore.testing._gpu import pytest_configure as pytest_configure
+from vramcore.testing._sinks import CapturePlugin, CapturingSink, FailingSink
+
+__all__ = [
+    "GPU_MARKER",
+    "TEST_TOKEN",
+    "BackendContract",
+    "CapturePlugin",
+    "CapturingSink",
+    "FailingSink",
+    "FaultInjector",
+    "audit_capture",
+    "make_plugin_manager",
+    "mock_backend",
+    "mock_manager",
+    "mock_plugin",
+    "undocumented_public_names",
+]
