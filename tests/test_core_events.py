@@ -12,52 +12,14 @@ import pytest
 import vramcore
 from vramcore import events
 from vramcore.errors import InvalidInput
-from vramcore.testing import CapturingSink
+from vramcore.testing import CapturingSink, sample_events
 from vramcore.validation import MAX_FIELD_CHARS
 
 WHEN = datetime(2026, 1, 31, 12, 0, 0, 123456, tzinfo=UTC)
 
 
 def _samples() -> list[events.AuditEvent]:
-    common: dict[str, Any] = {"worker_id": "host:1", "timestamp": WHEN, "correlation_id": "c-1"}
-    return [
-        events.VramAllocated(**common, shard_id="s", device=0, nbytes=10, backend="mock"),
-        events.VramAllocationFailed(
-            **common, shard_id="s", device=1, nbytes=10, backend="mock", reason="OOM"
-        ),
-        events.VramSealed(
-            **common,
-            shard_id="s",
-            device=0,
-            nbytes=10,
-            digest="ab" * 32,
-            digest_alg="rfc6962-sha256",
-            leaf_size=65536,
-            backend="mock",
-            file_sha256="cd" * 32,
-        ),
-        events.SealVerified(**common, shard_id="s", device=0, nbytes=10, digest="ab" * 32),
-        events.SealVerificationFailed(
-            **common,
-            shard_id="s",
-            device=0,
-            reason="digest",
-            detail="bytes 0-65535",
-            byte_ranges=((0, 65536), (131072, 131080)),
-            tensors=("embed.weight", "head.weight"),
-        ),
-        events.VramDeallocated(**common, shard_id="s", device=0, nbytes=10),
-        events.PolicyViolation(**common, device=-1, rule="ats", detail="ATS on"),
-        events.SealRefused(
-            **common,
-            shard_id="s",
-            device=0,
-            nbytes=10,
-            backend="mock",
-            reason="sha256_mismatch",
-            detail="file SHA-256 is not the published one",
-        ),
-    ]
+    return sample_events(worker_id="host:1", timestamp=WHEN, correlation_id="c-1")
 
 
 def test_there_are_eight_event_types() -> None:

@@ -26,13 +26,18 @@ Marker: ``@pytest.mark.vramcore_gpu`` marks a test that needs a real CUDA GPU; w
 is skipped with the reason. The plugin only acts on tests carrying that namespaced marker, so
 installing vramcore changes nothing for other projects' tests.
 
-Outside pytest, :class:`CapturingSink` and :class:`CapturePlugin` work on their own.
+Events: :func:`sample_events` gives one event of every kind, or a stream of ``n`` events, for
+tests of sinks, witnesses and encoders.
+
+Outside pytest, :class:`CapturingSink`, :class:`CapturePlugin` and :func:`sample_events` work
+on their own.
 """
 
 from __future__ import annotations
 
 from vramcore.testing._backend_contract import BackendContract, FaultInjector
 from vramcore.testing._docs import undocumented_public_names
+from vramcore.testing._events import sample_events
 from vramcore.testing._fixtures import (
     TEST_TOKEN,
     audit_capture,
@@ -61,5 +66,6 @@ __all__ = [
     "mock_backend",
     "mock_manager",
     "mock_plugin",
+    "sample_events",
     "undocumented_public_names",
 ]

@@ -10,41 +10,14 @@ import pytest
 from vramcore_audit_chain import ChainConfig, ChainSink, load_key_file, verify_log
 
 from vramcore.audit import SinkContext
-from vramcore.events import SealVerified, VramDeallocated, VramSealed
 from vramcore.seal import WorkerToken
+from vramcore.testing import sample_events
 
 TOKEN = "chain-test-token-" + "x" * 24
 
 
 def context(token: str = TOKEN) -> SinkContext:
     return SinkContext.from_token(WorkerToken(token), worker_id="w1", device=0, scope="audit_chain")
-
-
-def sample_events(n: int) -> list[Any]:
-    out: list[Any] = []
-    for i in range(n):
-        if i % 7 == 3:
-            out.append(
-                VramSealed(
-                    worker_id="w1",
-                    shard_id=f"s{i}",
-                    device=0,
-                    nbytes=4096,
-                    digest="ab" * 32,
-                    digest_alg="rfc6962-sha256",
-                    leaf_size=65536,
-                    backend="mock",
-                )
-            )
-        elif i % 5 == 4:
-            out.append(VramDeallocated(worker_id="w1", shard_id=f"s{i}", device=0, nbytes=4096))
-        else:
-            out.append(
-                SealVerified(
-                    worker_id="w1", shard_id=f"s{i}", device=0, nbytes=4096, digest=f"{i:064x}"
-                )
-            )
-    return out
 
 
 def write_log(directory: Path, n: int = 40, token: str = TOKEN, **settings: Any) -> ChainSink:

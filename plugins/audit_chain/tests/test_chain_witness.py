@@ -34,9 +34,9 @@ from vramcore_audit_tracing import TracingPlugin, TracingWitness
 from vramcore._cli.cli import main
 from vramcore.audit import AuditWitness
 from vramcore.errors import AuditError, ConfigError
-from vramcore.events import SealVerified
 from vramcore.manager import VramManager
 from vramcore.plugins import get_plugin_manager
+from vramcore.testing import sample_events
 
 # -- helpers ---------------------------------------------------------------------------------
 
@@ -446,22 +446,11 @@ class _Flaky(AuditWitness):
 
 
 def _critical() -> Any:
-    from vramcore.events import VramSealed
-
-    return VramSealed(
-        worker_id="w1",
-        shard_id="s",
-        device=0,
-        nbytes=1,
-        digest="ab" * 32,
-        digest_alg="rfc6962-sha256",
-        leaf_size=65536,
-        backend="mock",
-    )
+    return sample_events(4)[3]
 
 
 def _plain() -> Any:
-    return SealVerified(worker_id="w1", shard_id="s", device=0, nbytes=1, digest="cd" * 32)
+    return sample_events(1)[0]
 
 
 def test_a_failing_required_witness_fails_critical_events_closed(

@@ -21,15 +21,8 @@ from vramcore_audit_chain._keys import read_state, state_cipher
 from vramcore.errors import AuditError, ConfigError
 from vramcore.events import (
     EVENT_TYPES,
-    PolicyViolation,
-    SealRefused,
-    SealVerificationFailed,
-    SealVerified,
-    VramAllocated,
-    VramAllocationFailed,
-    VramDeallocated,
-    VramSealed,
 )
+from vramcore.testing import sample_events
 
 
 def _records(directory: Path) -> list[dict[str, Any]]:
@@ -44,44 +37,7 @@ def _records(directory: Path) -> list[dict[str, Any]]:
 
 def _every_event() -> list[Any]:
     odd = datetime(2024, 2, 29, 23, 59, 59, tzinfo=timezone(timedelta(hours=-5)))
-    return [
-        VramAllocated(worker_id="w", shard_id="a", device=0, nbytes=1, backend="mock"),
-        VramAllocationFailed(
-            worker_id="w", shard_id="a", device=1, nbytes=2, backend="m", reason='oom \u00e9"\\'
-        ),
-        VramSealed(
-            worker_id="w",
-            shard_id="a",
-            device=0,
-            nbytes=3,
-            digest="ab" * 32,
-            digest_alg="rfc6962-sha256",
-            leaf_size=65536,
-            backend="mock",
-            file_sha256="cd" * 32,
-        ),
-        SealVerified(worker_id="w", shard_id="a", device=0, nbytes=4, digest="ef" * 32),
-        SealVerificationFailed(
-            worker_id="w",
-            shard_id="a",
-            device=0,
-            reason="digest",
-            detail="leaf 3",
-            byte_ranges=((0, 65536), (131072, 196608)),
-            tensors=("embed", "lm_head"),
-        ),
-        VramDeallocated(worker_id="w", shard_id="a", device=0, nbytes=5, timestamp=odd),
-        PolicyViolation(worker_id="w", device=-1, rule="integrated", detail="shared memory"),
-        SealRefused(
-            worker_id="w",
-            shard_id="a",
-            device=0,
-            nbytes=6,
-            backend="mock",
-            reason="sha256_mismatch",
-            detail="the file is not the published one",
-        ),
-    ]
+    return sample_events(worker_id="w", timestamp=odd)
 
 
 @pytest.mark.parametrize("event", _every_event(), ids=lambda e: type(e).__name__)
