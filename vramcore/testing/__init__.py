@@ -51,16 +51,21 @@ from vramcore.testing._gpu import (  # the plugin's hooks, found by pytest on th
     pytest_collection_modifyitems as pytest_collection_modifyitems,
 )
 from vramcore.testing._gpu import pytest_configure as pytest_configure
+from vramcore.testing._sink_contract import AuditSinkContract, SinkPlugin
 from vramcore.testing._sinks import CapturePlugin, CapturingSink, FailingSink
+from vramcore.testing._witness_contract import WitnessContract
 
 __all__ = [
     "GPU_MARKER",
     "TEST_TOKEN",
+    "AuditSinkContract",
     "BackendContract",
     "CapturePlugin",
     "CapturingSink",
     "FailingSink",
     "FaultInjector",
+    "SinkPlugin",
+    "WitnessContract",
     "audit_capture",
     "make_plugin_manager",
     "mock_backend",

@@ -1,0 +1,106 @@
+"""The audit chain keeps the contracts of its kinds: :class:`ChainSink` passes
+:class:`vramcore.testing.AuditSinkContract` and :class:`FileWitness` passes
+:class:`vramcore.testing.WitnessContract`.
+
+The sink is checked in the durability modes that acknowledge a critical event only once it
+is on disk (``mixed``, the default, and ``immediate``). ``batched`` acknowledges events when
+they are queued (the writer fsyncs them within ``flush_interval``), which is what an operator
+chooses it for, so the contract's "stored when ``emit`` returns" does not hold there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from vramcore_audit_chain import ChainConfig, ChainSink, FileWitness
+from vramcore_audit_chain import _format as fmt
+from vramcore_audit_chain._head import sign_head
+
+from vramcore import AuditSink, AuditWitness, SinkContext
+from vramcore.testing import AuditSinkContract, WitnessContract
+
+
+def _stored_events(directory: Path) -> list[Mapping[str, Any]]:
+    """The ``data`` of every event record in the log's files, oldest first."""
+    events: list[Mapping[str, Any]] = []
+    for _, path in fmt.log_files(directory):
+        for line in path.read_bytes().splitlines():
+            record = json.loads(line)
+            if record["type"] == "event":
+                events.append(record["data"])
+    return events
+
+
+class TestChainSinkContract(AuditSinkContract):
+    """The chain sink, in each durability mode that acknowledges on disk."""
+
+    @pytest.fixture(params=["mixed", "immediate"])
+    def make_sink(
+        self, request: pytest.FixtureRequest, tmp_path: Path
+    ) -> Callable[[SinkContext], AuditSink]:
+        def make(context: SinkContext) -> AuditSink:
+            config = ChainConfig(directory=tmp_path / "log", durability=request.param)
+            return ChainSink(config, context, witnesses=None)
+
+        return make
+
+    @pytest.fixture
+    def read_back(self) -> Callable[[AuditSink], Sequence[Mapping[str, Any]]]:
+        def read(sink: AuditSink) -> Sequence[Mapping[str, Any]]:
+            assert isinstance(sink, ChainSink)
+            return _stored_events(sink.config.directory)
+
+        return read
+
+
+class _Signer:
+    """Signs heads the way the chain writer does, with a checkpoint key of its own."""
+
+    def __init__(self) -> None:
+        self.key = Ed25519PrivateKey.generate()
+        self.public = self.key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
+
+    def head(self, log_id: str, seq: int) -> Mapping[str, Any]:
+        mac = hashlib.sha256(f"{log_id}/{seq}".encode()).hexdigest()
+        return sign_head(
+            self.key,
+            log_id=log_id,
+            seq=seq,
+            epoch=seq // 10,
+            mac=mac,
+            reason="critical",
+            public_key=self.public,
+        ).to_dict()
+
+
+class TestFileWitnessContract(WitnessContract):
+    """The file witness, optional and required, keeps the witness contract."""
+
+    @pytest.fixture(params=[False, True], ids=["optional", "required"])
+    def make_witness(
+        self, request: pytest.FixtureRequest, tmp_path: Path
+    ) -> Callable[[], AuditWitness]:
+        return lambda: FileWitness(tmp_path / "heads.ndjson", required=request.param)
+
+    @pytest.fixture
+    def make_head(self) -> Callable[[str, int], Mapping[str, Any]]:
+        return _Signer().head
+
+    @pytest.fixture
+    def corrupt_storage(self, tmp_path: Path) -> Callable[[], None]:
+        def corrupt() -> None:
+            path = tmp_path / "heads.ndjson"
+            lines = path.read_bytes().splitlines(keepends=True)
+            torn = lines[-1][: len(lines[-1]) // 2]  # a torn last write
+            noise = b"\x00\xff" + secrets.token_bytes(64).replace(b"\n", b"") + b"\n"
+            path.write_bytes(b"".join(lines[:-1]) + noise + b'{"log_id": 7}\n' + torn)
+
+        return corrupt
