@@ -108,6 +108,18 @@ class SinkUnderTest(FileSink):
         self.fd = -1
 """
 
+#: Correct but for what it holds: a seal key it got from somewhere other than its context.
+LEAKY_SINK = """
+from vramcore.seal import SEAL_KEY_INFO, WorkerToken
+from vramcore.testing import TEST_TOKEN
+
+
+class SinkUnderTest(FileSink):
+    def __init__(self, path):
+        super().__init__(path)
+        self.key = WorkerToken(TEST_TOKEN).derive(SEAL_KEY_INFO)
+"""
+
 WITNESS = '''
 import json, os, secrets, threading
 import pytest
@@ -246,6 +258,11 @@ def test_a_sink_that_reorders_events_fails_the_ordering_tests(pytester: pytest.P
 def test_a_sink_that_cannot_close_twice_fails_that_test(pytester: pytest.Pytester) -> None:
     failed, _, _ = _outcomes(pytester, SINK, CLOSE_ONCE_SINK)
     assert failed == {"test_close_twice_is_safe"}
+
+
+def test_a_sink_holding_the_seal_key_fails_the_secrets_test(pytester: pytest.Pytester) -> None:
+    failed, _, _ = _outcomes(pytester, SINK, LEAKY_SINK)
+    assert failed == {"test_nothing_secret_reaches_the_sink"}
 
 
 def test_a_correct_witness_passes_every_test(pytester: pytest.Pytester) -> None:

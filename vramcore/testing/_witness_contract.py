@@ -298,7 +298,8 @@ class WitnessContract:
         kept = make_head(victim, 5)
         self._publish(witness, kept)
         for what, garbage in _garbage_heads(make_head, victim, other):
-            call = BoundedCall(functools.partial(witness.publish, garbage), f"publish({what})").start()
+            publish = functools.partial(witness.publish, garbage)
+            call = BoundedCall(publish, f"publish({what})").start()
             assert call.finished_within(self.hang_timeout), f"publish({what}) hangs"
             assert call.error is None or isinstance(call.error, Exception), (
                 f"publish({what}) raised {type(call.error).__name__}, not an Exception"
@@ -318,7 +319,8 @@ class WitnessContract:
         log_id = new_log_id()
         self._publish(witness, make_head(log_id, 3))
         for bad in ("", "\n", log_id.upper(), log_id[:-1], f"{log_id}\n", "../" * 50, "x" * 10_000):
-            call = BoundedCall(functools.partial(witness.latest, bad), "latest(malformed id)").start()
+            latest = functools.partial(witness.latest, bad)
+            call = BoundedCall(latest, "latest(malformed id)").start()
             assert call.finished_within(self.hang_timeout), "latest(malformed id) hangs"
             if call.error is None:
                 assert call.value is None, f"latest({bad[:40]!r}) gave a head"
