@@ -19,8 +19,11 @@ Fixtures:
 
 The mock is reached through its ``vramcore`` entry point (``mock``), never imported by name.
 
-:class:`BackendContract` is the conformance suite every allocator backend passes: subclass it
-in a test module and supply a ``backend`` fixture (see its docstring).
+Conformance suites, one per plugin kind, that a plugin's test module subclasses (like keyring's
+backend tests), supplying the fixtures each docstring names: :class:`BackendContract` (an
+allocator backend: a ``backend`` fixture), :class:`AuditSinkContract` (an audit sink:
+``make_sink`` and ``read_back``) and :class:`WitnessContract` (an audit witness:
+``make_witness`` and ``make_head``).
 
 Marker: ``@pytest.mark.vramcore_gpu`` marks a test that needs a real CUDA GPU; without one it
 is skipped with the reason. The plugin only acts on tests carrying that namespaced marker, so
