@@ -95,7 +95,9 @@ def test_seal_prints_attestation_without_signature(
     assert att["vram_bytes"] == path.stat().st_size
     assert "signature" not in att
     assert [t[0] for t in att["tensors"]] == ["a.weight", "b.bias"]
-    assert data["seal_throughput_gib_s"] > 0 and data["verify_throughput_gib_s"] > 0
+    # Timings are reported, not judged: on a loaded machine a 70 kB seal rounds to 0.000 GiB/s.
+    assert data["seal_seconds"] > 0 and data["verify_seconds"] > 0
+    assert data["seal_throughput_gib_s"] >= 0 and data["verify_throughput_gib_s"] >= 0
 
 
 def test_seal_wrong_sha256_is_integrity_failure(
