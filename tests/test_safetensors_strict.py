@@ -44,8 +44,8 @@ def test_a_good_header_parses_to_file_offsets() -> None:
     tensors = _parse(raw)
     base = len(raw) - 12
     assert list(tensors) == [
-        TensorRange("a", base, base + 8),
-        TensorRange("b", base + 8, base + 12),
+        TensorRange("a", base, base + 8, "F16", (2, 2)),
+        TensorRange("b", base + 8, base + 12, "U8", (4,)),
     ]
 
 

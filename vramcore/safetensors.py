@@ -35,7 +35,7 @@ from json.decoder import scanstring  # type: ignore[attr-defined]
 from typing import Any, BinaryIO
 
 from vramcore.errors import IntegrityViolation, InvalidInput
-from vramcore.shard import MAX_TENSOR_NAME_CHARS, TensorMap, check_tensor_name
+from vramcore.shard import MAX_SHAPE_DIMS, MAX_TENSOR_NAME_CHARS, TensorMap, check_tensor_name
 from vramcore.validation import safe_repr
 
 __all__ = [
@@ -50,8 +50,6 @@ __all__ = [
 
 #: Larger headers are refused (the reference implementation's cap).
 MAX_HEADER_BYTES = 100_000_000
-#: Most dimensions a tensor may have (real models use at most a handful).
-MAX_SHAPE_DIMS = 64
 #: Element size in bits of every dtype the reference implementation knows.
 DTYPE_BITS: dict[str, int] = {
     "BOOL": 8,
@@ -163,14 +161,19 @@ def parse_tensor_map(read: Callable[[int], bytes], file_size: int) -> TensorMap:
     return _layout(entries, base, file_size)
 
 
-def _parse_header(text: str, data_len: int) -> tuple[list[str], array[int], array[int]]:
-    """Walk the top-level object; check each entry; return names, begins and ends.
+_Entries = tuple[list[str], "array[int]", "array[int]", list[str], list[tuple[int, ...]]]
+
+
+def _parse_header(text: str, data_len: int) -> _Entries:
+    """Walk the top-level object; check each entry; return names, begins, ends, dtypes, shapes.
 
     ``data_len`` is the number of bytes after the header: no tensor may end past it.
     """
     names: list[str] = []
     begins = array("q")
     ends = array("q")
+    dtypes: list[str] = []
+    shapes: list[tuple[int, ...]] = []
     seen: set[str] = set()
     if not text.startswith("{"):
         raise _bad("the header does not start with '{'")
@@ -192,6 +195,8 @@ def _parse_header(text: str, data_len: int) -> tuple[list[str], array[int], arra
                 names.append(key)
                 begins.append(begin)
                 ends.append(end)
+                dtypes.append(dtype)
+                shapes.append(tuple(dims))
                 pos = fast.end()
                 if separator == "}":
                     break
@@ -214,6 +219,8 @@ def _parse_header(text: str, data_len: int) -> tuple[list[str], array[int], arra
                 names.append(key)
                 begins.append(begin)
                 ends.append(end)
+                dtypes.append(value["dtype"])
+                shapes.append(tuple(value["shape"]))
             pos = _WS.match(text, pos).end()  # type: ignore[union-attr]
             if text.startswith(",", pos):
                 pos = _WS.match(text, pos + 1).end()  # type: ignore[union-attr]
@@ -224,7 +231,7 @@ def _parse_header(text: str, data_len: int) -> tuple[list[str], array[int], arra
             raise _bad(f"expected ',' or '}}' at header byte {pos}")
     if text[pos:].strip(" \t\n\r"):
         raise _bad("bytes follow the header's JSON object")
-    return names, begins, ends
+    return names, begins, ends, dtypes, shapes
 
 
 def _check_metadata(value: object) -> None:
@@ -283,16 +290,16 @@ def _check_layout(
     return begin, end
 
 
-def _layout(
-    entries: tuple[list[str], array[int], array[int]], base: int, file_size: int
-) -> TensorMap:
+def _layout(entries: _Entries, base: int, file_size: int) -> TensorMap:
     """Sort by offset and check the tensors tile the data exactly; shift to file offsets."""
-    names, begins, ends = entries
+    names, begins, ends, dtypes, shapes = entries
     if not _in_order(names, begins, ends):
         order = sorted(range(len(names)), key=lambda i: (begins[i], ends[i], names[i]))
         names = [names[i] for i in order]
         begins = array("q", [begins[i] for i in order])
         ends = array("q", [ends[i] for i in order])
+        dtypes = [dtypes[i] for i in order]
+        shapes = [shapes[i] for i in order]
     expected = 0
     for name, begin, end in zip(names, begins, ends, strict=True):
         if begin != expected:
@@ -305,7 +312,9 @@ def _layout(
             "after its header"
         )
     shift = base.__add__
-    return TensorMap(names, array("q", map(shift, begins)), array("q", map(shift, ends)))
+    return TensorMap(
+        names, array("q", map(shift, begins)), array("q", map(shift, ends)), dtypes, shapes
+    )
 
 
 def _in_order(names: list[str], begins: array[int], ends: array[int]) -> bool:

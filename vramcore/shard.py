@@ -28,18 +28,31 @@ from vramcore.validation import check_shard_id, clean_text, safe_repr
 __all__ = [
     "ATTESTATION_VERSION",
     "MAX_ATTESTATION_BYTES",
+    "MAX_SHAPE_DIMS",
+    "READABLE_ATTESTATION_VERSIONS",
     "SealedShard",
     "TensorMap",
     "TensorRange",
 ]
 
-ATTESTATION_VERSION = 1
+#: Version 2 records each tensor's dtype and shape (``[name, start, end, dtype, shape]``).
+#: Version 1 attestations (``[name, start, end]``, written before dtypes were recorded) are
+#: still read and their signatures still check (the signed map digest covers dtype and shape
+#: only when the map records them); their shards have no layout, so
+#: :meth:`vramcore.backend.DeviceBuffer.tensors` refuses them: reseal to serve from them.
+ATTESTATION_VERSION = 2
+#: The attestation versions :meth:`SealedShard.from_json` reads.
+READABLE_ATTESTATION_VERSIONS = (1, 2)
 #: Larger attestations are refused before parsing (a million-tensor map takes about 60 MB).
 MAX_ATTESTATION_BYTES = 256 << 20
 #: Longest tensor name accepted (the audit events carry names whole).
 MAX_TENSOR_NAME_CHARS = 1024
+#: Most dimensions a tensor may have (real models use at most a handful).
+MAX_SHAPE_DIMS = 64
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_DTYPE_NAME = re.compile(r"[A-Z0-9_]{1,16}")
 _MAX_OFFSET = (1 << 63) - 1
+_V2_ITEM = "[name, start, end, dtype, shape]"
 _ATTESTATION_FIELDS = frozenset(
     {
         "attestation_version",
@@ -59,11 +72,17 @@ _ATTESTATION_FIELDS = frozenset(
 
 @attrs.frozen
 class TensorRange:
-    """Where one tensor's bytes lie in the shard: ``[start, end)``."""
+    """Where one tensor's bytes lie in the shard, ``[start, end)``, and how to read them.
+
+    :attr dtype: the safetensors dtype name (``"BF16"``), ``None`` when not recorded.
+    :attr shape: the tensor's shape, ``None`` when not recorded.
+    """
 
     name: str
     start: int
     end: int
+    dtype: str | None = None
+    shape: tuple[int, ...] | None = None
 
     def overlaps(self, start: int, end: int) -> bool:
         """Whether this tensor shares a byte with ``[start, end)``."""
@@ -84,10 +103,43 @@ def check_tensor_name(name: object) -> str:
     return name
 
 
+def check_layout(name: str, dtype: object, shape: object) -> tuple[int, ...]:
+    """Check a tensor's recorded dtype and shape; return the shape as a tuple.
+
+    Structural checks only (a dtype name of ``[A-Z0-9_]``, at most :data:`MAX_SHAPE_DIMS`
+    non-negative dimensions): the dtype table and the byte count (``prod(shape)`` items fill
+    exactly ``nbytes``) are checked by the safetensors parser when the map is made and again
+    by :mod:`vramcore._tensors` before any view is made.
+
+    :raises InvalidInput: malformed dtype or shape.
+    """
+    if not isinstance(dtype, str) or not _DTYPE_NAME.fullmatch(dtype):
+        raise InvalidInput(f"tensor {safe_repr(name)} has a malformed dtype {safe_repr(dtype)}")
+    if (
+        not isinstance(shape, tuple | list)
+        or len(shape) > MAX_SHAPE_DIMS
+        or not all(
+            isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= _MAX_OFFSET for d in shape
+        )
+    ):
+        raise InvalidInput(f"tensor {safe_repr(name)} has a malformed shape {safe_repr(shape)}")
+    return tuple(shape)
+
+
 def _offset(value: object, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_OFFSET:
         raise InvalidInput(f"{what} must be an integer from 0 to 2**63-1, got {safe_repr(value)}")
     return value
+
+
+def _layout_columns(
+    n: int, dtypes: Sequence[str] | None, shapes: Sequence[Sequence[int]] | None
+) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...]] | None:
+    if dtypes is None and shapes is None:
+        return None
+    if dtypes is None or shapes is None or not len(dtypes) == len(shapes) == n:
+        raise InvalidInput("a tensor map records dtype and shape for every tensor or for none")
+    return tuple(dtypes), tuple(tuple(s) for s in shapes)
 
 
 class TensorMap(Sequence[TensorRange]):
@@ -96,18 +148,40 @@ class TensorMap(Sequence[TensorRange]):
     Behaves as a read-only sequence of :class:`TensorRange`, sorted by ``(start, end, name)``.
     Equality compares the columns, the hash and the signed :attr:`digest` are computed once.
     Build one with :meth:`from_ranges` (checks and sorts) or :func:`vramcore.safetensors`'s
-    parser.
+    parser. A map read from a safetensors header also records each tensor's dtype and shape
+    (:attr:`has_layout`); both are covered by the seal.
     """
 
-    __slots__ = ("__weakref__", "_digest", "_disjoint", "_ends", "_names", "_starts")
+    __slots__ = (
+        "__weakref__",
+        "_digest",
+        "_disjoint",
+        "_dtypes",
+        "_ends",
+        "_names",
+        "_shapes",
+        "_starts",
+    )
 
-    def __init__(self, names: Sequence[str], starts: Sequence[int], ends: Sequence[int]) -> None:
-        """Columns already sorted by ``(start, end, name)`` and checked; see :meth:`from_ranges`."""
+    def __init__(
+        self,
+        names: Sequence[str],
+        starts: Sequence[int],
+        ends: Sequence[int],
+        dtypes: Sequence[str] | None = None,
+        shapes: Sequence[Sequence[int]] | None = None,
+    ) -> None:
+        """Columns already sorted by ``(start, end, name)`` and checked; see :meth:`from_ranges`.
+
+        ``dtypes`` and ``shapes`` are given together (one per tensor) or not at all.
+        """
         if not len(names) == len(starts) == len(ends):
             raise InvalidInput("tensor map columns must have the same length")
+        layout = _layout_columns(len(names), dtypes, shapes)
         self._names = tuple(names)
         self._starts = array("q", starts)
         self._ends = array("q", ends)
+        self._dtypes, self._shapes = layout if layout is not None else (None, None)
         self._digest: bytes | None = None
         # Non-overlapping ranges in order have non-decreasing ends: bisect finds a byte's tensor.
         self._disjoint = all(map(int.__le__, self._ends[:-1], self._starts[1:]))
@@ -116,28 +190,46 @@ class TensorMap(Sequence[TensorRange]):
     def from_ranges(
         cls, ranges: Iterable[TensorRange | Sequence[Any]] | TensorMap | None
     ) -> TensorMap:
-        """Check and sort ``(name, start, end)`` items (or :class:`TensorRange` objects).
+        """Check and sort ``(name, start, end[, dtype, shape])`` items (or :class:`TensorRange`).
+
+        Either every item carries a dtype and shape or none does.
 
         :raises InvalidInput: a name is not printable text, an offset is not an integer,
-            ``start > end``, or a name appears twice.
+            ``start > end``, a name appears twice, a dtype or shape is malformed or does not
+            fit the byte range.
         """
         if isinstance(ranges, TensorMap):
             return ranges
-        items = []
+        items: list[tuple[int, int, str, str | None, tuple[int, ...] | None]] = []
         for item in ranges or ():
             if isinstance(item, TensorRange):
                 name, start, end = item.name, item.start, item.end
+                dtype, shape = item.dtype, item.shape
+            elif len(item) == 5:
+                name, start, end, dtype, shape = item
             else:
                 name, start, end = item
+                dtype, shape = None, None
             check_tensor_name(name)
             if _offset(start, "tensor start") > _offset(end, "tensor end"):
                 raise InvalidInput(f"tensor {safe_repr(name)} ends before it starts")
-            items.append((start, end, name))
-        items.sort()
-        names = [n for _s, _e, n in items]
+            if dtype is not None or shape is not None:
+                shape = check_layout(name, dtype, shape)
+            items.append((start, end, name, dtype, shape))
+        items.sort(key=lambda i: i[:3])
+        names = [i[2] for i in items]
         if len(set(names)) != len(names):
             raise InvalidInput("a tensor name appears twice in the tensor map")
-        return cls(names, [s for s, _e, _n in items], [e for _s, e, _n in items])
+        layout = [i for i in items if i[3] is not None]
+        if layout and len(layout) != len(items):
+            raise InvalidInput("a tensor map records dtype and shape for every tensor or for none")
+        return cls(
+            names,
+            [i[0] for i in items],
+            [i[1] for i in items],
+            [i[3] for i in items] if layout else None,  # type: ignore[misc]
+            [i[4] for i in items] if layout else None,  # type: ignore[misc]
+        )
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -145,11 +237,22 @@ class TensorMap(Sequence[TensorRange]):
         return self._names
 
     @property
+    def has_layout(self) -> bool:
+        """Whether the map records each tensor's dtype and shape (a non-empty map read from a
+        safetensors header does; one from a version-1 attestation does not)."""
+        return self._dtypes is not None and bool(self._names)
+
+    @property
     def digest(self) -> bytes:
         """SHA-256 of the map as the seal signs it (:func:`vramcore.seal.tensor_map_digest`)."""
         if self._digest is None:
             self._digest = tensor_map_digest(
-                (), names=self._names, starts=self._starts, ends=self._ends
+                (),
+                names=self._names,
+                starts=self._starts,
+                ends=self._ends,
+                dtypes=self._dtypes if self.has_layout else None,
+                shapes=self._shapes if self.has_layout else None,
             )
         return self._digest
 
@@ -164,11 +267,27 @@ class TensorMap(Sequence[TensorRange]):
 
     def __getitem__(self, index: int | slice) -> TensorRange | TensorMap:
         if isinstance(index, slice):
-            return TensorMap(self._names[index], self._starts[index], self._ends[index])
-        return TensorRange(self._names[index], self._starts[index], self._ends[index])
+            return TensorMap(
+                self._names[index],
+                self._starts[index],
+                self._ends[index],
+                None if self._dtypes is None else self._dtypes[index],
+                None if self._shapes is None else self._shapes[index],
+            )
+        if self._dtypes is None or self._shapes is None:
+            return TensorRange(self._names[index], self._starts[index], self._ends[index])
+        return TensorRange(
+            self._names[index],
+            self._starts[index],
+            self._ends[index],
+            self._dtypes[index],
+            self._shapes[index],
+        )
 
     def __iter__(self) -> Iterator[TensorRange]:
-        return map(TensorRange, self._names, self._starts, self._ends)
+        if self._dtypes is None or self._shapes is None:
+            return map(TensorRange, self._names, self._starts, self._ends)
+        return map(TensorRange, self._names, self._starts, self._ends, self._dtypes, self._shapes)
 
     def __eq__(self, other: object) -> bool:
         if self is other:
@@ -178,6 +297,8 @@ class TensorMap(Sequence[TensorRange]):
                 self._names == other._names
                 and self._starts == other._starts
                 and self._ends == other._ends
+                and self._dtypes == other._dtypes
+                and self._shapes == other._shapes
             )
         if isinstance(other, tuple | list):
             return len(other) == len(self) and all(a == b for a, b in zip(self, other, strict=True))
@@ -194,8 +315,16 @@ class TensorMap(Sequence[TensorRange]):
         return f"TensorMap({len(self)} tensors: {shown})"
 
     def to_list(self) -> list[list[Any]]:
-        """``[[name, start, end], ...]`` as the attestation writes it."""
-        return [list(t) for t in zip(self._names, self._starts, self._ends, strict=True)]
+        """``[[name, start, end, dtype, shape], ...]`` as the attestation writes it
+        (``[name, start, end]`` for a map without layout)."""
+        if self._dtypes is None or self._shapes is None:
+            return [list(t) for t in zip(self._names, self._starts, self._ends, strict=True)]
+        return [
+            [n, s, e, d, list(sh)]
+            for n, s, e, d, sh in zip(
+                self._names, self._starts, self._ends, self._dtypes, self._shapes, strict=True
+            )
+        ]
 
     def overlapping(self, ranges: Sequence[tuple[int, int]]) -> list[str]:
         """Names of the tensors sharing a byte with any of ``ranges`` (shard order, once each)."""
@@ -316,10 +445,21 @@ class SealedShard:
             f"{self.digest_alg} {self.digest[:16]}..."
         )
 
+    @property
+    def attestation_version(self) -> int:
+        """The version :meth:`to_json` writes: 2, or 1 for a shard read from a version-1
+        attestation (its tensor map has no dtypes and shapes), so it round-trips unchanged."""
+        if self.tensors and not self.tensors.has_layout:
+            return 1
+        return ATTESTATION_VERSION
+
     def to_dict(self, *, include_signature: bool = True) -> dict[str, Any]:
         """The attestation as plain JSON types."""
+        return self._to_dict(include_signature, self.attestation_version)
+
+    def _to_dict(self, include_signature: bool, version: int) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "attestation_version": ATTESTATION_VERSION,
+            "attestation_version": version,
             "shard_id": self.shard_id,
             "gpu_device": self.gpu_device,
             "vram_bytes": self.vram_bytes,
@@ -372,7 +512,12 @@ class SealedShard:
         if not isinstance(data, Mapping):
             raise InvalidInput("attestation must be a JSON object")
         shard = cls._from_mapping(data)
-        if shard.to_json().encode("utf-8") != raw:
+        canonical = json.dumps(
+            shard._to_dict(True, data["attestation_version"]),
+            sort_keys=True,
+            separators=(",", ":"),
+        )
+        if canonical.encode("utf-8") != raw:
             raise InvalidInput(
                 "attestation is not in canonical form (compact JSON, sorted keys, as to_json() "
                 "writes it); refusing a rewritten attestation"
@@ -382,10 +527,14 @@ class SealedShard:
     @classmethod
     def _from_mapping(cls, data: Mapping[str, Any]) -> SealedShard:
         version = data.get("attestation_version")
-        if isinstance(version, bool) or not isinstance(version, int) or version != 1:
+        if (
+            isinstance(version, bool)
+            or not isinstance(version, int)
+            or version not in READABLE_ATTESTATION_VERSIONS
+        ):
             raise InvalidInput(
-                f"unsupported attestation_version {safe_repr(version)}; "
-                f"this vramcore reads version {ATTESTATION_VERSION}"
+                f"unsupported attestation_version {safe_repr(version)}; this vramcore reads "
+                f"versions {', '.join(map(str, READABLE_ATTESTATION_VERSIONS))}"
             )
         unknown = sorted(str(k) for k in data if k not in _ATTESTATION_FIELDS)
         if unknown:
@@ -406,9 +555,10 @@ class SealedShard:
         raw_tensors = data["tensors"]
         if not isinstance(raw_tensors, list):
             raise InvalidInput("attestation field 'tensors' must be a list")
+        width, form = (3, "[name, start, end]") if version == 1 else (5, _V2_ITEM)
         for item in raw_tensors:
-            if not isinstance(item, list) or len(item) != 3:
-                raise InvalidInput("attestation field 'tensors' must hold [name, start, end] items")
+            if not isinstance(item, list) or len(item) != width:
+                raise InvalidInput(f"attestation field 'tensors' must hold {form} items")
         file_sha256 = data["file_sha256"]
         if file_sha256 is not None and (
             not isinstance(file_sha256, str) or not _HEX64.fullmatch(file_sha256)
