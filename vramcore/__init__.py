@@ -20,6 +20,7 @@ from vramcore._cli.commands import (
     UsageError,
 )
 from vramcore._context import correlate
+from vramcore._tensors import TensorView
 from vramcore.audit import AuditSink, AuditWitness, SinkContext
 from vramcore.backend import (
     AllocatorBackend,
@@ -29,6 +30,7 @@ from vramcore.backend import (
     DeviceDigest,
     DeviceInfo,
     MemoryKind,
+    TensorSource,
 )
 from vramcore.digest import DEFAULT_LEAF_SIZE, DIGEST_ALG
 from vramcore.hookspecs import hookimpl, hookspec
@@ -36,7 +38,7 @@ from vramcore.manager import VramManager
 from vramcore.plugins import get_plugin_manager
 from vramcore.policy import VramPolicy
 from vramcore.seal import WorkerToken
-from vramcore.shard import SealedShard, TensorRange
+from vramcore.shard import SealedShard, TensorMap, TensorRange
 
 __version__ = "0.1.0"
 
@@ -60,7 +62,10 @@ __all__ = [
     "MemoryKind",
     "SealedShard",
     "SinkContext",
+    "TensorMap",
     "TensorRange",
+    "TensorSource",
+    "TensorView",
     "UsageError",
     "VramManager",
     "VramPolicy",

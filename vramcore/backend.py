@@ -38,18 +38,27 @@ import abc
 import contextlib
 import enum
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import attrs
 
+from vramcore._dlpack import KDL_CPU, KDL_CUDA, DLDataType
+from vramcore._dlpack import export as dlpack_export
+from vramcore.errors import InvalidInput, NotSealed
+
 __all__ = [
+    "KDL_CPU",
+    "KDL_CUDA",
     "AllocatorBackend",
     "BackendSpec",
     "CopyHandle",
+    "DLDataType",
     "DeviceBuffer",
     "DeviceDigest",
     "DeviceInfo",
     "MemoryKind",
+    "TensorSource",
+    "dlpack_export",
 ]
 
 
@@ -150,6 +159,35 @@ class DeviceInfo:
         return out
 
 
+@runtime_checkable
+class TensorSource(Protocol):
+    """How a backend lets the core build tensor views of one allocation (its ``_tensors.py``).
+
+    Returned by :meth:`AllocatorBackend.tensor_source`; the core's
+    :class:`vramcore.TensorView` uses it for ``__dlpack__`` and for the backend's own array.
+    """
+
+    def dlpack_device(self) -> tuple[int, int]:
+        """``(DLPack device type, device ordinal)``: ``(1, 0)`` for host memory, ``(2, n)``
+        for CUDA device ``n``."""
+
+    def address(self) -> int:
+        """The allocation's first byte's address; raises
+        :class:`~vramcore.errors.NotSealed` once the allocation was freed. Never logged."""
+
+    def array(self, offset: int, dtype: str, shape: tuple[int, ...]) -> object:
+        """The backend's own zero-copy array (a NumPy or CuPy ndarray, a PyCUDA GPUArray) of
+        NumPy ``dtype`` and ``shape`` from byte ``offset``; raises once freed."""
+
+
+class TensorViews(Protocol):
+    """What the core attaches to a sealed shard's buffer to answer :meth:`DeviceBuffer.tensors`
+    (see :mod:`vramcore._tensors`)."""
+
+    def views(self, names: Sequence[str] | None) -> dict[str, Any]:
+        """Name -> view, for ``names`` or every tensor."""
+
+
 class DeviceBuffer:
     """A backend's allocation, as the rest of vramcore sees it.
 
@@ -161,19 +199,50 @@ class DeviceBuffer:
         kernels, never to logs.
     """
 
-    __slots__ = ("_native", "backend", "device", "freed", "nbytes")
+    __slots__ = ("_native", "_tensor_views", "backend", "device", "freed", "nbytes")
 
     def __init__(self, *, device: int, nbytes: int, backend: str, native: object) -> None:
         self.device = device
         self.nbytes = nbytes
         self.backend = backend
         self._native = native
+        self._tensor_views: TensorViews | None = None
         self.freed = False
 
     @property
     def native(self) -> object:
         """The backend's own buffer object (see the class docstring)."""
         return self._native
+
+    def attach_tensor_views(self, views: TensorViews) -> None:
+        """Called by the manager when the shard in this buffer is sealed (not for users)."""
+        self._tensor_views = views
+
+    def tensors(self, names: Sequence[str] | None = None) -> dict[str, Any]:
+        """The sealed shard's tensors: name -> zero-copy :class:`vramcore.TensorView`.
+
+        Each view has the tensor's dtype and shape (from the sealed, signed tensor map) and
+        exports ``__dlpack__``/``__dlpack_device__`` on every backend, so
+        ``torch.from_dlpack(view)`` shares the memory, BF16 and the 8-bit floats included;
+        ``view.array`` is the backend's own array (NumPy on the mock, CuPy on CuPy, a
+        ``GPUArray`` on PyCUDA). Take them inside ``VramManager.verified(shard)``: they are the
+        bytes just verified, and stay valid until the shard is deallocated.
+
+        :param names: only these tensors (default: all, in shard order).
+        :raises InvalidInput: the shard was not sealed from a safetensors file (or its map
+            records no dtypes, as before attestation version 2), a name is unknown, or a
+            tensor's dtype has no view (the sub-byte F4/F6 types).
+        :raises NotSealed: the buffer was deallocated.
+        :raises BackendUnavailable: the backend offers no tensor views.
+        """
+        if self.freed:
+            raise NotSealed("this shard was deallocated; its tensors can no longer be viewed")
+        if self._tensor_views is None:
+            raise InvalidInput(
+                "this buffer holds no sealed safetensors shard: tensors() needs a shard sealed "
+                "with seal_file() from a .safetensors file"
+            )
+        return self._tensor_views.views(names)
 
     def __repr__(self) -> str:
         state = " freed" if self.freed else ""
@@ -223,6 +292,11 @@ class AllocatorBackend(abc.ABC):
 
         Synchronous: ``out`` holds the bytes when this returns.
         """
+
+    def tensor_source(self, buf: DeviceBuffer) -> TensorSource | None:
+        """How to view ``buf``'s tensors zero-copy (:meth:`DeviceBuffer.tensors`), or ``None``
+        when this backend offers no tensor views (the default)."""
+        return None
 
     def host_view(self, buf: DeviceBuffer) -> memoryview | None:
         """A zero-copy host view of ``buf``'s bytes, when the backend's memory is host memory.

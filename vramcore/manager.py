@@ -39,6 +39,7 @@ from vramcore._emitter import Emitter
 from vramcore._hookutil import BUILTIN_PLUGIN, implementers
 from vramcore._loading import FileSource, MemorySource, Source, StagingFactory, StagingPool
 from vramcore._residency import Residency, Resident
+from vramcore._tensors import attach_tensor_views
 from vramcore._verification import (
     Problem,
     check_leaves,
@@ -399,6 +400,7 @@ class VramManager:
                 digest, file_sha256 = self._load(shard_id, buf, source)
                 op.attributes["leaf_count"] = digest.leaf_count
                 shard = self._sign(shard_id, buf, digest, source, file_sha256)
+                attach_tensor_views(buf, shard.tensors, self._backend)
                 self._emitter.sealed(shard)
             except BaseException as exc:
                 self._abandon(shard_id, nbytes, allocated[0] if allocated else None, exc)

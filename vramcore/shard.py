@@ -181,7 +181,10 @@ class TensorMap(Sequence[TensorRange]):
         self._names = tuple(names)
         self._starts = array("q", starts)
         self._ends = array("q", ends)
-        self._dtypes, self._shapes = layout if layout is not None else (None, None)
+        self._dtypes: tuple[str, ...] | None = None
+        self._shapes: tuple[tuple[int, ...], ...] | None = None
+        if layout is not None:
+            self._dtypes, self._shapes = layout
         self._digest: bytes | None = None
         # Non-overlapping ranges in order have non-decreasing ends: bisect finds a byte's tensor.
         self._disjoint = all(map(int.__le__, self._ends[:-1], self._starts[1:]))

@@ -25,6 +25,7 @@ from vramcore.errors import (
 )
 from vramcore_allocator_mock._config import FAITHFUL, FAULT_OPS, options_from_env
 from vramcore_allocator_mock._copies import CopyStream, MockCopyHandle, finished_handle
+from vramcore_allocator_mock._tensors import MockTensorSource
 
 _GARBAGE_BLOCK = 4096
 
@@ -415,6 +416,12 @@ class MockBackend(AllocatorBackend):
         self._fail("read")
         self._stream.drain()
         out[:] = alloc.view[offset : offset + out.nbytes]
+
+    def tensor_source(self, buf: DeviceBuffer) -> MockTensorSource:
+        """NumPy views over the allocation (see :mod:`vramcore_allocator_mock._tensors`)."""
+        with self._lock:
+            alloc = self._get(buf)
+        return MockTensorSource(buf, alloc)
 
     def host_view(self, buf: DeviceBuffer) -> memoryview | None:
         """The allocation's bytes, zero-copy (the mock's "VRAM" is host memory), after every
