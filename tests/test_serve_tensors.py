@@ -153,9 +153,7 @@ def test_views_are_refused_after_the_shard_is_deallocated(
     assert "deallocated" in repr(view)
 
 
-def test_raw_bytes_and_sub_byte_dtypes_have_no_views(
-    manager: VramManager, tmp_path: Path
-) -> None:
+def test_raw_bytes_and_sub_byte_dtypes_have_no_views(manager: VramManager, tmp_path: Path) -> None:
     raw = manager.seal_model(b"\x01" * 64)
     with manager.verified(raw) as buf, pytest.raises(InvalidInput, match="no sealed safetensors"):
         buf.tensors()
