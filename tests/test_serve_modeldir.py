@@ -1,0 +1,433 @@
+"""Model directories and publisher signatures, checked before anything is sealed, and sealing
+a directory: one shard per file, all or nothing, each file's SHA-256 checked as it is copied.
+
+Signatures are real: made by ``model_signing`` (the OpenSSF Model Signing library) with an EC
+key pair, verified by vramcore's own DSSE check.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import vramcore_allocator_mock as mock_plugin
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from vramcore import VramManager
+from vramcore._modeldir import scan_model_dir
+from vramcore._publisher import key_fingerprint, load_public_key, verify_bundle
+from vramcore._sealdir import SealDir, SealedModel
+from vramcore.errors import InsufficientVram, IntegrityViolation, InvalidInput
+from vramcore.safetensors import write_safetensors
+from vramcore.testing import TEST_TOKEN
+
+INDEX = "model.safetensors.index.json"
+
+
+def write_model(root: Path, *, index: bool = True) -> Path:
+    """A two-shard model with an index and a config, like a hub repository."""
+    root.mkdir(parents=True, exist_ok=True)
+    shards = {
+        "model-00001-of-00002.safetensors": {
+            "embed.weight": ("F32", [4, 2], bytes(range(32))),
+            "layers.0.weight": ("BF16", [2, 2], bytes(range(8))),
+        },
+        "model-00002-of-00002.safetensors": {
+            "layers.1.weight": ("F16", [3], bytes(range(6))),
+            "head.weight": ("U8", [5], b"abcde"),
+        },
+    }
+    weight_map = {}
+    for file, tensors in shards.items():
+        with (root / file).open("wb") as fh:
+            write_safetensors(fh, tensors)
+        weight_map.update(dict.fromkeys(tensors, file))
+    if index:
+        (root / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (root / "config.json").write_text('{"hidden_size": 2}')
+    return root
+
+
+def keypair(where: Path, name: str = "key") -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    private, public = where / f"{name}.pem", where / f"{name}.pub.pem"
+    private.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    public.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    return private, public
+
+
+def sign(model: Path, private_key: Path, signature: Path) -> None:
+    """Sign as a publisher does: ``model_signing sign key``."""
+    import model_signing
+
+    model_signing.signing.Config().use_elliptic_key_signer(private_key=private_key).sign(
+        model, signature
+    )
+
+
+# -- the directory ------------------------------------------------------------------------
+
+
+def test_an_indexed_directory_scans_to_its_shards(tmp_path: Path) -> None:
+    model = scan_model_dir(write_model(tmp_path / "m"))
+    assert model.index == INDEX
+    assert [s.name for s in model.shards] == [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ]
+    assert model.tensor_maps["model-00002-of-00002.safetensors"].names == (
+        "layers.1.weight",
+        "head.weight",
+    )
+
+
+def test_without_an_index_every_safetensors_file_is_a_shard(tmp_path: Path) -> None:
+    model = scan_model_dir(write_model(tmp_path / "m", index=False))
+    assert model.index is None and len(model.shards) == 2
+
+
+def _rewrite_index(root: Path, change: dict[str, object]) -> None:
+    index = json.loads((root / INDEX).read_text())
+    index["weight_map"].update(change)
+    (root / INDEX).write_text(json.dumps(index))
+
+
+def _case_missing_shard(root: Path) -> None:
+    (root / "model-00002-of-00002.safetensors").unlink()
+
+
+def _case_extra_tensor(root: Path) -> None:
+    _rewrite_index(root, {})
+    index = json.loads((root / INDEX).read_text())
+    del index["weight_map"]["head.weight"]
+    (root / INDEX).write_text(json.dumps(index))
+
+
+def _case_index_names_a_missing_tensor(root: Path) -> None:
+    _rewrite_index(root, {"ghost.weight": "model-00001-of-00002.safetensors"})
+
+
+def _case_duplicate_tensor(root: Path) -> None:
+    with (root / "model-00002-of-00002.safetensors").open("wb") as fh:
+        write_safetensors(fh, {"embed.weight": ("U8", [1], b"x"), "head.weight": ("U8", [1], b"y")})
+
+
+def _case_outside(root: Path) -> None:
+    (root.parent / "evil.safetensors").write_bytes(
+        (root / "model-00002-of-00002.safetensors").read_bytes()
+    )
+    _rewrite_index(root, {"layers.1.weight": "../evil.safetensors"})
+
+
+def _case_absolute(root: Path) -> None:
+    _rewrite_index(root, {"layers.1.weight": str(root / "model-00002-of-00002.safetensors")})
+
+
+def _case_symlink_escape(root: Path) -> None:
+    outside = root.parent / "elsewhere.safetensors"
+    (root / "model-00002-of-00002.safetensors").rename(outside)
+    os.symlink(outside, root / "model-00002-of-00002.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (_case_missing_shard, "the index names model-00002-of-00002.safetensors, which is missing"),
+        (_case_extra_tensor, "holds tensor 'head.weight' but the index does not list it"),
+        (_case_index_names_a_missing_tensor, "the index puts tensor 'ghost.weight' in"),
+        (
+            _case_duplicate_tensor,
+            "tensor 'embed.weight' is in model-00001-of-00002.safetensors and in",
+        ),
+        (_case_outside, "the index names ../evil.safetensors, a file outside the directory"),
+        (_case_absolute, "a file outside the directory"),
+        (_case_symlink_escape, "is a symlink leading outside the directory"),
+    ],
+)
+def test_bad_directories_are_refused_with_one_line(damage, message: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    root = write_model(tmp_path / "m")
+    damage(root)
+    with pytest.raises(IntegrityViolation) as caught:
+        scan_model_dir(root)
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value) and caught.value.reason == "model_dir"
+
+
+def test_a_duplicate_tensor_without_an_index_is_refused(tmp_path: Path) -> None:
+    root = write_model(tmp_path / "m", index=False)
+    _case_duplicate_tensor(root)
+    with pytest.raises(IntegrityViolation, match=r"'embed\.weight' is in"):
+        scan_model_dir(root)
+
+
+def test_a_symlink_inside_the_directory_is_followed(tmp_path: Path) -> None:
+    root = write_model(tmp_path / "m", index=False)
+    (root / "blobs").mkdir()
+    (root / "model-00002-of-00002.safetensors").rename(root / "blobs" / "b2")
+    os.symlink(root / "blobs" / "b2", root / "model-00002-of-00002.safetensors")
+    assert len(scan_model_dir(root).shards) == 2
+
+
+def test_not_a_model_directory(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match="is not a directory"):
+        scan_model_dir(write_model(tmp_path / "m") / "config.json")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InvalidInput, match=r"holds no \*.safetensors file"):
+        scan_model_dir(tmp_path / "empty")
+    with pytest.raises(InvalidInput, match="No such file"):
+        scan_model_dir(tmp_path / "nope")
+
+
+# -- the publisher's signature -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def signed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """A model signed with ``model_signing``: (model dir, its signature inside it, public key)."""
+    where = tmp_path_factory.mktemp("signed")
+    model = write_model(where / "tiny-model")
+    private, public = keypair(where)
+    sign(model, private, model / "model.sig")
+    return model, model / "model.sig", public
+
+
+@pytest.mark.slow
+def test_a_model_signing_bundle_verifies(signed: tuple[Path, Path, Path]) -> None:
+    model, signature, public = signed
+    manifest = verify_bundle(signature, public)
+    assert set(manifest.files) == {
+        "config.json",
+        INDEX,
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    }
+    import hashlib
+
+    for name, digest in manifest.files.items():
+        assert hashlib.sha256((model / name).read_bytes()).hexdigest() == digest
+    assert manifest.model_name == "tiny-model"
+    assert manifest.key_fingerprint == key_fingerprint(load_public_key(public))
+    bundle = json.loads(signature.read_text())
+    assert bundle["verificationMaterial"]["publicKey"]["hint"] == manifest.key_fingerprint
+    statement = json.loads(base64.b64decode(bundle["dsseEnvelope"]["payload"]))
+    assert statement["subject"][0]["digest"]["sha256"] == manifest.manifest_digest
+
+
+@pytest.mark.slow
+def test_a_wrong_key_is_refused(signed: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    _model, signature, _public = signed
+    _private, other = keypair(tmp_path, "other")
+    with pytest.raises(IntegrityViolation, match="signed with another key"):
+        verify_bundle(signature, other)
+    # Without the key hint, the ECDSA check itself refuses it.
+    bundle = json.loads(signature.read_text())
+    del bundle["verificationMaterial"]["publicKey"]["hint"]
+    stripped = tmp_path / "nohint.sig"
+    stripped.write_text(json.dumps(bundle))
+    with pytest.raises(IntegrityViolation, match="does not verify with this public key"):
+        verify_bundle(stripped, other)
+
+
+@pytest.mark.slow
+def test_a_rewritten_manifest_is_refused(signed: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    _model, signature, public = signed
+    bundle = json.loads(signature.read_text())
+    statement = json.loads(base64.b64decode(bundle["dsseEnvelope"]["payload"]))
+    statement["predicate"]["resources"][0]["digest"] = "0" * 64
+    bundle["dsseEnvelope"]["payload"] = base64.b64encode(json.dumps(statement).encode()).decode()
+    forged = tmp_path / "forged.sig"
+    forged.write_text(json.dumps(bundle))
+    with pytest.raises(IntegrityViolation, match="does not verify with this public key"):
+        verify_bundle(forged, public)
+
+
+def test_not_a_bundle_or_not_a_key_is_a_usage_error(tmp_path: Path) -> None:
+    _private, public = keypair(tmp_path)
+    junk = tmp_path / "junk.sig"
+    junk.write_text("not json")
+    with pytest.raises(InvalidInput, match="is not JSON"):
+        verify_bundle(junk, public)
+    junk.write_text('{"mediaType": "text/plain"}')
+    with pytest.raises(InvalidInput, match="not a Sigstore bundle"):
+        verify_bundle(junk, public)
+    with pytest.raises(InvalidInput, match="not a PEM public key"):
+        verify_bundle(junk, junk)
+    rsa_free = tmp_path / "ed.pem"
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    rsa_free.write_bytes(
+        ed25519.Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    with pytest.raises(InvalidInput, match="P-256, P-384 or P-521"):
+        verify_bundle(junk, rsa_free)
+
+
+# -- sealing a directory ----------------------------------------------------------------
+
+
+@pytest.fixture
+def manager() -> Iterator[VramManager]:
+    with VramManager(TEST_TOKEN, allocator=mock_plugin.MockBackend(), audit="disabled") as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def publisher(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(signed model dir, signature outside it, public key)."""
+    where = tmp_path_factory.mktemp("publisher")
+    model = write_model(where / "tiny-model")
+    private, public = keypair(where)
+    sign(model, private, where / "tiny-model.sig")
+    return model, where / "tiny-model.sig", public
+
+
+def _copy(publisher: tuple[Path, Path, Path], tmp_path: Path) -> tuple[Path, Path, Path]:
+    model, signature, public = publisher
+    target = tmp_path / model.name
+    shutil.copytree(model, target)
+    return target, signature, public
+
+
+def test_an_unsigned_directory_seals_one_shard_per_file(
+    manager: VramManager, tmp_path: Path
+) -> None:
+    sealed = SealDir(manager, write_model(tmp_path / "tiny-model")).run()
+    assert sealed.index == INDEX and sealed.publisher is None
+    assert list(sealed.files) == [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ]
+    assert [s.shard_id for s in sealed.shards] == [
+        "tiny-model:model-00001-of-00002.safetensors",
+        "tiny-model:model-00002-of-00002.safetensors",
+    ]
+    for shard in sealed.shards:
+        manager.verify_sealed(shard)
+    with manager.verified(sealed.files["model-00001-of-00002.safetensors"]) as buf:
+        assert buf.tensors()["layers.0.weight"].dtype == "BF16"
+    assert sealed.summary() == (
+        "sealed model tiny-model: 2 shard(s), 4 tensors, "
+        f"{sealed.vram_bytes} bytes, no publisher signature"
+    )
+    assert SealedModel.from_json(sealed.to_json()) == sealed
+
+
+@pytest.mark.slow
+def test_a_signed_directory_records_the_publisher(
+    manager: VramManager, publisher: tuple[Path, Path, Path]
+) -> None:
+    model, signature, public = publisher
+    sealed = SealDir(manager, model, signature=signature, public_key=public).run()
+    assert sealed.publisher is not None
+    from vramcore._publisher import verify_bundle
+
+    manifest = verify_bundle(signature, public)
+    assert sealed.publisher.key_fingerprint == manifest.key_fingerprint
+    assert sealed.publisher.manifest_digest == manifest.manifest_digest
+    for name, shard in sealed.files.items():
+        assert shard.file_sha256 == manifest.files[name]  # signed by the seal too
+    data = json.loads(sealed.to_json())
+    assert data["publisher"]["manifest_digest"] == manifest.manifest_digest
+    assert "signed by key " + manifest.key_fingerprint[:16] in sealed.summary()
+
+
+@pytest.mark.slow
+def test_a_signature_inside_the_directory_is_not_an_unsigned_file(
+    manager: VramManager, publisher: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    model, signature, public = _copy(publisher, tmp_path)
+    inside = model / "model.sig"
+    shutil.copy(signature, inside)
+    assert len(SealDir(manager, model, signature=inside, public_key=public).run().shards) == 2
+
+
+def _refused(manager: VramManager, model: Path, signature: Path, public: Path) -> str:
+    with pytest.raises(IntegrityViolation) as caught:
+        SealDir(manager, model, signature=signature, public_key=public).run()
+    assert manager.shards() == [] and manager.used_vram() == 0  # all or nothing
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.slow
+def test_an_unsigned_file_is_refused(
+    manager: VramManager, publisher: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    model, signature, public = _copy(publisher, tmp_path)
+    (model / "extra.py").write_text("print('hello')")
+    assert "extra.py is not covered by the publisher's signature" in _refused(
+        manager, model, signature, public
+    )
+
+
+@pytest.mark.slow
+def test_a_signature_over_another_model_is_refused(
+    manager: VramManager, publisher: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    _model, _signature, public = publisher
+    other = write_model(tmp_path / "other", index=False)
+    private = public.parent / "key.pem"
+    sign(other, private, tmp_path / "other.sig")
+    model, _, _ = _copy(publisher, tmp_path)
+    message = _refused(manager, model, tmp_path / "other.sig", public)
+    assert "is not covered by the publisher's signature" in message
+
+
+@pytest.mark.slow
+def test_a_directory_signed_with_another_key_is_refused(
+    manager: VramManager, publisher: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    model, signature, _public = publisher
+    _private, other = keypair(tmp_path, "other")
+    assert "signed with another key" in _refused(manager, model, signature, other)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", ["model-00002-of-00002.safetensors", "config.json"])
+def test_a_tampered_file_is_refused(
+    manager: VramManager, publisher: tuple[Path, Path, Path], tmp_path: Path, victim: str
+) -> None:
+    model, signature, public = _copy(publisher, tmp_path)
+    data = bytearray((model / victim).read_bytes())
+    data[-1] ^= 0x01  # a tensor byte: the header (and so the index check) is unchanged
+    (model / victim).write_bytes(bytes(data))
+    message = _refused(manager, model, signature, public)
+    assert f"{victim} does not match the SHA-256 the publisher signed" in message
+
+
+def test_signature_and_key_go_together(manager: VramManager, tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match="needs both signature and public_key"):
+        SealDir(manager, tmp_path, signature=tmp_path / "x.sig")
+
+
+def test_a_failed_shard_releases_the_shards_sealed_before_it(
+    manager: VramManager, tmp_path: Path
+) -> None:
+    root = write_model(tmp_path / "m", index=False)
+    with pytest.raises(InvalidInput, match="shard_prefix"):
+        SealDir(manager, root, shard_prefix="bad/prefix").run()
+    sizes = [p.stat().st_size for p in sorted(root.glob("*.safetensors"))]
+    backend = mock_plugin.MockBackend(capacity=sum(sizes) - 1)  # room for the first only
+    with VramManager(TEST_TOKEN, allocator=backend, audit="disabled") as small:
+        with pytest.raises(InsufficientVram):
+            SealDir(small, root).run()
+        assert small.shards() == [] and backend.live_allocations == 0
