@@ -24,6 +24,7 @@ __all__ = [
     "KDL_CPU",
     "KDL_CUDA",
     "DLDataType",
+    "capsule_tensor",
     "export",
     "live_exports",
 ]
@@ -151,3 +152,14 @@ def live_exports() -> int:
     """How many exports have not been released yet (tests read it)."""
     with _LOCK:
         return len(_LIVE)
+
+
+def capsule_tensor(capsule: Any) -> Any:
+    """The ``DLTensor`` inside an unconsumed ``"dltensor"`` capsule (for tests and debugging:
+    ``.data``, ``.device``, ``.ndim``, ``.dtype``, ``.shape[i]``). Keep the capsule alive while
+    reading it."""
+    get = ctypes.pythonapi.PyCapsule_GetPointer
+    get.restype = ctypes.c_void_p
+    get.argtypes = (ctypes.py_object, ctypes.c_char_p)
+    managed = ctypes.cast(get(capsule, _NAME), ctypes.POINTER(_DLManagedTensor))
+    return managed.contents.dl_tensor

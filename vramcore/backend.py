@@ -44,6 +44,7 @@ import attrs
 
 from vramcore._dlpack import KDL_CPU, KDL_CUDA, DLDataType
 from vramcore._dlpack import export as dlpack_export
+from vramcore._dlpack import live_exports as dlpack_live_exports
 from vramcore.errors import InvalidInput, NotSealed
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
     "MemoryKind",
     "TensorSource",
     "dlpack_export",
+    "dlpack_live_exports",
 ]
 
 

@@ -49,6 +49,7 @@ from vramcore_allocator_cupy._cuda import (
 )
 from vramcore_allocator_cupy._memory import DeviceMemory
 from vramcore_allocator_cupy._probe import device_info
+from vramcore_allocator_cupy._tensors import CupyTensorSource
 
 __all__ = ["BackendClosed", "CupyBackend"]
 
@@ -274,6 +275,10 @@ class CupyBackend(AllocatorBackend):
         if dev != rec.device and mem_type == MEMORY_DEVICE:
             return MemoryKind.UNKNOWN  # device memory, but not on the device we asked for
         return _KINDS.get(mem_type, MemoryKind.UNKNOWN)
+
+    def tensor_source(self, buf: DeviceBuffer) -> CupyTensorSource:
+        """CuPy views and DLPack of ``buf``'s tensors (:mod:`._tensors`)."""
+        return CupyTensorSource(self, self._record(buf))
 
     def memory_kind(self, buf: DeviceBuffer) -> MemoryKind:
         """Ask the driver, every time, where ``buf`` lives."""

@@ -12,6 +12,7 @@ import pytest
 from vramcore_allocator_pycuda import DriverApi, PyCudaBackend
 from vramcore_allocator_pycuda import _dlpack as dl
 
+from vramcore._dlpack import capsule_tensor
 from vramcore.errors import InvalidInput
 
 
@@ -54,11 +55,7 @@ def test_an_unconsumed_capsule_releases_its_export() -> None:
 
 
 def _tensor(capsule: Any) -> Any:
-    get = ctypes.pythonapi.PyCapsule_GetPointer
-    get.restype = ctypes.c_void_p
-    get.argtypes = (ctypes.py_object, ctypes.c_char_p)
-    managed = ctypes.cast(get(capsule, b"dltensor"), ctypes.POINTER(dl._DLManagedTensor))
-    return managed.contents.dl_tensor
+    return capsule_tensor(capsule)
 
 
 def test_a_shard_exports_cuda_memory(fake_api: DriverApi) -> None:

@@ -17,6 +17,7 @@ from ._copies import EventHandle, EventPool, PinnedPool
 from ._kernels import KernelCache, check_leaf_range, digest_allocation
 from ._native import PyCudaShard
 from ._probe import probe_device
+from ._tensors import PyCudaTensorSource
 
 __all__ = ["PyCudaBackend"]
 
@@ -187,6 +188,10 @@ class PyCudaBackend(AllocatorBackend):
                 raise
             raise driver_error(f"cuMemFree on GPU {buf.device}", exc) from None
         live.shard.release()
+
+    def tensor_source(self, buf: DeviceBuffer) -> PyCudaTensorSource:
+        """``GPUArray`` views and DLPack of ``buf``'s tensors (:mod:`._tensors`)."""
+        return PyCudaTensorSource(self._get(buf).shard)
 
     def memory_kind(self, buf: DeviceBuffer) -> MemoryKind:
         """The driver's pointer type for ``buf`` (``cuPointerGetAttribute``)."""
