@@ -16,11 +16,12 @@ import os
 from collections.abc import Sequence
 
 from vramcore import Commands
+from vramcore._heads import Head
 from vramcore.audit import AuditSink, AuditWitness, SinkContext
 from vramcore.hookspecs import hookimpl
 from vramcore_audit_chain._cli import add_commands
 from vramcore_audit_chain._config import ChainConfig, Durability
-from vramcore_audit_chain._head import TELEMETRY_HEAD_ATTRIBUTE, Anchor, Head, load_anchors
+from vramcore_audit_chain._head import TELEMETRY_HEAD_ATTRIBUTE, Anchor, AnchorSet, load_anchors
 from vramcore_audit_chain._keys import AuditorKey, load_key_file, load_public_key
 from vramcore_audit_chain._sink import ChainSink
 from vramcore_audit_chain._verify import REASONS, VerifyResult, verify_log
@@ -31,6 +32,7 @@ __all__ = [
     "REASONS",
     "TELEMETRY_HEAD_ATTRIBUTE",
     "Anchor",
+    "AnchorSet",
     "AuditorKey",
     "ChainConfig",
     "ChainSink",

@@ -26,6 +26,7 @@ from typing import Any
 
 import attrs
 
+from vramcore import _heads
 from vramcore.errors import ConfigError
 from vramcore.seal import derive_key
 
@@ -79,10 +80,8 @@ CHECKPOINT_SIGNING_PURPOSE = "audit_chain/checkpoint-signing-key"
 STATE_KEY_PURPOSE = "audit_chain/state-key"
 #: Domain separation prefix of the Ed25519 checkpoint signature.
 CHECKPOINT_SIG_PREFIX = b"vramcore-audit-checkpoint/2\n"
-#: Format tag of a head record (what the chain publishes to witnesses).
-HEAD_FORMAT = "vramcore-audit-head/1"
-#: Domain separation prefix of the Ed25519 head signature.
-HEAD_SIG_PREFIX = b"vramcore-audit-head/1\n"
+#: Format tag of a head (defined once in the core, :mod:`vramcore._heads`).
+HEAD_FORMAT = _heads.HEAD_FORMAT
 #: Domain separation prefix of the public key id.
 KEY_ID_PREFIX = b"vramcore-audit-chain/key-id\n"
 #: The ``prev`` of the genesis record.

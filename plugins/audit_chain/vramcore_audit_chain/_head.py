@@ -1,49 +1,46 @@
-"""Heads and anchors: what leaves the host, and what an auditor checks the log against.
+"""Anchors: what an auditor checks the log against, read from witness files in bounded memory.
 
-A **head** is the chain's state at one record: log id, sequence number, that record's MAC and
-epoch, a time, why it was published, the checkpoint public key, and an Ed25519 signature by the
-checkpoint key over all of it. The writer publishes one to every witness after each checkpoint,
-each critical event (``immediate``/``mixed``), each start and at close, once the record it names
-is durable.
+A **head** (defined once in the core, :mod:`vramcore._heads`) is the chain's state at one
+record, signed by the checkpoint key: the writer publishes one to every witness with each
+durable commit. An **anchor** is a head kept off the host, or a checkpoint saved from the log:
+the log must still contain that record and extend past it, or records were removed.
 
-An **anchor** is a head kept off the host, or a checkpoint saved from the log: the log must
-still contain that record and extend past it, or records were removed. :func:`load_anchors`
-finds anchors in witness files, in saved checkpoint lines or ``vramcore audit show --json``
-output, and in exported OpenTelemetry data that carries heads (the tracing plugin's witness).
+:func:`load_anchors` reads witness files, saved checkpoint lines or ``vramcore audit show
+--json`` output, and exported OpenTelemetry data, streamed. It keeps, per log, only the newest
+few anchors (by sequence number) and the last thing of that log in each file, plus counts:
+the newest authentic head proves everything an older one would (a log that holds the newest
+head's record holds every record before it, by the chain's links and, for a verifier with only
+the public key, by the head's signed segment hash and the checkpoints' ones). Nothing is
+dropped silently: heads of other logs, replayed older heads, heads this log did not sign, and
+torn or corrupted lines are counted and reported, and a file whose last line about this log
+cannot be used fails the verification (the head it held was needed).
 """
 
 from __future__ import annotations
 
-import json
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from vramcore._heads import HEAD_ATTRIBUTE, Head, HeadScan
 from vramcore.errors import ConfigError
 from vramcore_audit_chain import _format as fmt
 
-__all__ = [
-    "HEAD_REASONS",
-    "TELEMETRY_HEAD_ATTRIBUTE",
-    "Anchor",
-    "Head",
-    "head_json",
-    "load_anchors",
-    "sign_head",
-]
+__all__ = ["TELEMETRY_HEAD_ATTRIBUTE", "Anchor", "AnchorSet", "LogAnchors", "load_anchors"]
 
-#: Why a head was published.
-HEAD_REASONS = frozenset({"open", "checkpoint", "critical", "close"})
-#: The telemetry attribute that carries a head as JSON text (set by vramcore-audit-tracing).
-TELEMETRY_HEAD_ATTRIBUTE = "vramcore.audit.chain_head"
-
-_HEAD_KEYS = frozenset({"format", "log_id", "seq", "epoch", "mac", "ts", "reason", "public_key"})
-_MAX_WHOLE_DOCUMENT = 16 * 1024 * 1024
-_MAX_WALK_NODES = 1_000_000
+#: The telemetry attribute that carries a head (the core's :data:`vramcore._heads.HEAD_ATTRIBUTE`).
+TELEMETRY_HEAD_ATTRIBUTE = HEAD_ATTRIBUTE
+#: How many of the newest anchors of each log are kept (more than one, so that a few forged
+#: heads with high sequence numbers cannot hide the newest authentic one).
+KEEP_NEWEST = 16
+_MAX_IDS = 10_000
+_LOG_ID = re.compile(rb'"log_id\\?"\s*:\s*\\?"([0-9a-f]{32})')
+_PUBLIC = re.compile(rb'"public_key\\?"\s*:\s*\\?"([0-9a-f]{64})')
 
 
 def _hex(value: object, length: int) -> bool:
@@ -55,108 +52,14 @@ def _count(value: object) -> bool:
 
 
 @attrs.frozen(kw_only=True)
-class Head:
-    """A signed statement of where a log stood: ``seq`` is the last record, ``mac`` its MAC.
-
-    :attr sig: the Ed25519 signature (hex) by the log's checkpoint key over
-        ``"vramcore-audit-head/1\\n" || canonical_json(every other member)``.
-    """
-
-    log_id: str
-    seq: int
-    epoch: int
-    mac: str
-    ts: str
-    reason: str
-    public_key: str
-    sig: str = attrs.field(repr=False)
-
-    def unsigned(self) -> dict[str, Any]:
-        """Every member but ``sig`` (what the signature covers), with the format tag."""
-        return {
-            "format": fmt.HEAD_FORMAT,
-            "log_id": self.log_id,
-            "seq": self.seq,
-            "epoch": self.epoch,
-            "mac": self.mac,
-            "ts": self.ts,
-            "reason": self.reason,
-            "public_key": self.public_key,
-        }
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON form a witness keeps."""
-        return {**self.unsigned(), "sig": self.sig}
-
-    def message(self) -> bytes:
-        """The bytes the signature covers."""
-        return fmt.HEAD_SIG_PREFIX + fmt.canonical_json(self.unsigned()).encode("ascii")
-
-    def signed_by(self, public: Ed25519PublicKey) -> bool:
-        """Whether ``public`` made the signature."""
-        try:
-            public.verify(bytes.fromhex(self.sig), self.message())
-        except (InvalidSignature, ValueError):
-            return False
-        return True
-
-    @classmethod
-    def from_mapping(cls, value: object) -> Head | None:
-        """A head from its JSON form; ``None`` if any member is missing, extra or malformed."""
-        if not isinstance(value, Mapping) or set(value) != {*_HEAD_KEYS, "sig"}:
-            return None
-        if value["format"] != fmt.HEAD_FORMAT or value["reason"] not in HEAD_REASONS:
-            return None
-        if not (_count(value["seq"]) and _count(value["epoch"])):
-            return None
-        if not (_hex(value["log_id"], 32) and _hex(value["mac"], 64)):
-            return None
-        if not (_hex(value["public_key"], 64) and _hex(value["sig"], 128)):
-            return None
-        if not isinstance(value["ts"], str) or len(value["ts"]) > 40:
-            return None
-        return cls(
-            log_id=value["log_id"],
-            seq=value["seq"],
-            epoch=value["epoch"],
-            mac=value["mac"],
-            ts=value["ts"],
-            reason=value["reason"],
-            public_key=value["public_key"],
-            sig=value["sig"],
-        )
-
-
-def sign_head(
-    signer: Ed25519PrivateKey,
-    *,
-    log_id: str,
-    seq: int,
-    epoch: int,
-    mac: str,
-    reason: str,
-    public_key: str,
-) -> Head:
-    """Make and sign the head of a log at record ``seq``."""
-    draft = Head(
-        log_id=log_id,
-        seq=seq,
-        epoch=epoch,
-        mac=mac,
-        ts=fmt.utc_now_text(),
-        reason=reason,
-        public_key=public_key,
-        sig="",
-    )
-    return attrs.evolve(draft, sig=signer.sign(draft.message()).hex())
-
-
-@attrs.frozen(kw_only=True)
 class Anchor:
     """A record the log must contain (and extend), with the signature that vouches for it.
 
     :attr kind: ``"head"`` (a witness's head) or ``"checkpoint"`` (a saved checkpoint).
+    :attr segment: for a head, the SHA-256 of the log's records from the last checkpoint up to
+        and including this one (signed): it authenticates them without the MAC key.
     :attr source: where it came from (``file:line``), for messages.
+    :attr line: ``(file index, line)`` among the anchor files, for ordering within a file.
     """
 
     kind: str
@@ -166,7 +69,9 @@ class Anchor:
     mac: str
     ts: str
     source: str
+    segment: str | None = None
     public_key: str | None = None
+    line: tuple[int, int] = (0, 0)
     message: bytes = attrs.field(repr=False)
     sig: bytes = attrs.field(repr=False)
 
@@ -179,7 +84,7 @@ class Anchor:
         return True
 
     @classmethod
-    def from_head(cls, head: Head, source: str) -> Anchor:
+    def from_head(cls, head: Head, source: str, line: tuple[int, int] = (0, 0)) -> Anchor:
         """An anchor from a witness's head."""
         return cls(
             kind="head",
@@ -189,14 +94,23 @@ class Anchor:
             mac=head.mac,
             ts=head.ts,
             source=source,
+            segment=head.segment,
             public_key=head.public_key,
+            line=line,
             message=head.message(),
             sig=bytes.fromhex(head.sig),
         )
 
     @classmethod
     def from_checkpoint(
-        cls, seq: int, epoch: int, prev: str, data: Mapping[str, Any], mac: str, source: str
+        cls,
+        seq: int,
+        epoch: int,
+        prev: str,
+        data: Mapping[str, Any],
+        mac: str,
+        source: str,
+        line: tuple[int, int] = (0, 0),
     ) -> Anchor | None:
         """An anchor from a checkpoint record (``None`` if it is not a well-formed one)."""
         if not _hex(mac, 64) or not _hex(prev, 64) or not _count(seq) or not _count(epoch):
@@ -217,136 +131,211 @@ class Anchor:
             mac=mac,
             ts=str(fields["ts"])[:40],
             source=source,
+            line=line,
             message=fmt.checkpoint_message(signed),
             sig=sig,
         )
 
 
-def load_anchors(paths: Sequence[str | Path]) -> list[Anchor]:
-    """Every anchor in ``paths``: witness files, saved checkpoints, exported telemetry.
+@attrs.define
+class _Bad:
+    """An unusable line: where, and which logs it may have been about."""
+
+    source: str
+    line: tuple[int, int]
+    what: str
+
+
+@attrs.define
+class LogAnchors:
+    """What the anchor files hold about one log (see :meth:`AnchorSet.for_log`).
+
+    :attr newest: the newest anchors kept (highest ``seq`` first), signatures not yet checked.
+    :attr found: how many anchors of this log the files hold.
+    :attr replayed: heads that came after a newer head of this log in the same file.
+    :attr last_bad: per anchor file, the last thing about this log when it is unusable (a torn
+        or corrupted line naming it, a head with a broken signature): the head it held was
+        needed. Set by :meth:`AnchorSet.for_log`.
+    """
+
+    newest: list[Anchor] = attrs.field(factory=list)
+    found: int = 0
+    replayed: int = 0
+    last_bad: list[str] = attrs.field(factory=list)
+    forged: int = 0
+
+
+class AnchorSet:
+    """The anchors in some files, read once and kept in bounded memory.
+
+    Holds, per log: the :data:`KEEP_NEWEST` newest anchors, how many there were, and how many
+    were replayed; per file: the last anchor of each log and the last unusable line naming each
+    log id or public key. Counts every line it could not use.
+
+    :raises ConfigError: a file cannot be read (named), or holds no anchor at all.
+    """
+
+    def __init__(self, paths: Sequence[str | Path]) -> None:
+        self.paths = [Path(p) for p in paths]
+        self._logs: dict[str, LogAnchors] = {}
+        self._last_in_file: dict[tuple[int, str], Anchor] = {}
+        self._last_by_key: dict[tuple[int, str], Anchor] = {}
+        self._max_seq_in_file: dict[tuple[int, str], int] = {}
+        self._bad_by_id: dict[tuple[int, str], _Bad] = {}
+        #: lines (or parts of documents) that could not be used, over all files.
+        self.unusable = 0
+        #: heads found, over all logs and files.
+        self.total = 0
+        for index, path in enumerate(self.paths):
+            before = self.total
+            try:
+                self._read(index, path)
+            except OSError as exc:
+                raise ConfigError(
+                    f"--anchor {path}: cannot be read ({exc.strerror or exc}); give the auditor "
+                    "read access to the witness file"
+                ) from None
+            if self.total == before:
+                raise ConfigError(
+                    f"--anchor {path}: no chain head or checkpoint found in it (give a witness "
+                    "file, a saved checkpoint line, `audit show --json` output or exported "
+                    "telemetry)"
+                )
+
+    def __len__(self) -> int:
+        return self.total
+
+    def __iter__(self) -> Iterator[Anchor]:
+        """The anchors kept (the newest of each log)."""
+        for entry in self._logs.values():
+            yield from entry.newest
+
+    @property
+    def log_ids(self) -> set[str]:
+        """Every log the files hold anchors of."""
+        return set(self._logs)
+
+    def _read(self, index: int, path: Path) -> None:
+        scan = HeadScan(path, match=_checkpoint_in_object)
+        for found in scan:
+            line = (index, _line_no(found.source))
+            if found.kind == "head" and found.head is not None:
+                self._add(Anchor.from_head(found.head, found.source, line))
+            elif found.kind == "match":
+                anchor = found.value
+                if isinstance(anchor, Anchor):
+                    self._add(attrs.evolve(anchor, source=found.source, line=line))
+                else:
+                    self._bad(index, line, found.source, found.text, "a malformed checkpoint")
+            elif found.kind == "bad_head":
+                self._bad(index, line, found.source, found.text, "a malformed chain head")
+            else:
+                self._bad(index, line, found.source, found.text, "a torn or corrupted line")
+
+    def _add(self, anchor: Anchor) -> None:
+        self.total += 1
+        entry = self._logs.get(anchor.log_id)
+        if entry is None:
+            if len(self._logs) >= _MAX_IDS:
+                raise ConfigError(
+                    f"--anchor {anchor.source}: heads of more than {_MAX_IDS} logs; give the "
+                    "auditor the witness of the logs they verify"
+                )
+            entry = self._logs[anchor.log_id] = LogAnchors()
+        entry.found += 1
+        key = (anchor.line[0], anchor.log_id)
+        if anchor.seq < self._max_seq_in_file.get(key, -1):
+            entry.replayed += 1
+        self._max_seq_in_file[key] = max(anchor.seq, self._max_seq_in_file.get(key, -1))
+        self._last_in_file[key] = anchor
+        if anchor.public_key is not None and (
+            len(self._last_by_key) < _MAX_IDS
+            or (anchor.line[0], anchor.public_key) in self._last_by_key
+        ):
+            self._last_by_key[(anchor.line[0], anchor.public_key)] = anchor
+        newest = entry.newest
+        if len(newest) < KEEP_NEWEST or anchor.seq > newest[-1].seq:
+            newest.append(anchor)
+            newest.sort(key=lambda a: a.seq, reverse=True)
+            del newest[KEEP_NEWEST:]
+
+    def _bad(self, index: int, line: tuple[int, int], source: str, text: bytes, what: str) -> None:
+        self.unusable += 1
+        ids = {m.decode() for m in _LOG_ID.findall(text[: fmt.MAX_LINE])}
+        ids |= {m.decode() for m in _PUBLIC.findall(text[: fmt.MAX_LINE])}
+        for found_id in ids:
+            if len(self._bad_by_id) < _MAX_IDS or (index, found_id) in self._bad_by_id:
+                self._bad_by_id[(index, found_id)] = _Bad(source, line, what)
+
+    def for_log(self, log_id: str, public: Ed25519PublicKey, public_hex: str) -> LogAnchors:
+        """What the files hold about ``log_id``, whose checkpoint key is ``public``.
+
+        Checks the signature of the last anchor of this log in each file; a file whose last
+        line about this log is unusable (torn, corrupted, or a head this key did not sign)
+        is listed in ``last_bad``.
+        """
+        entry = self._logs.get(log_id, LogAnchors())
+        out = LogAnchors(
+            newest=list(entry.newest), found=entry.found, replayed=entry.replayed, forged=0
+        )
+        for index in range(len(self.paths)):
+            last = self._last_in_file.get((index, log_id))
+            bad = [
+                b
+                for b in (
+                    self._bad_by_id.get((index, log_id)),
+                    self._bad_by_id.get((index, public_hex)),
+                )
+                if b is not None
+            ]
+            # A head with this log's key but another log id that its key did not sign: this
+            # log's head with its log id corrupted.
+            keyed = self._last_by_key.get((index, public_hex))
+            if (
+                keyed is not None
+                and keyed.log_id != log_id
+                and (last is None or keyed.line > last.line)
+                and not keyed.signed_by(public)
+            ):
+                bad.append(_Bad(keyed.source, keyed.line, "a head whose log id was altered"))
+            worst = max(bad, key=lambda b: b.line, default=None)
+            if worst is not None and (last is None or worst.line > last.line):
+                out.last_bad.append(f"{worst.source} ({worst.what})")
+            elif last is not None and not last.signed_by(public):
+                out.forged += 1
+                out.last_bad.append(f"{last.source} (a head this log's key did not sign)")
+        return out
+
+
+def load_anchors(paths: Sequence[str | Path]) -> AnchorSet:
+    """The anchors in ``paths``: witness files, saved checkpoints, exported telemetry.
 
     A file may be NDJSON (one head, record line or telemetry record per line; lines that hold
     no anchor are skipped) or one JSON document (``audit show --json`` output, an exported span
     or log batch). Heads are found wherever they are nested, including as the
     :data:`TELEMETRY_HEAD_ATTRIBUTE` attribute in plain or OTLP/JSON form.
 
-    :raises ConfigError: a file is unreadable, not a regular file, or holds no anchor; or a
-        thing that claims to be a head is malformed.
+    :raises ConfigError: a file is unreadable (named), not a regular file, or holds no anchor.
     """
-    anchors: list[Anchor] = []
-    for raw in paths:
-        path = Path(raw)
-        found = list(_anchors_in_file(path))
-        if not found:
-            raise ConfigError(
-                f"--anchor {path}: no chain head or checkpoint found in it (give a witness "
-                "file, a saved checkpoint line, `audit show --json` output or exported telemetry)"
-            )
-        anchors.extend(found)
-    return anchors
+    return AnchorSet(paths)
 
 
-def _anchors_in_file(path: Path) -> Iterator[Anchor]:
-    with fmt.open_regular(path) as f:
-        head = f.read(_MAX_WHOLE_DOCUMENT + 1)
-        if len(head) <= _MAX_WHOLE_DOCUMENT and head.lstrip()[:1] in (b"{", b"["):
-            try:
-                document = fmt.loads_bounded(head)
-            except (ValueError, UnicodeDecodeError):
-                document = None  # NDJSON, handled line by line below
-            if document is not None:
-                yield from _walk(document, f"{path}")
-                return
-        f.seek(0)
-        for lineno, line in enumerate(_bounded_lines(f, path), 1):
-            yield from _anchors_in_line(line.strip(), f"{path}:{lineno}")
+def _line_no(source: str) -> int:
+    _, _, tail = source.rpartition(":")
+    return int(tail) if tail.isdigit() else 0
 
 
-def _bounded_lines(f: Any, path: Path) -> Iterator[bytes]:
-    while True:
-        line: bytes = f.readline(fmt.MAX_LINE + 1)
-        if not line:
-            return
-        if len(line) > fmt.MAX_LINE:
-            raise ConfigError(f"--anchor {path}: a line is longer than {fmt.MAX_LINE} bytes")
-        yield line
-
-
-def _anchors_in_line(line: bytes, source: str) -> Iterator[Anchor]:
-    if not line:
-        return
-    rec = fmt.parse_line(line)
-    if rec is not None:
-        if rec.type == fmt.CHECKPOINT:
-            data = fmt.checkpoint_data(rec.body)
-            anchor = None
-            if data is not None:
-                anchor = Anchor.from_checkpoint(
-                    rec.seq, rec.epoch, rec.prev, data, rec.mac.decode("ascii"), source
-                )
-            if anchor is None:
-                raise ConfigError(f"--anchor {source}: a malformed checkpoint record")
-            yield anchor
-        return
-    try:
-        value = fmt.loads_bounded(line)
-    except (ValueError, UnicodeDecodeError):
-        return  # not JSON: not an anchor (telemetry files may hold other text)
-    yield from _walk(value, source)
-
-
-def _walk(value: Any, source: str) -> Iterator[Anchor]:
-    """Anchors anywhere inside a parsed JSON value (iterative: no recursion on input)."""
-    stack: list[Any] = [value]
-    seen = 0
-    while stack:
-        node = stack.pop()
-        seen += 1
-        if seen > _MAX_WALK_NODES:
-            raise ConfigError(f"--anchor {source}: too large to search for chain heads")
-        if isinstance(node, list):
-            stack.extend(reversed(node))
-            continue
-        if not isinstance(node, dict):
-            continue
-        anchor = _anchor_in_object(node, source)
-        if anchor is not None:
-            yield anchor
-            continue
-        stack.extend(reversed(list(node.values())))
-
-
-def _anchor_in_object(node: dict[str, Any], source: str) -> Anchor | None:
-    if node.get("format") == fmt.HEAD_FORMAT:
-        head = Head.from_mapping(node)
-        if head is None:
-            raise ConfigError(f"--anchor {source}: a malformed chain head")
-        return Anchor.from_head(head, source)
-    text = node.get(TELEMETRY_HEAD_ATTRIBUTE)
-    if text is None and node.get("key") == TELEMETRY_HEAD_ATTRIBUTE:
-        value = node.get("value")  # OTLP/JSON: {"key": ..., "value": {"stringValue": ...}}
-        text = value.get("stringValue") if isinstance(value, dict) else None
-    if isinstance(text, str):
-        try:
-            head = Head.from_mapping(fmt.loads_bounded(text))
-        except ValueError:
-            head = None
-        if head is None:
-            raise ConfigError(f"--anchor {source}: a malformed chain head in telemetry")
-        return Anchor.from_head(head, source)
-    if node.get("type") == fmt.CHECKPOINT and {"seq", "epoch", "prev", "data", "mac"} <= set(node):
-        data = node["data"]
-        anchor = None
-        if isinstance(data, dict) and set(data) == {*fmt.CHECKPOINT_DATA_FIELDS, "sig"}:
-            anchor = Anchor.from_checkpoint(
-                node["seq"], node["epoch"], node["prev"], data, node["mac"], source
-            )
-        if anchor is None:
-            raise ConfigError(f"--anchor {source}: a malformed checkpoint record")
-        return anchor
-    return None
-
-
-def head_json(head: Head) -> str:
-    """The canonical JSON text of a head (one witness line, one telemetry attribute)."""
-    return json.dumps(head.to_dict(), sort_keys=True, separators=(",", ":"))
+def _checkpoint_in_object(node: dict[str, Any]) -> Anchor | str | None:
+    """A checkpoint record (a saved log line, or ``audit show --json`` output) as an anchor;
+    ``"bad"`` for one that is malformed; ``None`` for anything else."""
+    if node.get("type") != fmt.CHECKPOINT or not {"seq", "epoch", "prev", "data", "mac"} <= set(
+        node
+    ):
+        return None
+    data = node["data"]
+    anchor = None
+    if isinstance(data, dict) and set(data) == {*fmt.CHECKPOINT_DATA_FIELDS, "sig"}:
+        anchor = Anchor.from_checkpoint(
+            node["seq"], node["epoch"], node["prev"], data, node["mac"], ""
+        )
+    return anchor if anchor is not None else "bad"

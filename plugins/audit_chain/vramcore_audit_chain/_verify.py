@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from vramcore.errors import ConfigError
 from vramcore_audit_chain import _format as fmt
-from vramcore_audit_chain._head import Anchor
+from vramcore_audit_chain._head import Anchor, AnchorSet
 from vramcore_audit_chain._keys import public_key_hex
 
 __all__ = ["REASONS", "VerifyResult", "collect_log_files", "verify_log"]
@@ -56,6 +56,11 @@ REASONS: dict[str, str] = {
     "checkpoint) says, or looks complete but ends before it: history was rolled back",
     "truncated_after_anchor": "the log ends before an anchor: records a witness saw were cut "
     "from its tail",
+    "anchor_mismatch": "the records up to an anchor differ from what its signed segment hash "
+    "says: records since the last checkpoint were altered",
+    "anchor_unreadable": "the last thing an anchor file holds about this log is torn, corrupted "
+    "or not signed by it: the head it held, which the verdict needs, cannot be read",
+    "unreadable": "a log file could not be read",
 }
 
 _HEX = b"0123456789abcdef"
@@ -86,6 +91,15 @@ class VerifyResult:
         given ends with a rotate checkpoint and the log goes on in the next).
     :attr anchors: how many anchors the log was checked against (it reaches all of them).
     :attr head: the MAC of the last record (with ``log_id`` and ``records``, a head to keep).
+    :attr authenticated_through: the last record whose bytes are authenticated: every record in
+        full mode; in public-key mode the last checkpoint, or a later anchor (a signed head
+        whose segment hash covers the records since that checkpoint).
+    :attr unauthenticated: records after ``authenticated_through`` (public-key mode only: they
+        are checked for form only, and anyone could have written them).
+    :attr anchor_report: what the anchor files held about this log: anchors ``found``,
+        ``replayed`` older heads, ``forged`` heads this log did not sign, ``other_logs``
+        (anchors of other logs), ``unusable`` lines (over all files).
+    :attr warnings: things an auditor must know that do not make the log fail.
     """
 
     ok: bool
@@ -108,6 +122,10 @@ class VerifyResult:
     partial: bool = False
     anchors: int = 0
     head: str | None = None
+    authenticated_through: int = -1
+    unauthenticated: int = 0
+    anchor_report: dict[str, int] = attrs.field(factory=dict)
+    warnings: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -123,12 +141,13 @@ class VerifyResult:
                     + ("" if self.closed else ", continued in the next file")
                 )
             if self.anchors:
-                state += f"; reaches all {self.anchors} anchor(s)"
-            return (
+                state += f"; reaches its newest anchor (of {self.anchors})"
+            text = (
                 f"OK ({self.mode}): {self.records} records in {self.files} file(s), "
                 f"{self.checkpoints} checkpoints, {self.epochs} epochs, {self.sessions} "
                 f"session(s), {self.recoveries} recovery(ies); {state}; log {self.log_id}"
             )
+            return "\n".join([text, *(f"WARNING: {w}" for w in self.warnings)])
         where = f"{self.file}:{self.line}" if self.file else "log"
         seq = f" (seq {self.seq})" if self.seq is not None else ""
         return f"FAILED ({self.mode}): {self.reason} at {where}{seq}: {self.detail}"
@@ -177,7 +196,7 @@ def verify_log(
     public_key: Ed25519PublicKey | None = None,
     expected_log_id: str | None = None,
     allow_open: bool = False,
-    anchors: Sequence[Anchor] = (),
+    anchors: AnchorSet | Sequence[Anchor] = (),
     log_id: str | None = None,
 ) -> VerifyResult:
     """Verify the log in ``paths`` (files or directories).
@@ -194,27 +213,29 @@ def verify_log(
         other logs are ignored.
     :param log_id: the log this must be (``wrong_log`` otherwise); required when the anchors
         name more than one log.
-    :raises ConfigError: no key given, no log files found, a file that is not a regular file,
-        anchors of several logs without ``log_id``, or an anchor this log did not sign.
+    :raises ConfigError: no key given, no log files found, a file that cannot be read or is
+        not a regular file (the message names it), anchors of several logs without ``log_id``.
     """
     if initial_key is None and public_key is None:
         raise ConfigError("give the auditor's initial key (full) or the public key (checkpoints)")
     if log_id is not None and not re.fullmatch(r"[0-9a-f]{32}", log_id):
         raise ConfigError("--log-id must be a log id: 32 lowercase hex digits")
-    named = {a.log_id for a in anchors}
+    named = anchors.log_ids if isinstance(anchors, AnchorSet) else {a.log_id for a in anchors}
     if log_id is None and len(named) > 1:
         raise ConfigError(
             f"the anchors name {len(named)} different logs; say which one this is with "
             "--log-id (its genesis log_id, from the witness or the key file)"
         )
     files, explicit = _collect(paths)
-    for path in files:  # refuse a device or FIFO before reading anything
+    for path in files:  # refuse a device, a FIFO or an unreadable file before reading anything
         with fmt.open_regular(path):
             pass
     v = _Verifier(files, initial_key, public_key, expected_log_id, allow_open)
     v.explicit = explicit
     v.pinned_log_id = log_id
-    v.all_anchors = list(anchors)
+    v.anchor_set = anchors if isinstance(anchors, AnchorSet) else None
+    v.all_anchors = [] if isinstance(anchors, AnchorSet) else list(anchors)
+    v.anchor_names = named
     return v.run()
 
 
@@ -237,6 +258,15 @@ class _Verifier:
         self.explicit = False
         self.pinned_log_id: str | None = None
         self.all_anchors: list[Anchor] = []
+        self.anchor_set: AnchorSet | None = None
+        self.anchor_names: set[str] = set()
+        self.anchor_report: dict[str, int] = {}
+        self.anchor_bad: list[str] = []
+        self.anchor_found = 0
+        self.checked_anchor_sigs: dict[int, bool] = {}
+        # anchors after the last checkpoint whose records matched: the newest signed one
+        # authenticates those records in public-key mode
+        self.tail_anchors: list[Anchor] = []
         self.anchor_at: dict[int, list[Anchor]] = {}
         self.anchor_seqs: list[int] = []
         self.anchors_checked = 0
@@ -271,14 +301,36 @@ class _Verifier:
             "closed": closed,
             "first_seq": self.first_seq,
             "partial": self.started_late or (self.explicit and self._ends_at_rotation()),
-            "anchors": self.anchors_checked,
+            "anchors": self.anchor_found or self.anchors_checked,
             "head": self.head,
+            "anchor_report": dict(self.anchor_report),
         }
         if ok:
-            uncovered = (
-                self.first_seq + self.records - 1 - max(self.last_cp_seq, self.first_seq - 1)
+            last = self.first_seq + self.records - 1
+            uncovered = last - max(self.last_cp_seq, self.first_seq - 1)
+            through = last if self.full else self._authenticated_through()
+            warnings: list[str] = []
+            if last > through:
+                warnings.append(
+                    f"records {through + 1}..{last} are not authenticated: public-key mode "
+                    "checks records after the last checkpoint only for form, and no signed "
+                    "anchor covers them (give the witness with --anchor, or verify with the "
+                    "auditor's key file)"
+                )
+            bad = self.anchor_report.get("unusable", 0) + self.anchor_report.get("forged", 0)
+            if bad:
+                warnings.append(
+                    f"{bad} line(s) of the anchor files could not be used (torn, corrupted, or "
+                    "heads this log did not sign); none was the newest about this log"
+                )
+            return VerifyResult(
+                ok=True,
+                uncovered=uncovered,
+                authenticated_through=through,
+                unauthenticated=last - through,
+                warnings=tuple(warnings),
+                **common,
             )
-            return VerifyResult(ok=True, uncovered=uncovered, **common)
         assert fail is not None
         return VerifyResult(
             ok=False,
@@ -301,7 +353,31 @@ class _Verifier:
             self._run()
         except _Fail as fail:
             return self._result(False, fail)
+        except OSError as exc:  # a read error (EIO, a file pulled away): not a verdict
+            raise ConfigError(
+                f"cannot read {self.files[self.file_index]}: {exc.strerror or type(exc).__name__}"
+                "; give the auditor read access to every log file"
+            ) from None
         return self._result(True)
+
+    def _authenticated_through(self) -> int:
+        """The last record whose bytes a signature covers (public-key mode)."""
+        through = self.last_cp_seq if self.last_cp_seq >= 0 else self.first_seq - 1
+        for anchor in reversed(self.tail_anchors):
+            if anchor.seq > through and self._signed(anchor):
+                return anchor.seq
+        return through
+
+    def _signed(self, anchor: Anchor) -> bool:
+        """Whether this log's checkpoint key signed ``anchor`` (checked once each)."""
+        key = id(anchor)
+        if key not in self.checked_anchor_sigs:
+            assert self.public is not None
+            good = anchor.signed_by(self.public)
+            self.checked_anchor_sigs[key] = good
+            if not good:
+                self.anchor_report["forged"] = self.anchor_report.get("forged", 0) + 1
+        return self.checked_anchor_sigs[key]
 
     # The loop below is the hot path (hundreds of thousands of records per second): it
     # inlines the line parsing and touches the data object only for rare record types.
@@ -463,7 +539,9 @@ class _Verifier:
                                 if seq == 0:
                                     next_anchor = self._anchors_ready(0)
                         if seq in self.anchor_at:
-                            self._check_anchors(seq, epoch, mac)
+                            seg_now = seg.copy()
+                            seg_now.update(view[seg_start : off + n + 1])
+                            self._check_anchors(seq, epoch, mac, seg_now.hexdigest())
                             next_anchor = self._next_anchor(seq + 1)
                         last_type = rtype.decode("ascii")
                         prev_mac = mac
@@ -502,6 +580,14 @@ class _Verifier:
             raise _Fail("bad_genesis", "the log holds no records", 0)
         closed = self.last_type == fmt.CHECKPOINT and self.last_reason == "close"
         self._check_unreached_anchors(expected - 1, closed)
+        if self.anchor_bad:
+            raise _Fail(
+                "anchor_unreadable",
+                f"the last thing {self.anchor_bad[0]} holds about this log cannot be used, so "
+                "the newest head a witness kept is unknown; restore the witness file, or verify "
+                "against another witness",
+                expected - 1,
+            )
         if closed or self.allow_open or (self.explicit and self._ends_at_rotation()):
             return
         raise _Fail(
@@ -523,22 +609,29 @@ class _Verifier:
                 f"this is log {self.log_id}, not log {self.pinned_log_id} (--log-id)",
                 from_seq,
             )
-        mine = [a for a in self.all_anchors if a.log_id == self.log_id]
-        if self.all_anchors and not mine:
+        if self.anchor_names and self.log_id not in self.anchor_names:
             raise _Fail(
                 "wrong_log",
-                f"none of the {len(self.all_anchors)} anchor(s) is for this log "
-                f"({self.log_id}): the log was replaced by another one, or the anchors are "
-                "another log's",
+                f"none of the anchors is for this log ({self.log_id}): the log was replaced "
+                "by another one, or the anchors are another log's",
                 from_seq,
             )
         assert self.public is not None
-        for anchor in mine:
-            if not anchor.signed_by(self.public):
-                raise ConfigError(
-                    f"--anchor {anchor.source}: not signed by this log's checkpoint key; it is "
-                    "not a head of this log, or it was altered"
-                )
+        if self.anchor_set is not None:
+            got = self.anchor_set.for_log(self.log_id, self.public, public_key_hex(self.public))
+            mine = got.newest
+            self.anchor_found = got.found
+            self.anchor_bad = got.last_bad
+            self.anchor_report = {
+                "found": got.found,
+                "replayed": got.replayed,
+                "forged": got.forged,
+                "other_logs": len(self.anchor_set) - got.found,
+                "unusable": self.anchor_set.unusable,
+            }
+        else:
+            mine = [a for a in self.all_anchors if a.log_id == self.log_id]
+            self.anchor_found = len(mine)
         self.anchor_at = {}
         for anchor in mine:
             self.anchor_at.setdefault(anchor.seq, []).append(anchor)
@@ -549,9 +642,18 @@ class _Verifier:
         i = bisect.bisect_left(self.anchor_seqs, from_seq)
         return self.anchor_seqs[i] if i < len(self.anchor_seqs) else -1
 
-    def _check_anchors(self, seq: int, epoch: int, mac: bytes) -> None:
+    def _check_anchors(self, seq: int, epoch: int, mac: bytes, segment: str) -> None:
         for anchor in self.anchor_at[seq]:
-            if anchor.mac.encode("ascii") != mac or anchor.epoch != epoch:
+            same_record = anchor.mac.encode("ascii") == mac and anchor.epoch == epoch
+            if same_record and anchor.segment in (None, segment):
+                self.anchors_checked += 1
+                if anchor.segment is not None and seq > self.last_cp_seq:
+                    self.tail_anchors.append(anchor)
+                    del self.tail_anchors[:-8]
+                continue
+            if not self._signed(anchor):
+                continue  # a head nobody with this log's key made: counted, never trusted
+            if not same_record:
                 raise _Fail(
                     "rolled_back",
                     f"the log holds another record {seq} than the anchor {anchor.source} "
@@ -559,10 +661,22 @@ class _Verifier:
                     "removed and rewritten",
                     seq,
                 )
-            self.anchors_checked += 1
+            raise _Fail(
+                "anchor_mismatch",
+                f"the records from the last checkpoint up to seq {seq} are not those the anchor "
+                f"{anchor.source} ({anchor.ts}) vouches for (segment hash differs): they were "
+                "altered",
+                seq,
+            )
 
     def _check_unreached_anchors(self, last_seq: int, closed: bool) -> None:
-        beyond = [a for seq, found in self.anchor_at.items() if seq > last_seq for a in found]
+        beyond = [
+            a
+            for seq, found in self.anchor_at.items()
+            if seq > last_seq
+            for a in found
+            if self._signed(a)
+        ]
         if not beyond:
             return
         anchor = max(beyond, key=lambda a: a.seq)
@@ -688,13 +802,22 @@ class _Verifier:
     def _highest_epoch(self) -> int:
         """The highest epoch any record header of the files or any anchor names."""
         if self.highest_epoch is None:
-            highest = max((a.epoch for a in self.all_anchors), default=0)
+            # A header can claim any epoch; the log can only justify as many epochs as it
+            # holds checkpoints (each ends one), and a signed anchor vouches for its own.
+            claimed = 0
+            checkpoints = 0
             for path in self.files:
                 for line in fmt.iter_lines(path):
                     m = fmt._HEADER.match(line)
                     if m is not None and len(m[2]) < 10:
-                        highest = max(highest, int(m[2]))
-            self.highest_epoch = min(highest, 1 << 24)
+                        claimed = max(claimed, int(m[2]))
+                        checkpoints += m[4] == b"checkpoint"
+            highest = min(claimed, checkpoints + 1 + self.start_epoch)
+            for found in self.anchor_at.values():
+                for anchor in found:
+                    if anchor.epoch > highest and self._signed(anchor):
+                        highest = anchor.epoch
+            self.highest_epoch = highest
         return self.highest_epoch
 
     def _bad_seq(self, seq: int, expected: int, same_mac: bool, fi: int, lineno: int) -> None:
@@ -825,6 +948,7 @@ class _Verifier:
         self.checkpoints += 1
         self.last_cp_seq = seq
         self.last_reason = fields["reason"]
+        self.tail_anchors.clear()
 
 
 def _last_line(path: Path) -> bytes | None:

@@ -15,10 +15,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from vramcore._heads import newest_head
 from vramcore.audit import AuditWitness
 from vramcore.errors import ConfigError
 from vramcore_audit_chain import _format as fmt
-from vramcore_audit_chain._head import Head
 from vramcore_audit_chain._keys import fsync_dir
 
 __all__ = ["FileWitness", "witnesses_from_env"]
@@ -76,24 +76,16 @@ class FileWitness(AuditWitness):
             os.fsync(self._fd)
 
     def latest(self, log_id: str) -> Mapping[str, Any] | None:
-        """The last well-formed head of ``log_id`` in the file (read from its end)."""
-        with fmt.open_regular(self.path) as f:
-            size = f.seek(0, os.SEEK_END)
-            window = 1 << 16
-            while True:
-                start = max(0, size - window)
-                f.seek(start)
-                data = f.read(size - start)
-                lines = data.split(b"\n")
-                if start > 0:
-                    lines = lines[1:]  # may begin inside a line: read a larger window for it
-                for line in reversed(lines):
-                    head = _head_of(line, log_id)
-                    if head is not None:
-                        return head.to_dict()
-                if start == 0:
-                    return None
-                window *= 4
+        """The newest head of ``log_id`` in the file that its own key signed.
+
+        Others may append to a shared witness: a replayed older head, an unsigned or corrupted
+        line, a head signed by another key. None of them can hide the newest authentic head:
+        the log's key is pinned by its first intact head in the file, and the head with the
+        highest sequence number that key signed wins, wherever it is
+        (:func:`vramcore._heads.newest_head`; one streamed pass over the file).
+        """
+        head = newest_head(self.path, log_id)
+        return None if head is None else head.to_dict()
 
     def close(self) -> None:
         """Close the file."""
@@ -101,16 +93,6 @@ class FileWitness(AuditWitness):
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
-
-
-def _head_of(line: bytes, log_id: str) -> Head | None:
-    if not line.strip() or len(line) > 4096 or log_id.encode("ascii", "replace") not in line:
-        return None
-    try:
-        head = Head.from_mapping(fmt.loads_bounded(line))
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return head if head is not None and head.log_id == log_id else None
 
 
 def _inside(path: Path, directory: Path) -> bool:

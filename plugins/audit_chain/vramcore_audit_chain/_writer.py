@@ -12,9 +12,10 @@ A checkpoint ends its epoch: it is MACed with the old key, the key evolves one w
 is wiped, and once the checkpoint is fsynced the state file is replaced with the new key (once
 per commit, however many checkpoints it holds, so a commit's cost does not grow with them).
 
-Heads leave the host through witnesses: the committer publishes one after a commit that made
-a checkpoint, a critical event (``immediate``/``mixed``), the session's ``open`` record or the
-closing checkpoint durable, never before, so a witness never knows a head the disk lacks.
+Heads leave the host through witnesses: the committer publishes one after every commit (one
+head per group commit, naming its last record), once the commit is durable and before any
+thread waiting for that commit is released. So whatever ``emit`` acknowledged as durable is
+covered by a head the witnesses hold, and a witness never knows a head the disk lacks.
 """
 
 from __future__ import annotations
@@ -34,11 +35,11 @@ from typing import Any
 
 import attrs
 
+from vramcore._heads import Head
 from vramcore.audit import AuditWitness, SinkContext
 from vramcore.errors import AuditError, ConfigError
 from vramcore_audit_chain import _format as fmt
 from vramcore_audit_chain._config import ChainConfig, Durability
-from vramcore_audit_chain._head import Head, sign_head
 from vramcore_audit_chain._keys import (
     ChainState,
     fsync_dir,
@@ -78,7 +79,7 @@ class _SaveState:
 
 _Item = bytes | _Rotate | _SaveState
 #: When several reasons to publish a head meet in one commit, the strongest names it.
-_HEAD_RANK = {"critical": 1, "open": 2, "checkpoint": 3, "close": 4}
+_HEAD_RANK = {"commit": 0, "critical": 1, "open": 2, "checkpoint": 3, "close": 4}
 
 
 class ChainWriter:
@@ -122,7 +123,9 @@ class ChainWriter:
         self._pending_bytes = 0
         self._first_pending_at = 0.0
         self._flush_now = False
-        self._seg_lines: list[bytes] = []
+        # SHA-256 of the records since the last checkpoint (inclusive): checkpoints and heads
+        # sign it, so a verifier with only the public key can check those records.
+        self._seg_hash = hashlib.sha256()
         self._epoch_records = 0
         self._epoch_started = time.monotonic()
         self._durable_seq = -1
@@ -280,7 +283,7 @@ class ChainWriter:
             size = len(line)
             self._pending_bytes += size
             self._file_bytes += size
-            self._seg_lines.append(line)
+            self._seg_hash.update(line)
             self._epoch_records += 1
             self._records_written += 1
             if sync:
@@ -375,7 +378,7 @@ class ChainWriter:
         self._pending.append(line)
         self._pending_bytes += len(line)
         self._file_bytes += len(line)
-        self._seg_lines.append(line)
+        self._seg_hash.update(line)
         self._epoch_records += 1
         self._records_written += 1
         return seq
@@ -407,7 +410,7 @@ class ChainWriter:
             "log_id": self._log_id,
             "reason": reason,
             "records": seq,
-            "segment": hashlib.sha256(b"".join(self._seg_lines)).hexdigest(),
+            "segment": self._seg_hash.hexdigest(),
             "ts": fmt.utc_now_text(),
         }
         line, mac = fmt.build_checkpoint(
@@ -415,7 +418,7 @@ class ChainWriter:
         )
         self._append_line(line, mac)
         self._last_cp_seq = seq
-        self._seg_lines = [self._seg_lines[-1]]
+        self._seg_hash = hashlib.sha256(line)
         self._evolve()
         self._pending.append(_SaveState(self._epoch, seq, self._head, bytearray(self._key)))
         self._want_head("close" if reason == "close" else "checkpoint")
@@ -448,7 +451,10 @@ class ChainWriter:
             self._flush_now = False
             upto = self._seq_next - 1
             head_reason, self._head_due = self._head_due, None
+            if head_reason is None and self._witnesses and upto > self._durable_seq:
+                head_reason = "commit"  # every durable commit is witnessed
             head_mac = self._head
+            head_segment = self._seg_hash.hexdigest()
             # The last record is in the current epoch unless it is the checkpoint that
             # ended the previous one.
             head_epoch = self._epoch - (1 if upto == self._last_cp_seq else 0)
@@ -457,7 +463,7 @@ class ChainWriter:
             self._write(items)
             durable = True
             if head_reason is not None:
-                self._publish(upto, head_epoch, head_mac, head_reason)
+                self._publish(upto, head_epoch, head_mac, head_segment, head_reason)
         except BaseException as exc:
             if not durable:
                 with self._lock:
@@ -514,14 +520,16 @@ class ChainWriter:
         while view:
             view = view[os.write(self._fd, view) :]
 
-    def _publish(self, seq: int, epoch: int, mac: str, reason: str) -> None:
+    def _publish(self, seq: int, epoch: int, mac: str, segment: str, reason: str) -> None:
         """Sign the head at ``seq`` and give it to every witness (the committer calls this)."""
-        head = sign_head(
-            self._signer,
+        head = Head.build(
+            self._signer.sign,
             log_id=self._log_id,
             seq=seq,
             epoch=epoch,
             mac=mac,
+            segment=segment,
+            ts=fmt.utc_now_text(),
             reason=reason,
             public_key=self.public_key,
         ).to_dict()
@@ -715,7 +723,7 @@ class ChainWriter:
             self._seq_next = resume.next_seq
             self._head = resume.head
             self._last_cp_seq = resume.cp_seq if resume.tail[-1].seq == resume.cp_seq else -1
-            self._seg_lines = resume.segment_lines
+            self._seg_hash = hashlib.sha256(b"".join(resume.segment_lines))
             self._epoch_records = resume.epoch_records
             self._file_index = resume.file_index
             self._file_bytes = resume.file_bytes
@@ -757,11 +765,12 @@ class ChainWriter:
             items, self._pending = self._pending, []
             self._pending_bytes = 0
             head_reason, self._head_due = self._head_due, None
+            segment = self._seg_hash.hexdigest()
         try:
             self._write(items)
             self._durable_seq = upto
             if head_reason is not None:
-                self._publish(upto, self._epoch, self._head, head_reason)
+                self._publish(upto, self._epoch, self._head, segment, head_reason)
         finally:
             with self._lock:
                 self._committing = False
@@ -782,15 +791,26 @@ class ChainWriter:
                         f"{self._dir} was rolled back; it refuses to start (fail closed)"
                     ) from None
                 log.warning("audit witness %s cannot be read: %s", witness.name, type(exc))
+                self._witness_unreported.append(witness.name)  # reported on the next emit
                 continue
             if raw is None:
                 continue
-            head = Head.from_mapping(raw)
+            head = Head.parse(raw)
             if head is None or head.log_id != self._log_id or not head.signed_by(public):
+                # Someone who may append to the witness put a head there that this log did
+                # not sign, and the witness took it for the newest: the real newest is hidden.
+                if witness.required:
+                    raise AuditError(
+                        f"required audit witness {witness.name} returned a head of the log in "
+                        f"{self._dir} that its key did not sign: the witness was written by "
+                        "someone else, so the writer cannot tell whether the log was rolled "
+                        "back; it refuses to start (fail closed)"
+                    )
                 log.warning(
-                    "audit witness %s returned a head that this log's key did not sign; ignored",
+                    "audit witness %s returned a head that this log's key did not sign",
                     witness.name,
                 )
+                self._witness_unreported.append(witness.name)
                 continue
             if head.seq > last:
                 raise AuditError(

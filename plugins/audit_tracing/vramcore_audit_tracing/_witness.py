@@ -19,32 +19,22 @@ writer refuse to continue a log the export shows was cut back.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from opentelemetry import trace
 
+from vramcore._heads import HEAD_ATTRIBUTE, Head, HeadScan, newest_head
 from vramcore.audit import AuditWitness
 
 __all__ = ["HEAD_ATTRIBUTE", "HEAD_EVENT", "TracingWitness", "heads_in_export"]
 
-#: The attribute that carries a head's JSON text (the audit chain reads the same name).
-HEAD_ATTRIBUTE = "vramcore.audit.chain_head"
 #: Name of the span event (and of the short span) that carries a head.
-HEAD_EVENT = "vramcore.audit.chain_head"
+HEAD_EVENT = HEAD_ATTRIBUTE
 
 _log = logging.getLogger(__name__)
-#: The members a head has (anything else is not exported).
-_HEAD_KEYS = frozenset(
-    {"format", "log_id", "seq", "epoch", "mac", "ts", "reason", "public_key", "sig"}
-)
-_MAX_EXPORT_BYTES = 64 * 1024 * 1024
-_MAX_LINE = 1 << 20
-_MAX_NODES = 1_000_000
 
 
 class TracingWitness(AuditWitness):
@@ -73,19 +63,22 @@ class TracingWitness(AuditWitness):
         self.published = 0
 
     def publish(self, head: Mapping[str, Any]) -> None:
-        """Put ``head`` on the current span (or a short one) and on a log record."""
+        """Put ``head`` on the current span (or a short one) and on a log record.
+
+        Only a well-formed head (:class:`vramcore._heads.Head`) is exported, as its canonical
+        JSON text; anything else is dropped with a warning.
+        """
         try:
-            clean = {
-                k: v
-                for k, v in head.items()
-                if k in _HEAD_KEYS and type(v) in (str, int) and len(str(v)) <= 256
+            parsed = Head.parse(head)
+            if parsed is None:
+                _log.warning("tracing witness was given something that is not a chain head")
+                return
+            attributes: dict[str, str | int] = {
+                HEAD_ATTRIBUTE: parsed.to_json(),
+                "vramcore.audit.log_id": parsed.log_id,
+                "vramcore.audit.seq": parsed.seq,
+                "vramcore.audit.head_reason": parsed.reason,
             }
-            text = json.dumps(clean, sort_keys=True, separators=(",", ":"))
-            attributes: dict[str, str | int] = {HEAD_ATTRIBUTE: text}
-            for key, name in (("log_id", "log_id"), ("seq", "seq"), ("reason", "head_reason")):
-                value = head.get(key)
-                if isinstance(value, str | int) and not isinstance(value, bool):
-                    attributes["vramcore.audit." + name] = value
             span = trace.get_current_span()
             if span.is_recording():
                 span.add_event(HEAD_EVENT, attributes)
@@ -94,9 +87,9 @@ class TracingWitness(AuditWitness):
             if self._logger.isEnabledFor(logging.INFO):
                 self._logger.info(
                     "audit chain head: log %s seq %s (%s)",
-                    attributes.get("vramcore.audit.log_id", "?"),
-                    attributes.get("vramcore.audit.seq", "?"),
-                    attributes.get("vramcore.audit.head_reason", "?"),
+                    parsed.log_id,
+                    parsed.seq,
+                    parsed.reason,
                     extra=attributes,
                 )
             self.published += 1
@@ -104,82 +97,29 @@ class TracingWitness(AuditWitness):
             _log.warning("tracing witness could not export a head: %s", type(exc).__name__)
 
     def latest(self, log_id: str) -> Mapping[str, Any] | None:
-        """The head of ``log_id`` with the highest ``seq`` in the readback export, if any."""
+        """The newest head of ``log_id`` in the readback export that its own key signed.
+
+        Streamed, whatever the export's size; replayed, unsigned or foreign heads appended to
+        the export cannot hide the newest authentic one (:func:`vramcore._heads.newest_head`).
+
+        :raises OSError: the export cannot be read (the writer reports it).
+        """
         if self.readback is None:
             return None
-        best: dict[str, Any] | None = None
-        for head in heads_in_export(self.readback):
-            if head.get("log_id") != log_id or type(head.get("seq")) is not int:
-                continue
-            if best is None or head["seq"] > best["seq"]:
-                best = head
-        return best
+        head = newest_head(self.readback, log_id)
+        return None if head is None else head.to_dict()
 
 
 def heads_in_export(path: Path) -> Iterator[dict[str, Any]]:
-    """Every head (as a dict) in exported telemetry: NDJSON or one JSON document, with the
-    head attribute in plain (``{"vramcore.audit.chain_head": "..."}``) or OTLP/JSON form
-    (``{"key": ..., "value": {"stringValue": ...}}``). Unreadable parts are skipped.
+    """Every well-formed head (as a dict, signature not checked) in exported telemetry: NDJSON
+    or one JSON document, the head attribute in plain or OTLP/JSON form (the core's
+    :class:`vramcore._heads.HeadScan`, streamed).
 
     :raises OSError: the file cannot be opened, or is not a regular file.
     """
-    with _open_regular(path) as f:
-        data = f.read(_MAX_EXPORT_BYTES + 1)
-    if len(data) > _MAX_EXPORT_BYTES:
-        raise OSError(f"{path} is larger than {_MAX_EXPORT_BYTES} bytes")
-    document = _loads(data)
-    if document is not None:
-        yield from _walk(document)
-        return
-    for line in data.split(b"\n"):
-        if len(line) <= _MAX_LINE:
-            value = _loads(line)
-            if value is not None:
-                yield from _walk(value)
-
-
-def _open_regular(path: Path) -> Any:
-    import stat
-
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(f"{path} is not a regular file")
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def _loads(data: bytes | str) -> Any:
-    try:
-        return json.loads(data)
-    except (ValueError, RecursionError):
-        return None
-
-
-def _walk(value: Any) -> Iterator[dict[str, Any]]:
-    stack = [value]
-    seen = 0
-    while stack and seen < _MAX_NODES:
-        node = stack.pop()
-        seen += 1
-        if isinstance(node, list):
-            stack.extend(node)
-            continue
-        if not isinstance(node, dict):
-            continue
-        text = node.get(HEAD_ATTRIBUTE)
-        if text is None and node.get("key") == HEAD_ATTRIBUTE:
-            inner = node.get("value")
-            text = inner.get("stringValue") if isinstance(inner, dict) else None
-        if isinstance(text, str):
-            head = _loads(text) if len(text) <= 4096 else None
-            if isinstance(head, dict):
-                yield head
-            continue
-        stack.extend(node.values())
+    for found in HeadScan(path):
+        if found.head is not None:
+            yield found.head.to_dict()
 
 
 def readback_from_env(env: Mapping[str, str]) -> Path | None:
