@@ -38,6 +38,12 @@ def _guarded(handler: _Handler) -> _Handler:
             return handler(args, console)
         except (UsageError, ConfigError, InvalidInput, AuditError):
             raise  # the CLI prints these in one line (exit 2, or 1 for integrity)
+        except OSError as exc:  # a file that fails on read: input, not a bug
+            where = exc.filename if exc.filename is not None else "a file of the log"
+            raise ConfigError(
+                f"cannot read {where}: {exc.strerror or type(exc).__name__}; check that the "
+                "auditor can read every log, key and anchor file"
+            ) from None
         except Exception as exc:
             console.error(
                 f"vramcore audit failed unexpectedly ({type(exc).__name__}); this is a bug in "

@@ -36,6 +36,11 @@ def _positive(_inst: object, attr: attrs.Attribute[Any], value: float) -> None:
         raise ConfigError(f"audit chain setting {attr.name} must be positive, got {value}")
 
 
+def _not_negative(_inst: object, attr: attrs.Attribute[Any], value: float) -> None:
+    if not value >= 0:
+        raise ConfigError(f"audit chain setting {attr.name} must be 0 or more, got {value}")
+
+
 @attrs.frozen(kw_only=True)
 class ChainConfig:
     """Settings of one audit chain.
@@ -49,6 +54,8 @@ class ChainConfig:
     :attr initial_key_file: where setup writes the auditor's initial key (default: in
         ``directory``).
     :attr max_pending_bytes: batched mode: emit blocks while this much is queued unwritten.
+    :attr thin_verified_seconds: write a shard's successful verifications at most once per
+        this many seconds, with a count of those not written (0: write every one).
     """
 
     directory: Path = attrs.field(converter=Path)
@@ -61,6 +68,7 @@ class ChainConfig:
         default=None, converter=attrs.converters.optional(Path)
     )
     max_pending_bytes: int = attrs.field(default=16 * 1024 * 1024, validator=_positive)
+    thin_verified_seconds: float = attrs.field(default=0.0, validator=_not_negative)
 
     @property
     def initial_key_path(self) -> Path:
@@ -92,10 +100,20 @@ class ChainConfig:
             checkpoint_records=_number(env, "VRAMCORE_AUDIT_CHECKPOINT_RECORDS", int, 10_000),
             checkpoint_seconds=_number(env, "VRAMCORE_AUDIT_CHECKPOINT_SECONDS", float, 300.0),
             initial_key_file=key_file,
+            thin_verified_seconds=_number(
+                env, "VRAMCORE_AUDIT_THIN_VERIFIED_SECONDS", float, 0.0, zero=True
+            ),
         )
 
 
-def _number(env: Mapping[str, str], name: str, kind: Callable[[str], _T], default: _T) -> _T:
+def _number(
+    env: Mapping[str, str],
+    name: str,
+    kind: Callable[[str], _T],
+    default: _T,
+    *,
+    zero: bool = False,
+) -> _T:
     raw = env.get(name, "").strip()
     if not raw:
         return default
@@ -103,6 +121,6 @@ def _number(env: Mapping[str, str], name: str, kind: Callable[[str], _T], defaul
         value = kind(raw)
     except ValueError:
         raise ConfigError(f"{name} must be a positive number, got {raw[:20]!r}") from None
-    if not value > 0:
-        raise ConfigError(f"{name} must be positive, got {raw[:20]!r}")
+    if not (value >= 0 if zero else value > 0) or value != value or value == float("inf"):
+        raise ConfigError(f"{name} must be {'0 or more' if zero else 'positive'}, got {raw[:20]!r}")
     return value

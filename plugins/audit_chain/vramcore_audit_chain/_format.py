@@ -13,6 +13,7 @@ with its final ``}`` replaced by ``,"mac":"<hex>"}`` and a newline.
 from __future__ import annotations
 
 import _hashlib
+import errno
 import hashlib
 import hmac
 import json
@@ -133,7 +134,14 @@ def log_files(directory: Path) -> list[tuple[int, Path]]:
     rather than skipping it silently.
     """
     found: list[tuple[int, Path]] = []
-    for path in directory.iterdir():
+    try:
+        names = list(directory.iterdir())
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot list the audit log directory {directory}: "
+            f"{exc.strerror or type(exc).__name__}; give the auditor read access to it"
+        ) from None
+    for path in names:
         m = LOG_PATTERN.fullmatch(path.name)
         if m is not None:
             found.append((int(m.group(1)), path))
@@ -151,7 +159,10 @@ def open_regular(path: Path) -> Any:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror or type(exc).__name__}") from None
+        hint = "; give the auditor read access to it" if exc.errno == errno.EACCES else ""
+        raise ConfigError(
+            f"cannot read {path}: {exc.strerror or type(exc).__name__}{hint}"
+        ) from None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ConfigError(f"{path} is not a regular file (a device, FIFO or directory?)")

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from vramcore.audit import AuditSink, AuditWitness, SinkContext
-from vramcore.errors import ConfigError
+from vramcore.errors import AuditError, ConfigError
 from vramcore.events import AuditEvent
 from vramcore_audit_chain._config import ChainConfig
 from vramcore_audit_chain._encode import encode_event
 from vramcore_audit_chain._keys import load_key_file, load_public_key
+from vramcore_audit_chain._thinning import Thinning
 from vramcore_audit_chain._verify import verify_log
 from vramcore_audit_chain._writer import ChainWriter
 
@@ -49,6 +51,10 @@ class ChainSink(AuditSink):
         )
         self._closed = False
         self._report: dict[str, Any] | None = None
+        self._thinning = (
+            Thinning(config.thin_verified_seconds) if config.thin_verified_seconds > 0 else None
+        )
+        self._worker_id = context.worker_id
 
     @property
     def public_key(self) -> str:
@@ -81,7 +87,12 @@ class ChainSink(AuditSink):
         """
         if not self._writer.started:
             self._writer.start(())
-        self._writer.append_event(encode_event(event), critical=event.critical)
+        encoded = encode_event(event)
+        if self._thinning is None:
+            self._writer.append_event(encoded, critical=event.critical)
+        else:
+            for record in self._thinning.records(event, encoded):
+                self._writer.append_event(record, critical=event.critical)
         self._writer.witness_check(critical=event.critical)
 
     def flush(self) -> None:
@@ -94,6 +105,10 @@ class ChainSink(AuditSink):
         if self._closed:
             return
         self._closed = True
+        if self._thinning is not None and self._writer.started:
+            with contextlib.suppress(AuditError):  # failed earlier: close() raises it below
+                for record in self._thinning.pending(self._worker_id):
+                    self._writer.append_event(record, critical=False)
         self._writer.close()
 
     def report(self) -> Mapping[str, Any] | None:
@@ -109,6 +124,8 @@ class ChainSink(AuditSink):
             "public_key": self.public_key,
             "heads_published": self._writer.heads_published,
         }
+        if self._thinning is not None:
+            base["thinned_verifications"] = self._thinning.thinned
         if not self._closed:
             return {**base, "open": True}
         if self._report is None:

@@ -175,7 +175,11 @@ def _collect(paths: Iterable[str | Path]) -> tuple[list[Path], bool]:
     explicit = True
     for raw in paths:
         path = Path(raw)
-        if path.is_dir():
+        try:
+            is_dir = path.is_dir()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror or type(exc).__name__}") from None
+        if is_dir:
             explicit = False
             out.extend(p for _, p in fmt.log_files(path))
         elif path.exists() or path.is_symlink():
