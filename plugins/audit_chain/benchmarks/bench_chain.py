@@ -3,6 +3,13 @@
 Prints events/s for each durability mode, the naive baseline (one ``json.dumps`` + HMAC +
 ``write`` + ``fsync`` per event) measured in the same run, and verifier records/s.
 
+Witnessed durability (a head with every durable commit) is measured per mode with a file
+witness, beside the previous head policy (heads only at open, checkpoints, critical events and
+close, which left acknowledged events unwitnessed) and beside no witness, in the same run.
+
+``--fleet N`` runs N writer processes (immediate mode, the strictest) sharing one file witness
+for ``--seconds`` and prints heads/s per worker, in all, and bytes per head.
+
 ``--verify-records N`` (e.g. 1000000) also writes a log of N records and verifies it in a fresh
 process (one core: the verifier is single-threaded), in full and public-key mode, with a
 witness file as anchor: records/s, the process's peak RSS over its RSS before verifying, and
@@ -10,6 +17,7 @@ the ratio to a baseline that only reads the same files line by line and HMACs ea
 
     .venv/bin/python plugins/audit_chain/benchmarks/bench_chain.py [--events N] [--json]
     .venv/bin/python plugins/audit_chain/benchmarks/bench_chain.py --verify-records 1000000
+    .venv/bin/python plugins/audit_chain/benchmarks/bench_chain.py --fleet 32 --seconds 5
 """
 
 from __future__ import annotations
@@ -67,11 +75,17 @@ def bench_naive(events: list[SealVerified], directory: Path) -> float:
 
 
 def bench_mode(
-    events: list[Any], directory: Path, mode: str, threads: int = 1, witness: bool = False
+    events: list[Any],
+    directory: Path,
+    mode: str,
+    threads: int = 1,
+    witness: bool = False,
+    every_commit: bool = True,
 ) -> tuple[float, Path]:
     """Emit ``events`` through a sink in ``mode``; events/s including the final close.
 
     :param witness: publish heads to a file witness (next to the log directory).
+    :param every_commit: ``False`` measures the previous head policy (see the module doc).
     """
     cfg = ChainConfig(directory=directory, durability=mode)
     witnesses = [FileWitness(directory.with_name(directory.name + ".witness"))] if witness else []
@@ -82,6 +96,7 @@ def bench_mode(
         ),
         witnesses=witnesses,
     )
+    sink._writer.heads_every_commit = every_commit  # the benchmark's own measurement knob
     per = len(events) // threads
 
     def work(part: list[Any]) -> None:
@@ -191,6 +206,58 @@ def bench_verify_large(records: int, root: Path) -> dict[str, Any]:
     return out
 
 
+def _fleet_worker(root: Path, witness: Path, index: int, seconds: float) -> None:
+    sink = ChainSink(
+        ChainConfig(directory=root / f"worker-{index}", durability="immediate"),
+        SinkContext.from_token(
+            WorkerToken(f"{_TOKEN}-{index}"), worker_id=f"w{index}", device=0, scope="audit_chain"
+        ),
+        witnesses=[FileWitness(witness)],
+    )
+    events = _events(1000)
+    sent = 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        sink.emit(events[sent % 1000])
+        sent += 1
+    sink.close()
+    (root / f"result-{index}.json").write_text(
+        json.dumps({"sent": sent, "heads": sink.report()["heads_published"]})  # type: ignore[index]
+    )
+
+
+def bench_fleet(workers: int, seconds: float, root: Path) -> dict[str, Any]:
+    """``workers`` processes share one file witness for ``seconds``: heads/s and bytes/head."""
+    witness = root / "shared.heads"
+    pids = []
+    for index in range(workers):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                _fleet_worker(root, witness, index, seconds)
+                code = 0
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    for pid in pids:
+        _, status = os.waitpid(pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit("a fleet worker failed")
+    done = [json.loads((root / f"result-{i}.json").read_text()) for i in range(workers)]
+    heads = sum(d["heads"] for d in done)
+    size = witness.stat().st_size
+    return {
+        "workers": workers,
+        "seconds": seconds,
+        "events_per_s_per_worker": sum(d["sent"] for d in done) / seconds / workers,
+        "heads_per_s_per_worker": heads / seconds / workers,
+        "heads_per_s_total": heads / seconds,
+        "bytes_per_head": size / heads,
+        "witness_bytes_per_s": size / seconds,
+    }
+
+
 def main() -> None:
     """Run every measurement and print a table (or JSON)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -203,7 +270,14 @@ def main() -> None:
         default=0,
         help="also verify a log of this many records in a fresh process (memory, records/s)",
     )
+    parser.add_argument("--fleet", type=int, default=0, help="writer processes sharing a witness")
+    parser.add_argument("--seconds", type=float, default=5.0, help="how long the fleet writes")
     args = parser.parse_args()
+    if args.fleet:
+        with tempfile.TemporaryDirectory(prefix="vramcore-bench-") as tmp:
+            fleet = bench_fleet(args.fleet, args.seconds, Path(tmp))
+        print(json.dumps(fleet, indent=2))
+        return
     if args.verify_records:
         with tempfile.TemporaryDirectory(prefix="vramcore-bench-") as tmp:
             large = bench_verify_large(args.verify_records, Path(tmp))
@@ -246,13 +320,28 @@ def main() -> None:
         results["immediate_all_critical_file_witness"], _ = bench_mode(
             critical, root / "crit-w", "immediate", witness=True
         )
+        # Witnessed durability per mode: no witness / previous head policy / a head per commit.
+        plain = _events(args.sync_events)
+        for mode, sample in (
+            ("immediate", plain),
+            ("mixed", mixed[: args.events // 4]),
+            ("batched", batched[: args.events // 4]),
+        ):
+            for label, witness, every in (
+                ("no_witness", False, True),
+                ("file_witness_previous_heads", True, False),
+                ("file_witness_every_commit", True, True),
+            ):
+                results[f"witnessed_{mode}_{label}"], _ = bench_mode(
+                    sample, root / f"w-{mode}-{label}", mode, witness=witness, every_commit=every
+                )
         results["verify_records_per_s"], records = bench_verify(log_dir)
     if args.json:
         print(json.dumps(results, indent=2))
         return
-    print(f"{'measurement':<40}{'per second':>14}")
+    print(f"{'measurement':<56}{'per second':>14}")
     for name, value in results.items():
-        print(f"{name:<40}{value:>14,.0f}")
+        print(f"{name:<56}{value:>14,.0f}")
     print(f"(verified {records} records; naive baseline fsyncs each event like immediate mode)")
 
 

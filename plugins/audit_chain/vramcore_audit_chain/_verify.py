@@ -60,7 +60,6 @@ REASONS: dict[str, str] = {
     "says: records since the last checkpoint were altered",
     "anchor_unreadable": "the last thing an anchor file holds about this log is torn, corrupted "
     "or not signed by it: the head it held, which the verdict needs, cannot be read",
-    "unreadable": "a log file could not be read",
 }
 
 _HEX = b"0123456789abcdef"

@@ -151,6 +151,11 @@ class ChainWriter:
         self._witness_down: dict[str, str] = {}
         self._witness_unreported: list[str] = []
         self.heads_published = 0
+        #: Publish a head with every durable commit (the default). ``False`` is only for
+        #: measuring what that costs (the benchmark): heads then follow only the open record,
+        #: checkpoints, critical events and the close, and acknowledged events between them
+        #: are not witnessed.
+        self.heads_every_commit = True
         self.recovered: dict[str, Any] | None = None
         self._signer = signing_key(keys)
         self.public_key = public_key_hex(self._signer)
@@ -451,7 +456,12 @@ class ChainWriter:
             self._flush_now = False
             upto = self._seq_next - 1
             head_reason, self._head_due = self._head_due, None
-            if head_reason is None and self._witnesses and upto > self._durable_seq:
+            if (
+                head_reason is None
+                and self.heads_every_commit
+                and self._witnesses
+                and upto > self._durable_seq
+            ):
                 head_reason = "commit"  # every durable commit is witnessed
             head_mac = self._head
             head_segment = self._seg_hash.hexdigest()
