@@ -25,8 +25,8 @@ from vramcore_audit_chain import (
 )
 from vramcore_audit_chain import _format as fmt
 
+from vramcore._cli.cli import main
 from vramcore.audit import AuditWitness
-from vramcore.cli import main
 from vramcore.errors import AuditError
 from vramcore.events import PolicyViolation, SealVerified, VramDeallocated
 

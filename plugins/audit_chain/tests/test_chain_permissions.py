@@ -21,7 +21,7 @@ import pytest
 from vramcore_audit_chain import FileWitness
 from vramcore_audit_chain import _format as fmt
 
-from vramcore.cli import main
+from vramcore._cli.cli import main
 
 NOBODY = 65534
 

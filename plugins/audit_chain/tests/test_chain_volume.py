@@ -12,7 +12,7 @@ from vramcore_audit_chain import ChainConfig, ChainSink
 from vramcore_audit_chain import _format as fmt
 from vramcore_audit_chain._thinning import Thinning
 
-from vramcore.cli import main
+from vramcore._cli.cli import main
 from vramcore.errors import ConfigError
 from vramcore.events import (
     PolicyViolation,
