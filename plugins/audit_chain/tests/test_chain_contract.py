@@ -22,9 +22,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from vramcore_audit_chain import ChainConfig, ChainSink, FileWitness
 from vramcore_audit_chain import _format as fmt
-from vramcore_audit_chain._head import sign_head
 
 from vramcore import AuditSink, AuditWitness, SinkContext
+from vramcore._heads import Head
 from vramcore.testing import AuditSinkContract, WitnessContract
 
 
@@ -70,12 +70,14 @@ class _Signer:
 
     def head(self, log_id: str, seq: int) -> Mapping[str, Any]:
         mac = hashlib.sha256(f"{log_id}/{seq}".encode()).hexdigest()
-        return sign_head(
-            self.key,
+        return Head.build(
+            self.key.sign,
             log_id=log_id,
             seq=seq,
             epoch=seq // 10,
             mac=mac,
+            segment=hashlib.sha256(mac.encode()).hexdigest(),
+            ts=fmt.utc_now_text(),
             reason="critical",
             public_key=self.public,
         ).to_dict()

@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 from vramcore_audit_tracing import TracingSink, TracingWitness
 
 from vramcore import AuditSink, AuditWitness, SinkContext
+from vramcore._heads import Head
 from vramcore.testing import AuditSinkContract, WitnessContract
 
 _PREFIX = "vramcore."
@@ -110,20 +112,23 @@ class _Telemetry:
             f.write(b'\x00\xff{"vramcore.audit.chain_head": "{\\"log_id\\": 7"}\n{"trunc')
 
 
+_KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32, 64)))
+
+
 def _head(log_id: str, seq: int) -> Mapping[str, Any]:
-    """A head of the chain's shape (the telemetry witness keeps it; it never checks the
-    signature: the chain writer and the auditor do)."""
-    return {
-        "format": "vramcore-audit-head/1",
-        "log_id": log_id,
-        "seq": seq,
-        "epoch": 1,
-        "mac": f"{seq:064x}",
-        "ts": "2026-01-01T00:00:00.000000Z",
-        "reason": "critical",
-        "public_key": "c" * 64,
-        "sig": "d" * 128,
-    }
+    """A head of the chain's shape, signed as the chain writer signs one (the telemetry
+    witness exports only well-formed heads and reads back only ones their key signed)."""
+    return Head.build(
+        _KEY.sign,
+        log_id=log_id,
+        seq=seq,
+        epoch=1,
+        mac=f"{seq:064x}",
+        segment=f"{seq + 1:064x}",
+        ts="2026-01-01T00:00:00.000000Z",
+        reason="critical",
+        public_key=_KEY.public_key().public_bytes_raw().hex(),
+    ).to_dict()
 
 
 class TestTracingWitnessContract(WitnessContract):
