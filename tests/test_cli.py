@@ -244,6 +244,7 @@ def test_unknown_command_exits_2_in_one_line(capsys: pytest.CaptureFixture[str])
     assert err.count("\n") == 1 and "invalid choice" in err and out == ""
 
 
+@pytest.mark.slow
 def test_console_script_runs_as_a_process(tmp_path: Path) -> None:
     env = {**os.environ, "VRAMCORE_WORKER_TOKEN": TOKEN, "VRAMCORE_AUDIT_LOG": str(tmp_path)}
     proc = subprocess.run(

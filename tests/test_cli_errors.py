@@ -301,6 +301,7 @@ def test_plugin_raising_base_exception_at_import_is_isolated(
     assert "mock" in {p["name"] for p in data["plugins"]}
 
 
+@pytest.mark.slow
 def test_plugins_json_into_a_closed_pipe_is_quiet() -> None:
     """``vramcore plugins --json | head -1``: the reader is gone before the first write."""
     env = {**os.environ, "VRAMCORE_WORKER_TOKEN": TOKEN}

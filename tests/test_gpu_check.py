@@ -52,6 +52,7 @@ def dry_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, dict[str, An
     return done.returncode, report, out
 
 
+@pytest.mark.slow  # the dry run builds and runs the whole GPU check (about 15 s)
 def test_dry_run_takes_every_step(dry_run: tuple[int, dict[str, Any], Path]) -> None:
     code, report, out = dry_run
     assert report["dry_run"] is True
@@ -73,6 +74,7 @@ def test_dry_run_takes_every_step(dry_run: tuple[int, dict[str, Any], Path]) -> 
         assert any("registers" in line for line in report["kernel"]["build"]["ptxas"])
 
 
+@pytest.mark.slow  # the dry run builds and runs the whole GPU check (about 15 s)
 def test_dry_run_gpu_tests_ran_on_the_fake_runtime(
     dry_run: tuple[int, dict[str, Any], Path],
 ) -> None:
@@ -87,6 +89,7 @@ def test_dry_run_gpu_tests_ran_on_the_fake_runtime(
     assert unexpected == {}
 
 
+@pytest.mark.slow  # the dry run builds and runs the whole GPU check (about 15 s)
 def test_dry_run_devices_say_why_without_a_traceback(
     dry_run: tuple[int, dict[str, Any], Path],
 ) -> None:
@@ -99,6 +102,7 @@ def test_dry_run_devices_say_why_without_a_traceback(
             assert "cannot run here" in row["json"]["error"]["message"]
 
 
+@pytest.mark.slow  # the dry run builds and runs the whole GPU check (about 15 s)
 def test_dry_run_benchmark_is_marked_fake(dry_run: tuple[int, dict[str, Any], Path]) -> None:
     _code, report, _out = dry_run
     bench = report["benchmark"]
@@ -147,6 +151,7 @@ def _table_module() -> Any:
     return module
 
 
+@pytest.mark.slow  # the dry run builds and runs the whole GPU check (about 15 s)
 def test_results_table_refuses_a_dry_run(dry_run: tuple[int, dict[str, Any], Path]) -> None:
     _code, report, _out = dry_run
     table = _table_module()

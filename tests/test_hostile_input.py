@@ -39,6 +39,7 @@ def _safetensors(header: Any, data_len: int) -> bytes:
     return struct.pack("<Q", len(blob)) + blob + b"\0" * data_len
 
 
+@pytest.mark.slow
 @settings(max_examples=300)
 @given(header=json_values, data_len=st.integers(0, 256))
 def test_any_json_header_parses_or_raises_integrity_violation(header: Any, data_len: int) -> None:
@@ -98,6 +99,7 @@ def test_garbage_headers_are_refused(raw: bytes, data_len: int) -> None:
         read_tensor_map(io.BytesIO(blob), len(blob))
 
 
+@pytest.mark.slow
 @settings(max_examples=300)
 @given(doc=json_values)
 def test_any_json_attestation_parses_canonically_or_raises_invalid_input(doc: Any) -> None:
@@ -110,6 +112,7 @@ def test_any_json_attestation_parses_canonically_or_raises_invalid_input(doc: An
     assert json.loads(shard.to_json()) == doc  # accepted only as it would be written
 
 
+@pytest.mark.slow
 @settings(max_examples=300)
 @given(
     overrides=st.dictionaries(
@@ -158,6 +161,7 @@ def test_attestation_with_mangled_fields_is_kept_exactly_or_raises_invalid_input
         assert written[field] == value, field
 
 
+@pytest.mark.slow
 @settings(max_examples=300)
 @given(
     event_type=st.sampled_from(sorted(EVENT_TYPES)),

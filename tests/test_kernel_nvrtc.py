@@ -82,6 +82,7 @@ def nvrtc() -> Nvrtc:
     return Nvrtc(path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHES)
 def test_kernel_compiles_for(nvrtc: Nvrtc, arch: str) -> None:
     options = [f"-arch={arch}", *kernels.NVRTC_OPTIONS]

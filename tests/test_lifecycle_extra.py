@@ -67,6 +67,7 @@ def test_seal_file_reports_progress_per_chunk(
     assert seen == [(65536, total), (131072, total), (196608, total), (total, total)]
 
 
+@pytest.mark.slow
 def test_seal_finishing_after_close_frees_its_buffer(
     make_plugin_manager: Any, mock_backend: Any
 ) -> None:

@@ -158,6 +158,7 @@ def _cli(args: list[str], tmp_path: Path, *, shadow: bool) -> subprocess.Complet
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("shadow", "expected"),
     [

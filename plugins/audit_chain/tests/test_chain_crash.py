@@ -78,6 +78,7 @@ def _event_shards(directory: Path) -> list[str]:
     return out
 
 
+@pytest.mark.slow
 def test_sigkill_never_loses_an_acknowledged_event(tmp_path: Path, chain: Any) -> None:
     rng = random.Random(20260131)
     directory = tmp_path / "log"

@@ -55,6 +55,7 @@ def _apply(data: bytes, plan: list[tuple[str, float, bytes]]) -> bytes:
     return bytes(out)
 
 
+@pytest.mark.slow
 @settings(
     max_examples=150,
     deadline=None,

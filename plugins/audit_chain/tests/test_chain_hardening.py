@@ -239,6 +239,7 @@ def _peak(fn: Callable[[], Any]) -> tuple[Any, int]:
         tracemalloc.stop()
 
 
+@pytest.mark.slow
 def test_the_verifier_streams_a_large_log_in_bounded_memory(chain_dir: Path, chain: Any) -> None:
     chain.write_log(chain_dir, 60_000, max_bytes=1 << 30)
     size = sum(p.stat().st_size for p in _files(chain_dir))
@@ -248,6 +249,7 @@ def test_the_verifier_streams_a_large_log_in_bounded_memory(chain_dir: Path, cha
     assert peak < 16 << 20, (peak, size)
 
 
+@pytest.mark.slow
 def test_show_limit_keeps_only_what_it_prints(
     chain_dir: Path, chain: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:

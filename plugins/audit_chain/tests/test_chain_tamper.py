@@ -62,6 +62,7 @@ def test_untouched_log_verifies(log: Path, chain: Any) -> None:
     assert result.closed
 
 
+@pytest.mark.slow
 def test_every_bit_flip_of_several_records_is_detected(
     make_log: Callable[..., Path], tmp_path: Path
 ) -> None:

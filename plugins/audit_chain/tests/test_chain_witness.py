@@ -277,6 +277,7 @@ def test_a_real_crash_is_not_mistaken_for_an_attack(
     assert code == 0 and doc["recoveries"] == 1 and doc["anchors"] >= 4, doc
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_sigkilled_writer_then_cut_tail_is_caught_and_the_real_crash_is_not(
     chain_dir: Path, tmp_path: Path, chain: Any, witness_file: Path, capsys: Any
