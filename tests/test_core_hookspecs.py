@@ -43,6 +43,7 @@ def test_hookspecs_module_declares_the_expected_hook_kinds() -> None:
         "vramcore_audit_witnesses",
         "vramcore_audit_failure",
         "vramcore_operation",
+        "vramcore_settings",
         "vramcore_add_commands",
     }
 

@@ -19,6 +19,7 @@ from vramcore._cli.commands import (
     Console,
     UsageError,
 )
+from vramcore._config import Setting
 from vramcore._context import correlate
 from vramcore._tensors import TensorView
 from vramcore.audit import AuditSink, AuditWitness, SinkContext
@@ -61,6 +62,7 @@ __all__ = [
     "DeviceInfo",
     "MemoryKind",
     "SealedShard",
+    "Setting",
     "SinkContext",
     "TensorMap",
     "TensorRange",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from vramcore._config import Setting, core_settings
 from vramcore.backend import AllocatorBackend, DeviceInfo
 from vramcore.hookspecs import hookimpl
 from vramcore.narration import Operation
@@ -29,3 +30,9 @@ def vramcore_seal_key(token: WorkerToken, worker_id: str) -> SecretKey:
 def vramcore_operation(op: Operation) -> object:
     """Run the step."""
     return op.run()
+
+
+@hookimpl(trylast=True)
+def vramcore_settings() -> Sequence[Setting]:
+    """The core's own settings (token, allocator, plugin selection, hashing threads...)."""
+    return core_settings()

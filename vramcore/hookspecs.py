@@ -15,6 +15,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from vramcore._cli.commands import Commands
+    from vramcore._config import Setting
     from vramcore.audit import AuditSink, AuditWitness, SinkContext
     from vramcore.backend import (
         AllocatorBackend,
@@ -227,6 +228,30 @@ def vramcore_operation(op: Operation) -> object:
     :return: the step's result.
 
     firstresult. Called for every manager operation; nested steps call it again inside.
+    """
+    raise NotImplementedError
+
+
+# -------------------------------------------------------------------------
+# Configuration
+# -------------------------------------------------------------------------
+
+
+@hookspec
+def vramcore_settings() -> Sequence[Setting]:
+    """Declare the settings this plugin reads.
+
+    Each :class:`vramcore.Setting` has a key in ``vramcore.toml`` and the environment variable
+    derived from it (``audit_log`` -> ``VRAMCORE_AUDIT_LOG``). Declared settings may be set in a
+    configuration file (a value there reaches the plugin as that variable), are listed with
+    their source by ``vramcore config``, and a setting that ``activates`` a sink or a witness
+    lets ``vramcore doctor`` say what turns it on. A key in a file that no plugin declares is
+    an error.
+
+    :return: the settings (may be empty); a key declared twice is a configuration error.
+
+    Not firstresult: every plugin's settings are collected. Called by the CLI before a command
+    runs and by ``vramcore config`` / ``vramcore doctor``.
     """
     raise NotImplementedError
 

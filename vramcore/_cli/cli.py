@@ -35,6 +35,7 @@ from vramcore._cli.commands import (
     Console,
     UsageError,
 )
+from vramcore._cli.config import ConfigReport, Doctor
 from vramcore._cli.demo import cmd_bench, cmd_demo
 from vramcore._cli.support import (
     GIB,
@@ -48,6 +49,7 @@ from vramcore._cli.support import (
     report_lines,
     sink_reports,
 )
+from vramcore._config import Configuration, declared_settings
 from vramcore.errors import (
     AuditError,
     ConfigError,
@@ -236,8 +238,14 @@ def _progress_printer(console: Console, total: int) -> Any:
 # -- main -----------------------------------------------------------------------------------
 
 
-def build_parser(pm: VramcorePluginManager) -> argparse.ArgumentParser:
-    """The full parser: core commands plus the plugins' ones."""
+def build_parser(
+    pm: VramcorePluginManager, config: Configuration | None = None
+) -> argparse.ArgumentParser:
+    """The full parser: core commands plus the plugins' ones.
+
+    :param config: the configuration files read (``config`` and ``doctor`` show them).
+    """
+    config = Configuration() if config is None else config
     parser = _Parser(
         prog="vramcore",
         description="Keep model weights resident in GPU memory, and prove it.",
@@ -300,6 +308,18 @@ def build_parser(pm: VramcorePluginManager) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small sizes, one run each (CI smoke)")
     p.add_argument("--plot", metavar="PNG", help="write a throughput plot (needs matplotlib)")
     add_manager_options(p)
+    p = commands.add(
+        "config",
+        help="every setting's effective value and where it came from (file, environment, "
+        "argument, default)",
+        handler=ConfigReport(pm, config).run,
+    )
+    p.add_argument("--allocator", help="show the effect of --allocator NAME")
+    commands.add(
+        "doctor",
+        help="for each backend, audit sink and witness: active or why not, and the fix",
+        handler=Doctor(pm, config).run,
+    )
     pm.hook.vramcore_add_commands(commands=commands)
     return parser
 
@@ -404,6 +424,22 @@ def _quiet_broken_pipe() -> None:
         pass
 
 
+def _run(argv: list[str], console: Console, config: Configuration) -> int:
+    """Load the plugins, check the configuration files, parse ``argv`` and run the command."""
+    pm = _load_plugins(console)
+    config.check(declared_settings(pm))
+    parser = build_parser(pm, config)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help and --version
+        return exc.code if isinstance(exc.code, int) else EXIT_OK
+    handler = getattr(args, "handler", None)
+    if handler is None:
+        (getattr(args, "group_parser", None) or parser).print_help(sys.stderr)
+        return EXIT_USAGE
+    return int(handler(args, console))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -411,17 +447,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console(json_mode=json_mode)
     _configure_logging("-v" in argv or "--verbose" in argv)
     try:
-        pm = _load_plugins(console)
-        parser = build_parser(pm)
-        try:
-            args = parser.parse_args(argv)
-        except SystemExit as exc:  # --help and --version
-            return exc.code if isinstance(exc.code, int) else EXIT_OK
-        handler = getattr(args, "handler", None)
-        if handler is None:
-            (getattr(args, "group_parser", None) or parser).print_help(sys.stderr)
-            return EXIT_USAGE
-        return int(handler(args, console))
+        config = Configuration.load()
+        with config.applied(os.environ):
+            return _run(argv, console, config)
     except BrokenPipeError:
         _quiet_broken_pipe()
         return EXIT_FAILURE

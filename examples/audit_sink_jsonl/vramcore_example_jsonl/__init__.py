@@ -18,7 +18,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from vramcore import AuditSink, SinkContext, hookimpl
+from vramcore import AuditSink, Setting, SinkContext, hookimpl
 from vramcore.errors import ConfigError, IntegrityViolation
 from vramcore.events import AuditEvent
 
@@ -103,3 +103,17 @@ def read_events(path: Path, key: bytes) -> Iterator[dict[str, Any]]:
             if not isinstance(mac, str) or not hmac.compare_digest(mac, expected):
                 raise IntegrityViolation(f"{path}:{number}: MAC mismatch (line changed)")
             yield record["event"]
+
+
+@hookimpl
+def vramcore_settings() -> Sequence[Setting]:
+    """``VRAMCORE_EXAMPLE_JSONL``, which turns the sink on."""
+    return [
+        Setting(
+            key="example_jsonl",
+            help="file the example sink appends events to",
+            kind="path",
+            activates="sink",
+            default="unset: no sink",
+        ),
+    ]

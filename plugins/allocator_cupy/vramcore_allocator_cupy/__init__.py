@@ -18,6 +18,7 @@ import logging
 import os
 from collections.abc import Sequence
 
+from vramcore import Setting
 from vramcore.backend import AllocatorBackend, BackendSpec, DeviceBuffer, DeviceDigest
 from vramcore.errors import InsufficientVram
 from vramcore.hookspecs import hookimpl
@@ -84,3 +85,17 @@ def vramcore_device_digest(
         # A full GPU has no room for the scratch; hashing on the host is slower, not weaker.
         log.warning("cupy: no VRAM for the device digest's scratch; the host hashes instead")
         return None
+
+
+@hookimpl
+def vramcore_settings() -> Sequence[Setting]:
+    """``VRAMCORE_CUPY_NVML``."""
+    return [
+        Setting(
+            key="cupy_nvml",
+            help="query NVML (ECC counters, retired pages, addressing mode) "
+            "when nvidia-ml-py is installed",
+            kind="bool",
+            default="true",
+        ),
+    ]

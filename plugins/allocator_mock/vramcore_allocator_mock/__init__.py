@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from vramcore import Setting
 from vramcore.backend import AllocatorBackend, BackendSpec, DeviceBuffer, DeviceDigest
 from vramcore.hookspecs import hookimpl
 from vramcore_allocator_mock._backend import (
@@ -96,3 +97,74 @@ def vramcore_device_digest(
     if not isinstance(backend, MockBackend) or not backend.device_digest:
         return None
     return backend.digest(buffer, leaf_size, leaf_range)
+
+
+@hookimpl
+def vramcore_settings() -> Sequence[Setting]:
+    """The mock's ``VRAMCORE_MOCK_*`` settings (see the module docstring)."""
+    switch = "one GPU-like behaviour, overriding mock_faithful"
+    return [
+        Setting(
+            key="mock_devices",
+            help="number of mock devices",
+            kind="int",
+            minimum=1,
+            maximum=1024,
+            default="1",
+        ),
+        Setting(
+            key="mock_vram",
+            help="capacity per mock device: 24GiB, 512MiB or 2x24GiB",
+            default="24GiB",
+        ),
+        Setting(
+            key="mock_faithful",
+            help="asynchronous copies, uninitialised memory, strict "
+            "close and opaque native at once",
+            kind="bool",
+            default="false",
+        ),
+        Setting(
+            key="mock_async", help=f"asynchronous copies ({switch})", kind="bool", default="false"
+        ),
+        Setting(
+            key="mock_uninitialised",
+            help=f"garbage in fresh memory ({switch})",
+            kind="bool",
+            default="false",
+        ),
+        Setting(
+            key="mock_strict_close",
+            help=f"unusable after close ({switch})",
+            kind="bool",
+            default="false",
+        ),
+        Setting(
+            key="mock_sticky_errors",
+            help=f"an injected fault poisons the device ({switch})",
+            kind="bool",
+            default="false",
+        ),
+        Setting(
+            key="mock_device_digest",
+            help=f"a mock device-side digest ({switch})",
+            kind="bool",
+            default="false",
+        ),
+        Setting(
+            key="mock_opaque_native",
+            help=f"an opaque DeviceBuffer.native ({switch})",
+            kind="bool",
+            default="false",
+        ),
+        Setting(
+            key="mock_copy_delay",
+            help="seconds after which an unwaited asynchronous copy completes",
+            default="0.005",
+        ),
+        Setting(
+            key="mock_fail",
+            help="OP:N[,OP:N...]: the N-th call of OP fails once (e.g. read:3,free:1)",
+            default="no injected faults",
+        ),
+    ]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from vramcore import Setting
 from vramcore.backend import AllocatorBackend, BackendSpec, DeviceBuffer, DeviceDigest
 from vramcore.hookspecs import hookimpl
 
@@ -87,3 +88,16 @@ def vramcore_device_digest(
     if not isinstance(backend, PyCudaBackend):
         return None
     return backend.device_digest(buffer, leaf_size, leaf_range)
+
+
+@hookimpl
+def vramcore_settings() -> Sequence[Setting]:
+    """``VRAMCORE_PYCUDA_NVCC``."""
+    return [
+        Setting(
+            key="pycuda_nvcc",
+            help="nvcc used to compile the device digest kernel",
+            kind="path",
+            default="nvcc on PATH, then the CUDA toolkit's",
+        ),
+    ]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from vramcore import Commands
+from vramcore import Commands, Setting
 from vramcore._heads import Head
 from vramcore.audit import AuditSink, AuditWitness, SinkContext
 from vramcore.hookspecs import hookimpl
@@ -72,3 +72,78 @@ def vramcore_audit_witnesses(context: SinkContext) -> Sequence[AuditWitness]:
 def vramcore_add_commands(commands: Commands) -> None:
     """Add ``vramcore audit verify``, ``audit show`` and ``audit public-key``."""
     add_commands(commands)
+
+
+@hookimpl
+def vramcore_settings() -> Sequence[Setting]:
+    """The audit chain's ``VRAMCORE_AUDIT_*`` settings (see README.md)."""
+    return [
+        Setting(
+            key="audit_log",
+            help="directory of the audit log (bound to the worker token)",
+            kind="path",
+            activates="sink",
+            default="unset: no audit chain",
+        ),
+        Setting(
+            key="audit_witness",
+            help="file the chain appends its signed heads to (keep it off the log's disk)",
+            kind="path",
+            activates="witness",
+            default="unset",
+        ),
+        Setting(
+            key="audit_witness_required",
+            help="a failing witness fails critical events closed",
+            kind="bool",
+            default="false",
+        ),
+        Setting(
+            key="audit_durability",
+            help="when an event counts as recorded",
+            kind="choice",
+            choices=("immediate", "batched", "mixed"),
+            default="mixed",
+        ),
+        Setting(
+            key="audit_flush_ms",
+            help="batched mode: longest wait for a record's fsync (ms)",
+            kind="int",
+            minimum=1,
+            maximum=60_000,
+            default="50",
+        ),
+        Setting(
+            key="audit_max_bytes",
+            help="rotate to the next file at this size (bytes)",
+            kind="int",
+            minimum=1,
+            default="67108864 (64 MiB)",
+        ),
+        Setting(
+            key="audit_checkpoint_records",
+            help="records per checkpoint and key epoch",
+            kind="int",
+            minimum=1,
+            default="10000",
+        ),
+        Setting(
+            key="audit_checkpoint_seconds",
+            help="seconds per checkpoint and key epoch",
+            kind="int",
+            minimum=1,
+            default="300",
+        ),
+        Setting(
+            key="audit_initial_key_file",
+            help="where setup writes the auditor's initial key",
+            kind="path",
+            default="auditor-initial.key in the log directory",
+        ),
+        Setting(
+            key="audit_key_file",
+            help="the auditor's key file for audit verify",
+            kind="path",
+            default="--key-file",
+        ),
+    ]

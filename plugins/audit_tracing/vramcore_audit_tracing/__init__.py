@@ -22,6 +22,7 @@ import threading
 from collections.abc import Generator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from vramcore import Setting
 from vramcore.hookspecs import hookimpl
 from vramcore_audit_tracing._attributes import CORRELATION_BAGGAGE_KEY
 from vramcore_audit_tracing._narration import EVENTS_LOGGER, NARRATION_LOGGER
@@ -43,6 +44,9 @@ __all__ = [
     "TracingWitness",
     "default_plugin",
 ]
+
+#: Its sink keeps no lasting record (``vramcore doctor`` reads this without building it).
+SINKS_DURABLE = False
 
 _lock = threading.Lock()
 _default: TracingPlugin | None = None
@@ -101,3 +105,23 @@ def vramcore_audit_witnesses(context: SinkContext) -> Sequence[AuditWitness]:
 def vramcore_audit_failure(sink_name: str, event: AuditEvent, error: BaseException) -> None:
     """Count an audit sink failure (see :meth:`TracingPlugin.vramcore_audit_failure`)."""
     default_plugin().vramcore_audit_failure(sink_name, event, error)
+
+
+@hookimpl
+def vramcore_settings() -> Sequence[Setting]:
+    """``VRAMCORE_TRACING_WITNESS`` and ``VRAMCORE_TRACING_WITNESS_READBACK``."""
+    return [
+        Setting(
+            key="tracing_witness",
+            help="publish the audit chain's heads on the telemetry",
+            kind="bool",
+            activates="witness",
+            default="true",
+        ),
+        Setting(
+            key="tracing_witness_readback",
+            help="an export the witness reads heads back from",
+            kind="path",
+            default="unset",
+        ),
+    ]
