@@ -26,7 +26,8 @@ if [ "$1 $2" = "-m venv" ]; then
     cat > "$3/bin/python" <<EOF
 #!/bin/sh
 echo "$3/bin/python \$*" >> "\$LOG"
-printf '#!/bin/sh\necho "uv \$* TMPDIR=\$TMPDIR" >> "\$LOG"; ls -d "\$TMPDIR" >> "\$LOG"\n' > "$3/bin/uv"
+printf '#!/bin/sh\necho "uv \$* TMPDIR=\$TMPDIR" >> "\$LOG"\n' > "$3/bin/uv"
+printf 'ls -d "\$TMPDIR" >> "\$LOG"\n' >> "$3/bin/uv"
 chmod +x "$3/bin/uv"
 EOF
     chmod +x "$3/bin/python"
@@ -98,7 +99,8 @@ def test_the_demo_installs_only_the_demo_group(sandbox: tuple[Path, dict[str, st
     repo, env = sandbox
     subprocess.run(["bash", "./dev", "demo"], cwd=repo, env=env, check=True)
     uv = [c for c in _calls(env) if c.startswith("uv ")]
-    assert uv[0].startswith("uv run --frozen --no-default-groups --group demo --quiet vramcore demo")
+    demo = "uv run --frozen --no-default-groups --group demo --quiet vramcore demo"
+    assert uv[0].startswith(demo)
 
 
 def test_each_job_has_a_temporary_directory_removed_after(

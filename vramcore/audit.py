@@ -16,6 +16,12 @@ event fails the operation with :class:`~vramcore.errors.AuditError` (fail closed
 events the failure is logged, reported through
 :func:`~vramcore.hookspecs.vramcore_audit_failure` and delivery goes on.
 
+Audit modes (:data:`AUDIT_MODES`, the manager's ``audit=``): ``required`` (the default) needs a
+durable sink to start and fails closed as above; ``best_effort`` delivers every event to every
+sink too, but no sink can stop an operation: a failure on a critical event is logged and
+reported like any other (for telemetry-only deployments, whose tracing sink is not durable);
+``disabled`` collects no sink at all.
+
 The caller waits for every event, critical or not, so an operation returns only once each
 sink has its events (and a tracing sink adds them inside the operation's span). The price of
 bounding that wait is one thread hand-off per event and sink: about 0.1 ms on the 2-core
@@ -32,7 +38,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent import futures
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, Literal, get_args
 
 import attrs
 
@@ -41,9 +47,11 @@ from vramcore.events import AuditEvent
 from vramcore.seal import SecretKey, WorkerToken
 
 __all__ = [
+    "AUDIT_MODES",
     "DEFAULT_SINK_TIMEOUT",
     "PLUGIN_KEY_INFO_PREFIX",
     "PLUGIN_MASTER_INFO",
+    "AuditMode",
     "AuditSink",
     "AuditTrail",
     "AuditWitness",
@@ -53,6 +61,12 @@ __all__ = [
 ]
 
 log = logging.getLogger("vramcore.audit")
+
+#: How a manager audits: ``required`` (a durable sink, fail closed), ``best_effort`` (every
+#: sink, never fatal) or ``disabled`` (no sink).
+AuditMode = Literal["required", "best_effort", "disabled"]
+#: The audit modes, in the order of :data:`AuditMode`.
+AUDIT_MODES: tuple[str, ...] = get_args(AuditMode)
 
 
 #: HKDF ``info`` of the plugin master key, derived from the worker token. Plugin keys are
@@ -280,12 +294,14 @@ def deliver(
     on_failure: Any = None,
     *,
     lanes: Mapping[int, _Lane] | None = None,
+    fail_closed: bool = True,
 ) -> list[tuple[AuditSink, BaseException]]:
     """Give ``event`` to every sink; return the failures.
 
     Every sink is tried even when an earlier one fails. For a critical event any failure
     (an exception of any kind, or no answer within the sink's time limit) raises
-    :class:`AuditError` after all sinks were tried. ``on_failure(sink, event, exc)`` is called
+    :class:`AuditError` after all sinks were tried, unless ``fail_closed`` is false (the
+    ``best_effort`` mode), which logs it instead. ``on_failure(sink, event, exc)`` is called
     for each failure (the manager reports it through a hook). ``lanes`` (the manager's, by
     ``id(sink)``) bound each sink's time; without them sinks are called inline.
     """
@@ -308,6 +324,14 @@ def deliver(
                 on_failure(sink, event, exc)
     if failures and event.critical:
         names = ", ".join(sorted({s.name for s, _ in failures}))
+        if not fail_closed:
+            log.warning(
+                "audit sink(s) %s could not record critical event %s; audit mode best_effort: "
+                "the operation goes on",
+                names,
+                event.event_type,
+            )
+            return failures
         raise AuditError(
             f"audit sink(s) {names} could not record critical event {event.event_type}; "
             "the operation was refused (fail closed). Check the sink's storage and restart."
@@ -323,9 +347,20 @@ class AuditTrail:
 
     :param plugin_manager: the plugins (each is asked for its sinks with a context of its own).
     :param sink_timeout: seconds a sink may take per event (and to close).
+    :param mode: one of :data:`AUDIT_MODES` (see the module docstring).
+    :raises InvalidInput: an unknown mode.
     """
 
-    def __init__(self, plugin_manager: Any, sink_timeout: float = DEFAULT_SINK_TIMEOUT) -> None:
+    def __init__(
+        self,
+        plugin_manager: Any,
+        sink_timeout: float = DEFAULT_SINK_TIMEOUT,
+        *,
+        mode: AuditMode = "required",
+    ) -> None:
+        if not isinstance(mode, str) or mode not in AUDIT_MODES:
+            raise InvalidInput(f"audit must be one of {', '.join(AUDIT_MODES)}, got {mode!r:.40}")
+        self.mode: AuditMode = mode
         self._pm = plugin_manager
         self._hook = plugin_manager.hook
         self._sinks: list[AuditSink] = []
@@ -342,6 +377,23 @@ class AuditTrail:
     def witnesses(self) -> tuple[AuditWitness, ...]:
         """The witnesses the sinks publish to."""
         return tuple(self._witnesses)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether sinks are collected at all (every mode but ``disabled``)."""
+        return self.mode != "disabled"
+
+    def start(self, context: SinkContext) -> None:
+        """Collect the sinks and witnesses as the mode asks (none when ``disabled``).
+
+        :raises AuditError: ``required`` and no durable sink (see :meth:`require_durable`).
+        :raises ConfigError: see :meth:`collect`.
+        """
+        if not self.enabled:
+            return
+        self.collect(context)
+        if self.mode == "required":
+            self.require_durable()
 
     def collect(self, context: SinkContext) -> None:
         """Ask every plugin for its witnesses and sinks, and give the sinks the witnesses.
@@ -378,14 +430,21 @@ class AuditTrail:
         names = ", ".join(sink.name for sink in self._sinks) or "none"
         raise AuditError(
             f"no durable audit sink is configured (sinks: {names}) and audit='required': "
-            "install vramcore-audit-chain and set VRAMCORE_AUDIT_LOG=/path/to/dir, or pass "
-            "audit='disabled' to run without an audit trail on purpose",
+            "install the audit chain plugin and set VRAMCORE_AUDIT_LOG=/path/to/dir, or pass "
+            "audit='best_effort' to run with the sinks there are (telemetry only, never "
+            "fatal), or audit='disabled' to run without an audit trail on purpose",
             configuration=True,
         )
 
     def emit(self, event: AuditEvent) -> None:
         """Deliver ``event`` to every sink (see :func:`deliver`); failures are reported."""
-        deliver(self._sinks, event, on_failure=self._report_failure, lanes=self._lanes)
+        deliver(
+            self._sinks,
+            event,
+            on_failure=self._report_failure,
+            lanes=self._lanes,
+            fail_closed=self.mode == "required",
+        )
 
     def _report_failure(self, sink: AuditSink, event: AuditEvent, exc: BaseException) -> None:
         try:
