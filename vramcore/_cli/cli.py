@@ -62,7 +62,7 @@ from vramcore.errors import (
 from vramcore.plugins import VramcorePluginManager, collect_backends, get_plugin_manager
 from vramcore.validation import check_path, check_sha256_hex, check_shard_id, escape_text
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "version_text"]
 
 # -- plugins / devices -------------------------------------------------------------------
 
@@ -250,7 +250,12 @@ def build_parser(
         prog="vramcore",
         description="Keep model weights resident in GPU memory, and prove it.",
     )
-    parser.add_argument("--version", action="version", version=f"vramcore {__version__}")
+    parser.add_argument(
+        "--version",
+        action=_Version,
+        version=version_text(pm),
+        help="the versions of vramcore and of each loaded plugin",
+    )
     sub = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser)
     commands = Commands(sub)
 
@@ -322,6 +327,25 @@ def build_parser(
     )
     pm.hook.vramcore_add_commands(commands=commands)
     return parser
+
+
+def version_text(pm: VramcorePluginManager) -> str:
+    """``vramcore --version``: the core's version, then each loaded plugin's distribution."""
+    lines = [f"vramcore {__version__}"]
+    lines += [f"  plugin {p.name}: {p.distribution} {p.version}" for p in pm.loaded]
+    return "\n".join(lines)
+
+
+class _Version(argparse.Action):
+    """``--version`` printed as written, one line per plugin (argparse's own re-wraps it)."""
+
+    def __init__(self, option_strings: Sequence[str], version: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, nargs=0, default=argparse.SUPPRESS, **kwargs)
+        self.version = version
+
+    def __call__(self, parser: argparse.ArgumentParser, *_args: Any, **_kwargs: Any) -> None:
+        print(self.version, flush=True)
+        parser.exit()
 
 
 class _Parser(argparse.ArgumentParser):

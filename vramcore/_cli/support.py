@@ -213,7 +213,7 @@ def cli_command() -> str:
 
     ``vramcore`` when the shell finds this very installation on its ``PATH``; else the
     absolute path of this environment's script (under ``./dev`` or ``uv run`` the venv is on
-    ``PATH`` for this process only); else ``python -m vramcore._cli.cli``.
+    ``PATH`` for this process only); else ``python -m vramcore``.
     """
     script = Path(sys.executable).parent / "vramcore"
     found = shutil.which("vramcore")
@@ -222,7 +222,7 @@ def cli_command() -> str:
         return "vramcore"
     if script.exists():
         return shlex.quote(str(script))
-    return f"{shlex.quote(sys.executable)} -m vramcore._cli.cli"
+    return f"{shlex.quote(sys.executable)} -m vramcore"
 
 
 def sink_reports(manager: Any) -> list[dict[str, Any]]:
