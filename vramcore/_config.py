@@ -424,6 +424,13 @@ def core_settings() -> list[Setting]:
             default="the number of cores",
         ),
         Setting(
+            key="log_format",
+            help="how the CLI writes log records to stderr: text lines or one JSON object each",
+            kind="choice",
+            choices=("text", "json"),
+            default="text",
+        ),
+        Setting(
             key="debug",
             help="the CLI shows the traceback of an unexpected error (for a bug report)",
             kind="bool",

@@ -15,7 +15,9 @@ as the process anyway) and show only its fingerprint.
 from __future__ import annotations
 
 import argparse
+import datetime
 import errno
+import json
 import logging
 import os
 import resource
@@ -356,6 +358,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 _QUIET_LOGGERS = ("vramcore.narration", "vramcore.events")
+#: Where the CLI's log handler sends records from: the core's loggers and the plugins'
+#: (``vramcore.*``, and plugin packages logging under their module name, ``vramcore_*``).
+_OURS = ("vramcore.", "vramcore_")
+#: ``VRAMCORE_LOG_FORMAT``: ``text`` (one line per record) or ``json`` (one object per line).
+LOG_FORMATS = ("text", "json")
 
 
 class _OneLineFormatter(logging.Formatter):
@@ -369,23 +376,62 @@ class _OneLineFormatter(logging.Formatter):
         return escape_text(f"vramcore: {record.name}: {message}".replace("\n", " "))
 
 
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per record (``time``, ``level``, ``logger``, ``message``, ``error``);
+    all non-ASCII escaped, an exception named, never a traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            doc["error"] = f"{type(exc).__name__}: {exc}"
+        return json.dumps(doc, ensure_ascii=True, sort_keys=True)
+
+
+class _OursOnly(logging.Filter):
+    """Records of vramcore and its plugins; narration and events only when verbose."""
+
+    def __init__(self, verbose: bool) -> None:
+        super().__init__()
+        self._verbose = verbose
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = record.name
+        if name != "vramcore" and not name.startswith(_OURS):
+            return False
+        return self._verbose or not name.startswith(_QUIET_LOGGERS)
+
+
 def _configure_logging(verbose: bool) -> None:
     """Warnings of vramcore and its plugins to stderr; narration and events only with -v.
 
-    The CLI prints what matters itself; per-operation narration would repeat it.
+    The CLI prints what matters itself; per-operation narration would repeat it. With
+    ``VRAMCORE_LOG_FORMAT=json`` each record is one JSON object per line.
+
+    :raises ConfigError: an unknown ``VRAMCORE_LOG_FORMAT``.
     """
-    logger = logging.getLogger("vramcore")
-    for old in [h for h in logger.handlers if getattr(h, "_vramcore_cli", False)]:
-        logger.removeHandler(old)
+    fmt = os.environ.get("VRAMCORE_LOG_FORMAT", "text").strip().lower() or "text"
+    if fmt not in LOG_FORMATS:
+        raise ConfigError(f"VRAMCORE_LOG_FORMAT={fmt[:20]!r} must be text or json")
+    root = logging.getLogger()
+    for logger in (root, logging.getLogger("vramcore")):
+        for old in [h for h in logger.handlers if getattr(h, "_vramcore_cli", False)]:
+            logger.removeHandler(old)
+    level = logging.INFO if verbose else logging.WARNING
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_OneLineFormatter())
-    handler.setLevel(logging.INFO if verbose else logging.WARNING)
-    if not verbose:
-        handler.addFilter(lambda record: not record.name.startswith(_QUIET_LOGGERS))
+    handler.setFormatter(_JsonFormatter() if fmt == "json" else _OneLineFormatter())
+    handler.setLevel(level)
+    handler.addFilter(_OursOnly(verbose))
     handler._vramcore_cli = True  # type: ignore[attr-defined]
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO if verbose else logging.WARNING)
-    logger.propagate = False
+    root.addHandler(handler)
+    logging.getLogger("vramcore").setLevel(level)
+    if verbose and root.level > logging.INFO:
+        root.setLevel(logging.INFO)  # plugin loggers named after their module inherit it
 
 
 def _load_plugins(console: Console) -> VramcorePluginManager:
@@ -469,10 +515,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     json_mode = "--json" in argv
     console = Console(json_mode=json_mode)
-    _configure_logging("-v" in argv or "--verbose" in argv)
     try:
         config = Configuration.load()
         with config.applied(os.environ):
+            _configure_logging("-v" in argv or "--verbose" in argv)
             return _run(argv, console, config)
     except BrokenPipeError:
         _quiet_broken_pipe()
