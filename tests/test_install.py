@@ -143,7 +143,8 @@ def test_each_requirement_is_a_folder_here_or_an_allowed_package(line: InstallLi
 
 
 def test_no_advice_to_install_an_unpublished_name() -> None:
-    sources = [*_docs(), ROOT / "vramcore" / "plugins.py", ROOT / "vramcore" / "_cli" / "support.py"]
+    core = ROOT / "vramcore"
+    sources = [*_docs(), core / "plugins.py", core / "_cli" / "support.py"]
     for path in sources:
         text = path.read_text()
         assert not re.search(r"pip install ['\"]?vramcore", text), f"{path}: unpublished name"
