@@ -278,7 +278,7 @@ def test_doctor_explains_cupy_without_a_driver(
     # The CuPy plugin and its CUDA library are installed in this workspace; no driver is.
     assert backends["cupy"]["active"] is False
     assert "driver" in backends["cupy"]["reason"]
-    assert "pip install" in backends["cupy"]["fix"]
+    assert "pip install" in backends["cupy"]["install"]
     assert backends["mock"]["active"] is True
     sinks = {row["plugin"]: row for row in data["sinks"]}
     assert sinks["audit_chain"]["active"] is False
@@ -303,3 +303,20 @@ def test_doctor_sees_a_sink_turned_on_by_the_file(
     assert sinks["audit_chain"]["reason"] == f"VRAMCORE_AUDIT_LOG set (file {toml})"
     assert data["audit_required_ok"] is True
     assert not (cli / "audit").exists()  # the doctor starts nothing
+
+
+def test_doctor_on_a_gpu_worker_without_a_driver_says_what_to_do(
+    cli: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # What a worker image has: the CuPy plugin and the audit chain, no mock; here, no driver.
+    monkeypatch.setenv("VRAMCORE_PLUGINS", "cupy,audit_chain")
+    code, out, _ = run(capsys, "doctor", "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert [row["name"] for row in data["backends"]] == ["cupy"]
+    assert data["default_backend"]["name"] is None
+    assert "cupy: no CUDA driver" in data["default_backend"]["reason"]
+    assert "NVIDIA GPU and its driver" in data["default_backend"]["fix"]
+    code, out, _ = run(capsys, "doctor")
+    assert "cupy           cannot run: no CUDA driver found" in out
+    assert "fix: a GPU backend needs an NVIDIA GPU and its driver" in out

@@ -61,6 +61,13 @@ class ConfigReport:
         return EXIT_OK
 
 
+#: What to do when no backend runs without being named.
+_NO_BACKEND_FIX = (
+    "a GPU backend needs an NVIDIA GPU and its driver on this machine (`nvidia-smi` lists "
+    "them) and the backend's package (the install hints above); to try vramcore without a "
+    'GPU, name the mock: --allocator mock, VRAMCORE_ALLOCATOR=mock or allocator = "mock" in '
+    "vramcore.toml"
+)
 _NO_FILE = (
     "files read: none (looked for /etc/vramcore.toml and ./vramcore.toml; "
     "VRAMCORE_CONFIG=/path/file.toml names another)"
@@ -124,7 +131,7 @@ class Doctor:
                     "active": reason is None,
                     "reason": reason,
                     # A reason that already says what to install needs no second copy of it.
-                    "fix": spec.install_hint
+                    "install": spec.install_hint
                     if reason is not None and spec.install_hint not in reason
                     else None,
                 }
@@ -135,8 +142,8 @@ class Doctor:
         try:
             spec = select_backend(self._pm)
         except VramError as exc:
-            return {"name": None, "reason": str(exc)}
-        return {"name": spec.name, "reason": None}
+            return {"name": None, "reason": str(exc), "fix": _NO_BACKEND_FIX}
+        return {"name": spec.name, "reason": None, "fix": None}
 
     def _parts(self, hook: str, role: str) -> list[dict[str, Any]]:
         """The plugins implementing ``hook``, each active or not (by its ``activates``)."""
@@ -185,16 +192,16 @@ class Doctor:
         for row in data["backends"]:
             state = "can run" if row["active"] else f"cannot run: {row['reason']}"
             lines.append(f"  {row['name']:<14} {state}")
-            if row["fix"]:
-                lines.append(f"  {'':<14} fix: {row['fix']}")
+            if row["install"]:
+                lines.append(f"  {'':<14} install: {row['install']}")
         if not data["backends"]:
             lines.append("  (none installed)")
         default = data["default_backend"]
-        lines.append(
-            f"  default: {default['name']}"
-            if default["name"]
-            else f"  default: none ({default['reason']})"
-        )
+        if default["name"]:
+            lines.append(f"  default: {default['name']}")
+        else:
+            lines.append(f"  default: none ({default['reason']})")
+            lines.append(f"  {'':<14} fix: {_NO_BACKEND_FIX}")
         for title, key in (("Audit sinks:", "sinks"), ("Audit witnesses:", "witnesses")):
             lines.append(title)
             for row in data[key]:
