@@ -273,6 +273,7 @@ def test_disable_plugins_env_skips_the_entry_point() -> None:
         "vramcore_audit_sinks",
         "vramcore_audit_witnesses",
         "vramcore_operation",
+        "vramcore_settings",
     )
 
 
