@@ -141,6 +141,14 @@ def vramcore_settings() -> Sequence[Setting]:
             default="auditor-initial.key in the log directory",
         ),
         Setting(
+            key="audit_thin_verified_seconds",
+            help="one record per shard per interval for successful verifications, with a "
+            "count (never a failure, violation or seal); 0 records each",
+            kind="int",
+            minimum=0,
+            default="0 (every verification recorded)",
+        ),
+        Setting(
             key="audit_key_file",
             help="the auditor's key file for audit verify",
             kind="path",
