@@ -72,14 +72,21 @@ class Anchor:
     segment: str | None = None
     public_key: str | None = None
     line: tuple[int, int] = (0, 0)
-    message: bytes = attrs.field(repr=False)
+    #: what the signature covers: a checkpoint's message, or the head itself (its message is
+    #: built only when a signature is checked: most anchors never need it)
+    signed: bytes | Head = attrs.field(repr=False)
     sig: bytes = attrs.field(repr=False)
+
+    @property
+    def message(self) -> bytes:
+        """The bytes the signature covers."""
+        return self.signed.message() if isinstance(self.signed, Head) else self.signed
 
     def signed_by(self, public: Ed25519PublicKey) -> bool:
         """Whether the log's checkpoint key signed this anchor."""
         try:
             public.verify(self.sig, self.message)
-        except InvalidSignature:
+        except (InvalidSignature, ValueError):
             return False
         return True
 
@@ -97,7 +104,7 @@ class Anchor:
             segment=head.segment,
             public_key=head.public_key,
             line=line,
-            message=head.message(),
+            signed=head,
             sig=bytes.fromhex(head.sig),
         )
 
@@ -132,7 +139,7 @@ class Anchor:
             ts=str(fields["ts"])[:40],
             source=source,
             line=line,
-            message=fmt.checkpoint_message(signed),
+            signed=fmt.checkpoint_message(signed),
             sig=sig,
         )
 
