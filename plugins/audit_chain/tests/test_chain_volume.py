@@ -150,3 +150,18 @@ def test_a_chain_rotated_three_times_verifies_end_to_end(
     files[1].unlink()
     assert main(["audit", "verify", str(chain_dir), "--key-file", key]) == 1
     capsys.readouterr()
+
+
+def test_show_prints_the_counts_of_thinned_verifications(
+    chain_dir: Path, chain: Any, capsys: Any
+) -> None:
+    sink = ChainSink(
+        ChainConfig(directory=chain_dir, durability="batched", thin_verified_seconds=3600),
+        chain.context(),
+    )
+    for _ in range(5):
+        sink.emit(_verified("a"))
+    sink.close()
+    assert main(["audit", "show", str(chain_dir), "--event-type", "audit.thinned"]) == 0
+    out = capsys.readouterr().out
+    assert "audit.thinned shard_id=a device=0 count=4" in out

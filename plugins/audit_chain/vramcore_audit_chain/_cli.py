@@ -197,7 +197,7 @@ def _printable(value: object) -> str:
 def _summary(rtype: str, data: dict[str, Any]) -> str:
     if rtype == fmt.EVENT:
         parts = [str(data.get("event_type", "?"))]
-        for key in ("shard_id", "device", "nbytes", "reason", "rule"):
+        for key in ("shard_id", "device", "nbytes", "reason", "rule", "thinned", "count"):
             if key in data:
                 parts.append(f"{key}={data[key]}")
         return " ".join(parts)
