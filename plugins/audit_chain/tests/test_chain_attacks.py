@@ -464,6 +464,7 @@ def test_a_huge_anchor_file_is_read_in_bounded_memory(
     assert chain.verify(chain_dir, anchors=anchors).ok
 
 
+@pytest.mark.slow
 def test_no_single_bit_flip_in_the_newest_head_lets_a_cut_log_pass(
     chain_dir: Path, chain: Any, witness_file: Path
 ) -> None:

@@ -21,7 +21,10 @@ WRITERS = 32
 SECONDS = 1.5
 DEADLINE = 120.0
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+pytestmark = [
+    pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork"),
+    pytest.mark.slow,  # about 10 s: CI runs it, the fast loop leaves it out
+]
 
 
 def _writer(directory: Path, witness: Path, chain: Any, index: int) -> dict[str, Any]:
