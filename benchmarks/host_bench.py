@@ -2,7 +2,10 @@
 
 Prints a table (and optionally JSON and a PNG plot) of seal/verify GiB/s for shard sizes from
 64 KiB to 1 GiB, per hash-worker count, beside baselines measured in the same run: one-thread
-SHA-256 of the same bytes, a memory copy, and model_signing's file hashing when installed.
+SHA-256 of the same bytes, a memory copy, and model_signing's file hashing when installed;
+then the fixed cost of one verification (no sink, and the audit chain in batched mode), a
+header of 10^6 tensors parsed by vramcore and by the reference ``safetensors`` parser, and
+the host path's goals checked as ratios of this run.
 
     .venv/bin/python benchmarks/host_bench.py            # full run (a few minutes, 2 cores)
     .venv/bin/python benchmarks/host_bench.py --quick    # CI smoke
@@ -18,14 +21,25 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from typing import Any
 
 from vramcore import VramManager
-from vramcore._cli.benchmark import DEFAULT_SIZES, QUICK_SIZES, format_table, plot, run
+from vramcore._cli.benchmark import (
+    DEFAULT_SIZES,
+    DEFAULT_TENSORS,
+    QUICK_SIZES,
+    QUICK_TENSORS,
+    format_table,
+    plot,
+    run,
+    tensor_count,
+)
 from vramcore.errors import VramError
 from vramcore.plugins import get_plugin_manager
 
 UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+_TOKEN = "benchmark-token-" + "xy" * 12
 
 
 def size(text: str) -> int:
@@ -47,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", default=f"1,{os.cpu_count() or 2}")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--sample", type=float, default=0.01)
+    parser.add_argument(
+        "--tensors", type=tensor_count, help="tensors in the header-parse measurement (0: skip)"
+    )
     parser.add_argument("--quick", action="store_true", help="CI smoke: small sizes, repeat 1")
     parser.add_argument("--json", metavar="PATH", help="write the report as JSON")
     parser.add_argument("--plot", metavar="PNG", help="write a throughput plot (matplotlib)")
@@ -57,13 +74,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--workers takes a comma-separated list of integers, e.g. 1,2")
     if args.repeat < 1 or any(w < 1 for w in workers) or not 0 < args.sample <= 1:
         parser.error("--repeat and --workers must be >= 1, --sample in (0, 1]")
+    tensors = (
+        args.tensors
+        if args.tensors is not None
+        else (QUICK_TENSORS if args.quick else DEFAULT_TENSORS)
+    )
     sizes = args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)
     capacity = 3 * max(sizes) + (64 << 20)
     pm = get_plugin_manager(env={"VRAMCORE_PLUGINS": "mock"})
 
     def make_manager(count: int) -> Any:
         return VramManager(
-            "benchmark-token-" + "x" * 24,
+            _TOKEN,
             allocator=_mock(capacity),
             plugin_manager=pm,
             audit="disabled",
@@ -71,14 +93,17 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     try:
-        report = run(
-            make_manager,
-            sizes=sizes,
-            workers=workers,
-            repeat=1 if args.quick else args.repeat,
-            sample=args.sample,
-            progress=lambda line: print(line, file=sys.stderr, flush=True),
-        )
+        with tempfile.TemporaryDirectory(prefix="vramcore-bench-audit-") as audit_dir:
+            report = run(
+                make_manager,
+                sizes=sizes,
+                workers=workers,
+                repeat=1 if args.quick else args.repeat,
+                sample=args.sample,
+                tensors=tensors,
+                make_audited_manager=_AuditedManager(audit_dir, max(workers)).make,
+                progress=lambda line: print(line, file=sys.stderr, flush=True),
+            )
         print(format_table(report))
         if args.json:
             with open(args.json, "w", encoding="utf-8") as fh:
@@ -90,6 +115,33 @@ def main(argv: list[str] | None = None) -> int:
         print(f"host_bench: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+class _AuditedManager:
+    """A manager on the mock with the audit chain in ``batched`` mode, logging to a
+    temporary directory (what a fixed-cost measurement with a sink needs)."""
+
+    def __init__(self, directory: str, workers: int) -> None:
+        self.directory = directory
+        self.workers = workers
+
+    def make(self) -> Any:
+        env = {"VRAMCORE_AUDIT_LOG": self.directory, "VRAMCORE_AUDIT_DURABILITY": "batched"}
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)  # the chain plugin reads its settings from the environment
+        try:
+            return VramManager(
+                _TOKEN,
+                allocator=_mock(64 << 20),
+                plugin_manager=get_plugin_manager(env={"VRAMCORE_PLUGINS": "mock,audit_chain"}),
+                hash_workers=self.workers,
+            )
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 def _mock(capacity: int) -> Any:

@@ -210,6 +210,8 @@ def test_bench_prints_ratios_against_baseline(capsys: pytest.CaptureFixture[str]
         "2",
         "--repeat",
         "1",
+        "--tensors",
+        "2000",
         "--json",
         "--no-audit",
     )
@@ -221,10 +223,18 @@ def test_bench_prints_ratios_against_baseline(capsys: pytest.CaptureFixture[str]
         assert rows[(what, 1 << 20)]["workers"] == 2
         assert rows[(what, 65536)]["gib_s"] > 0
     assert data["fixed_verify_cost_us"] > 0
+    assert data["header_parse"]["tensors"] == 2000
 
 
 @pytest.mark.parametrize(
-    "args", [["--sample", "0"], ["--sample", "1.5"], ["--workers", "0"], ["--size", "x"]]
+    "args",
+    [
+        ["--sample", "0"],
+        ["--sample", "1.5"],
+        ["--workers", "0"],
+        ["--size", "x"],
+        ["--tensors", "-1"],
+    ],
 )
 def test_bench_bad_options_exit_2(capsys: pytest.CaptureFixture[str], args: list[str]) -> None:
     code, _, err = run(capsys, "bench", *args, "--no-audit")

@@ -8,19 +8,31 @@ What one run measures, for each shard size:
 * for each worker count: ``seal_model`` (bytes in memory), ``seal_file`` (a file in the page
   cache), a full ``verify_sealed`` and a sampled one (1 % of the leaves by default, reported
   as the shard bytes covered per second);
-* the fixed cost of one verification (a one-leaf shard, minus its hashing).
 
-Every figure is the best of ``repeat`` runs and is also given as a ratio to the one-thread
-SHA-256 baseline of the same bytes, so runs on different machines compare. It runs on any
+and once:
+
+* the fixed cost of one verification (a one-leaf shard, minus its hashing), for
+  ``verify_sealed`` and for ``verified()``, with no audit sink and, when the caller supplies
+  such a manager, with the audit chain;
+* a safetensors header of many tiny tensors parsed by vramcore and by the reference parser
+  (``safetensors``, when installed), each in a fresh interpreter so its peak memory is its own.
+
+Every throughput figure is the best of ``repeat`` runs and is also given as a ratio to the
+one-thread SHA-256 baseline of the same bytes, so runs on different machines compare; the
+goals of the host path are checked as ratios of the same run (:func:`goals`). It runs on any
 backend; the mock stands in for VRAM with host memory, so its figures are the host path's.
-Used by ``benchmarks/host_bench.py`` (table, ``--json``, ``--plot``).
+Used by ``benchmarks/host_bench.py`` (table, ``--json``, ``--plot``) and ``vramcore bench``.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
+import json
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -29,14 +41,67 @@ from typing import Any
 
 from vramcore.errors import ConfigError
 
-__all__ = ["DEFAULT_SIZES", "QUICK_SIZES", "format_table", "plot", "run"]
+__all__ = [
+    "DEFAULT_SIZES",
+    "DEFAULT_TENSORS",
+    "QUICK_SIZES",
+    "QUICK_TENSORS",
+    "format_table",
+    "goals",
+    "plot",
+    "run",
+    "tensor_count",
+]
 
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 #: Shard sizes of a full run.
 DEFAULT_SIZES = (64 * KIB, MIB, 16 * MIB, 64 * MIB, 256 * MIB, GIB)
 #: Shard sizes of a quick (CI smoke) run.
 QUICK_SIZES = (64 * KIB, MIB)
+#: Tensors in the header-parsing measurement of a full run, and of a quick one.
+DEFAULT_TENSORS = 1_000_000
+QUICK_TENSORS = 10_000
 _BLOCK = 16 * MIB
+_FIXED_COST_BYTES = 4096
+# A fresh interpreter parses the header and reports its time and its peak resident memory.
+_PARSE_CHILD = """
+import json, os, resource, sys, time
+which, path = sys.argv[1], sys.argv[2]
+size = os.path.getsize(path)
+if which == "vramcore":
+    from vramcore.safetensors import read_safetensors_header
+    start = time.perf_counter()
+    with open(path, "rb") as fh:
+        count = len(read_safetensors_header(fh, size).tensors)
+else:
+    from safetensors import safe_open
+    try:
+        import numpy  # the framework safe_open loads: its import is not the parser's time
+    except ImportError:
+        pass
+    start = time.perf_counter()
+    with safe_open(path, "numpy") as f:
+        count = len(f.keys())
+seconds = time.perf_counter() - start
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"seconds": seconds, "tensors": count, "peak_bytes": peak}))
+"""
+
+
+#: Most tensors the header-parse measurement writes (a 10^7-tensor header is near the format's
+#: 100 MB header limit).
+MAX_TENSORS = 1_000_000 * 10
+
+
+def tensor_count(text: str) -> int:
+    """A tensor count for the header-parse measurement (argparse ``type=`` for ``--tensors``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 0 <= value <= MAX_TENSORS:
+        raise argparse.ArgumentTypeError(f"must be from 0 to {MAX_TENSORS}, got {value}")
+    return value
 
 
 def _data(size: int) -> bytearray:
@@ -57,17 +122,26 @@ def _best(fn: Callable[[], object], repeat: int) -> float:
     return best
 
 
-def _model_signing_hash() -> Callable[[Path], object] | None:
-    try:
-        from model_signing import hashing  # type: ignore[import-not-found, unused-ignore]
-    except Exception:  # not installed, or its optional dependencies are missing
-        return None
+class _ModelSigning:
+    """``model_signing``'s hashing of one file, as its own API does it (one SHA-256 of the
+    file, by its default configuration)."""
 
-    def run(path: Path) -> object:
-        config = hashing.Config()  # type: ignore[no-untyped-call, unused-ignore]
+    def __init__(self, hashing: Any) -> None:
+        self._hashing = hashing
+
+    @classmethod
+    def load(cls) -> _ModelSigning | None:
+        """The baseline, or None when ``model_signing`` (or a dependency of it) is missing."""
+        try:
+            from model_signing import hashing  # type: ignore[import-not-found, unused-ignore]
+        except Exception:  # not installed, or its optional dependencies are missing
+            return None
+        return cls(hashing)
+
+    def hash(self, path: Path) -> object:
+        """Hash ``path`` (a file in the page cache)."""
+        config = self._hashing.Config()
         return config.hash(path.parent, files_to_hash=[path])
-
-    return run
 
 
 def run(
@@ -77,131 +151,348 @@ def run(
     workers: Iterable[int] = (1, os.cpu_count() or 2),
     repeat: int = 3,
     sample: float = 0.01,
+    tensors: int = DEFAULT_TENSORS,
+    make_audited_manager: Callable[[], Any] | None = None,
     directory: str | os.PathLike[str] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Measure; return a JSON-ready report (see the module docstring).
 
     :param make_manager: ``make_manager(hash_workers)`` returns a fresh manager (closed here).
+    :param tensors: tensors in the header-parsing measurement (0: skip it).
+    :param make_audited_manager: returns a manager with the audit chain (batched) attached,
+        for the fixed cost of a verification with a sink; None skips that measurement.
     :param directory: where the benchmark files go (default: a temporary directory).
     :param progress: called with a line before each measurement.
     """
-    if repeat < 1 or not sizes:
-        raise ConfigError("repeat must be at least 1 and sizes must not be empty")
-    say = progress or (lambda _line: None)
-    counts = sorted(set(workers))
-    ms_hash = _model_signing_hash()
-    rows: list[dict[str, Any]] = []
-    steps = len(sizes) * (1 + (ms_hash is not None) + len(counts)) + 1
-    step = 0
-
-    def note(what: str, size: int) -> None:
-        nonlocal step
-        step += 1
-        say(f"[{step}/{steps}] {what}, {_human(size)}")
-
+    if repeat < 1 or not sizes or tensors < 0:
+        raise ConfigError("repeat must be at least 1, sizes not empty, tensors not negative")
+    bench = HostBenchmark(
+        make_manager,
+        workers=sorted(set(workers)),
+        repeat=repeat,
+        sample=sample,
+        progress=progress or (lambda _line: None),
+    )
     with tempfile.TemporaryDirectory(dir=directory, prefix="vramcore-bench-") as tmp:
+        return bench.run(sizes, Path(tmp), tensors, make_audited_manager)
+
+
+class HostBenchmark:
+    """One benchmark run: its settings, its progress count and the rows it measured."""
+
+    def __init__(
+        self,
+        make_manager: Callable[[int], Any],
+        *,
+        workers: Sequence[int],
+        repeat: int,
+        sample: float,
+        progress: Callable[[str], None],
+    ) -> None:
+        self.make_manager = make_manager
+        self.workers = workers
+        self.repeat = repeat
+        self.sample = sample
+        self.progress = progress
+        self.model_signing = _ModelSigning.load()
+        self.rows: list[dict[str, Any]] = []
+        self.steps = 0
+        self.step = 0
+        self._base = 0.0  # the one-thread SHA-256 time of the size being measured
+
+    def note(self, what: str, size: int | None = None) -> None:
+        """Report progress: the next measurement and its size."""
+        self.step += 1
+        shown = f", {_human(size)}" if size is not None else ""
+        self.progress(f"[{self.step}/{self.steps}] {what}{shown}")
+
+    def run(
+        self,
+        sizes: Sequence[int],
+        tmp: Path,
+        tensors: int,
+        make_audited_manager: Callable[[], Any] | None,
+    ) -> dict[str, Any]:
+        """Measure every size, then the fixed costs and the header parse."""
+        per_size = 1 + (self.model_signing is not None) + len(self.workers)
+        self.steps = len(sizes) * per_size + 1 + (make_audited_manager is not None)
+        self.steps += tensors > 0
         for size in sizes:
-            rows += _measure_size(
-                size, Path(tmp), make_manager, counts, repeat, sample, ms_hash, note
-            )
-        note("fixed cost of a verification", 4096)
-        fixed = _fixed_cost(make_manager, max(counts))
-    return {
-        "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "processor": platform.processor() or platform.machine(),
-        },
-        "repeat": repeat,
-        "fixed_verify_cost_us": fixed,
-        "results": rows,
-    }
+            self.measure_size(size, tmp)
+        self.note("fixed cost of a verification, no audit sink", _FIXED_COST_BYTES)
+        fixed = _FixedCost(self.make_manager(max(self.workers))).measure()
+        audited = None
+        if make_audited_manager is not None:
+            self.note("fixed cost of a verification, audit chain (batched)", _FIXED_COST_BYTES)
+            audited = _FixedCost(make_audited_manager()).measure()
+        parse = None
+        if tensors:
+            self.note(f"safetensors header of {tensors} tensors, vramcore and reference")
+            parse = _HeaderParse(tmp, tensors, self.repeat).measure()
+        report: dict[str, Any] = {
+            "machine": machine(),
+            "repeat": self.repeat,
+            "fixed_verify_cost_us": fixed["verify_sealed"],
+            "fixed_costs_us": {"no sink": fixed, "audit chain (batched)": audited},
+            "header_parse": parse,
+            "results": self.rows,
+        }
+        report["goals"] = goals(report)
+        return report
 
-
-def _measure_size(
-    size: int,
-    tmp: Path,
-    make_manager: Callable[[int], Any],
-    counts: Sequence[int],
-    repeat: int,
-    sample: float,
-    ms_hash: Callable[[Path], object] | None,
-    note: Callable[[str, int], None],
-) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    data = _data(size)
-    path = tmp / f"shard-{size}.bin"
-    path.write_bytes(data)
-    note("baselines", size)
-    base = _best(lambda: hashlib.sha256(data).digest(), repeat)
-    target = bytearray(size)
-    copy = _best(lambda: target.__setitem__(slice(None), data), repeat)
-
-    def add(what: str, seconds: float, workers: int | None = None) -> None:
-        rows.append(
+    def add(self, size: int, what: str, seconds: float, workers: int | None = None) -> None:
+        """Record one measurement of ``size`` bytes."""
+        self.rows.append(
             {
                 "size": size,
                 "what": what,
                 "workers": workers,
                 "seconds": seconds,
                 "gib_s": size / seconds / GIB,
-                "vs_sha256": base / seconds,
+                "vs_sha256": self._base / seconds,
             }
         )
 
-    add("sha256 (1 thread)", base)
-    add("memory copy", copy)
-    if ms_hash is not None:
-        note("model_signing", size)
-        add("model_signing hash", _best(lambda: ms_hash(path), repeat))
-    for count in counts:
-        note(f"seal and verify, {count} worker(s)", size)
-        with make_manager(count) as manager:
-            for what, seconds in _seal_and_verify(manager, data, path, repeat, sample).items():
-                add(what, seconds, count)
-    return rows
+    def measure_size(self, size: int, tmp: Path) -> None:
+        """The baselines, then seal and verify with each worker count, for one size."""
+        data = _data(size)
+        path = tmp / f"shard-{size}.bin"
+        path.write_bytes(data)
+        self.note("baselines", size)
+        self._base = _best(lambda: hashlib.sha256(data).digest(), self.repeat)
+        target = bytearray(size)
+        copy = _best(lambda: target.__setitem__(slice(None), data), self.repeat)
+        self.add(size, "sha256 (1 thread)", self._base)
+        self.add(size, "memory copy", copy)
+        if self.model_signing is not None:
+            self.note("model_signing", size)
+            ms = self.model_signing
+            self.add(size, "model_signing hash", _best(lambda: ms.hash(path), self.repeat))
+        for count in self.workers:
+            self.note(f"seal and verify, {count} worker(s)", size)
+            with self.make_manager(count) as manager:
+                seal = _SealAndVerify(manager, data, path, self.repeat, self.sample)
+                for what, seconds in seal.measure().items():
+                    self.add(size, what, seconds, count)
+        path.unlink()
 
 
-def _seal_and_verify(
-    manager: Any, data: bytearray, path: Path, repeat: int, sample: float
-) -> dict[str, float]:
-    held: list[Any] = []
+class _SealAndVerify:
+    """Seal one shard repeatedly (freeing the previous one each time), then verify it."""
 
-    def seal(fn: Callable[[], Any]) -> None:
-        if held:
-            manager.deallocate(held.pop())
-        held.append(fn())
+    def __init__(
+        self, manager: Any, data: bytearray, path: Path, repeat: int, sample: float
+    ) -> None:
+        self.manager = manager
+        self.data = data
+        self.path = path
+        self.repeat = repeat
+        self.sample = sample
+        self.shard: Any = None
 
-    out = {
-        "seal_model": _best(lambda: seal(lambda: manager.seal_model(data)), repeat),
-        "seal_file": _best(lambda: seal(lambda: manager.seal_file(path)), repeat),
-    }
-    shard = held[0]
-    out["verify"] = _best(lambda: manager.verify_sealed(shard), repeat)
-    out[f"verify sampled {sample:.0%}"] = _best(
-        lambda: manager.verify_sealed(shard, sample=sample), repeat
-    )
-    return out
+    def _reseal(self, seal: Callable[[], Any]) -> None:
+        if self.shard is not None:
+            self.manager.deallocate(self.shard)
+            self.shard = None
+        self.shard = seal()
+
+    def measure(self) -> dict[str, float]:
+        """Seconds, best of ``repeat``, of each measurement."""
+        m, repeat = self.manager, self.repeat
+        out = {
+            "seal_model": _best(lambda: self._reseal(lambda: m.seal_model(self.data)), repeat),
+            "seal_file": _best(lambda: self._reseal(lambda: m.seal_file(self.path)), repeat),
+        }
+        shard = self.shard
+        out["verify"] = _best(lambda: m.verify_sealed(shard), repeat)
+        out[f"verify sampled {self.sample:.0%}"] = _best(
+            lambda: m.verify_sealed(shard, sample=self.sample), repeat
+        )
+        m.deallocate(shard)
+        return out
 
 
-def _fixed_cost(make_manager: Callable[[int], Any], workers: int, calls: int = 2000) -> float:
-    """Microseconds a verification costs beyond hashing its bytes (a 4 KiB shard)."""
-    data = os.urandom(4096)
-    with make_manager(workers) as manager:
-        shard = manager.seal_model(data)
+class _FixedCost:
+    """Microseconds a verification costs beyond hashing its bytes (a one-leaf shard)."""
+
+    def __init__(self, manager: Any, calls: int = 2000) -> None:
+        self.manager = manager
+        self.calls = calls
+
+    def _per_call(self, fn: Callable[[], object]) -> float:
         for _ in range(200):  # warm up
-            manager.verify_sealed(shard)
-        started = time.perf_counter()
-        for _ in range(calls):
-            manager.verify_sealed(shard)
-        verify = (time.perf_counter() - started) / calls
-    started = time.perf_counter()
-    for _ in range(calls):
-        hashlib.sha256(b"\0" + data).digest()
-    hashing = (time.perf_counter() - started) / calls
-    return (verify - hashing) * 1e6
+            fn()
+        best = float("inf")
+        for _ in range(3):  # the best of three batches: a busy machine only adds time
+            started = time.perf_counter()
+            for _ in range(self.calls):
+                fn()
+            best = min(best, (time.perf_counter() - started) / self.calls)
+        return best
+
+    def _verified(self, shard: Any) -> None:
+        with self.manager.verified(shard):
+            pass
+
+    def measure(self) -> dict[str, float]:
+        """``verify_sealed`` and ``verified()``, each minus one leaf's hashing, in µs."""
+        data = os.urandom(_FIXED_COST_BYTES)
+        with self.manager as manager:
+            shard = manager.seal_model(data)
+            verify = self._per_call(lambda: manager.verify_sealed(shard))
+            verified = self._per_call(lambda: self._verified(shard))
+        hashing = self._per_call(lambda: hashlib.sha256(b"\0" + data).digest())
+        return {
+            "verify_sealed": (verify - hashing) * 1e6,
+            "verified": (verified - hashing) * 1e6,
+        }
+
+
+class _HeaderParse:
+    """A header of ``tensors`` tiny tensors, parsed by vramcore and by the reference."""
+
+    def __init__(self, tmp: Path, tensors: int, repeat: int) -> None:
+        self.path = tmp / f"tensors-{tensors}.safetensors"
+        self.tensors = tensors
+        self.repeat = repeat
+
+    def _write(self) -> None:
+        # One F32 of shape [1] each, named like a model's layers, laid out by the reference
+        # writer's rules (compact JSON, padded to 8 bytes).
+        parts = [
+            f'"model.layers.{i}.weight":{{"dtype":"F32","shape":[1],'
+            f'"data_offsets":[{4 * i},{4 * i + 4}]}}'
+            for i in range(self.tensors)
+        ]
+        header = ("{" + ",".join(parts) + "}").encode()
+        header += b" " * (-len(header) % 8)
+        with self.path.open("wb") as fh:
+            fh.write(len(header).to_bytes(8, "little"))
+            fh.write(header)
+            fh.write(bytes(4 * self.tensors))
+
+    def _child(self, which: str) -> dict[str, Any] | None:
+        runs = []
+        for _ in range(self.repeat):
+            done = subprocess.run(  # this interpreter, fixed code, our own file
+                [sys.executable, "-c", _PARSE_CHILD, which, str(self.path)],
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=600,
+            )
+            if done.returncode != 0:
+                return None  # the reference is not installed (or cannot open the file)
+            runs.append(json.loads(done.stdout))
+        if any(r["tensors"] != self.tensors for r in runs):
+            raise ConfigError(f"{which} parsed the wrong number of tensors: {runs}")
+        return {
+            "seconds": min(r["seconds"] for r in runs),
+            "peak_mib": max(r["peak_bytes"] for r in runs) / MIB,
+        }
+
+    def measure(self) -> dict[str, Any]:
+        """Seconds (best of ``repeat``) and peak resident MiB of each parser, and the ratio."""
+        self._write()
+        try:
+            ours = self._child("vramcore")
+            reference = self._child("reference")
+        finally:
+            file_bytes = self.path.stat().st_size
+            self.path.unlink()
+        if ours is None:
+            raise ConfigError("vramcore could not parse its own benchmark header")
+        return {
+            "tensors": self.tensors,
+            "file_bytes": file_bytes,
+            "vramcore": ours,
+            "reference": reference,
+            "vs_reference": ours["seconds"] / reference["seconds"] if reference else None,
+        }
+
+
+def machine() -> dict[str, Any]:
+    """What the run ran on: CPU model, CPU count, Python, platform."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "processor": name,
+    }
+
+
+def _row(report: dict[str, Any], what: str, size: int, workers: int | None) -> Any:
+    for row in report["results"]:
+        if (row["what"], row["size"], row["workers"]) == (what, size, workers):
+            return row
+    return None
+
+
+def _goal(
+    what: str, value: float, limit: float, higher_is_better: bool, unit: str
+) -> list[dict[str, Any]]:
+    met = value >= limit if higher_is_better else value <= limit
+    bound = ">=" if higher_is_better else "<="
+    return [{"goal": what, "value": value, "target": f"{bound} {limit:g}{unit}", "met": met}]
+
+
+def goals(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The host path's goals, each checked against this report's own baselines.
+
+    Throughput goals use the largest size and the most workers measured; a goal whose
+    measurement or baseline is missing from the report is left out.
+    """
+    out: list[dict[str, Any]] = []
+    rows = report["results"]
+    if rows:
+        size = max(r["size"] for r in rows)
+        top = max((r["workers"] or 0) for r in rows)
+        verify = _row(report, "verify", size, top)
+        base = _row(report, "sha256 (1 thread)", size, None)
+        if verify and base:
+            out += _goal(
+                f"full verify, {_human(size)}, {top} workers / one-thread SHA-256",
+                base["seconds"] / verify["seconds"],
+                1.6,
+                True,
+                "x",
+            )
+        seal = _row(report, "seal_file", size, top)
+        ms = _row(report, "model_signing hash", size, None)
+        if seal and ms:
+            out += _goal(
+                f"seal_file, {_human(size)}, {top} workers / model_signing",
+                ms["seconds"] / seal["seconds"],
+                1.3,
+                True,
+                "x",
+            )
+    costs = report.get("fixed_costs_us") or {}
+    for label, limit in (("no sink", 50.0), ("audit chain (batched)", 100.0)):
+        cost = costs.get(label)
+        if cost:
+            value = max(cost["verify_sealed"], cost["verified"])
+            out += _goal(f"fixed cost of a verification, {label}", value, limit, False, " us")
+    parse = report.get("header_parse")
+    if parse and parse.get("vs_reference") is not None:
+        out += _goal(
+            f"safetensors header, {parse['tensors']} tensors / reference parser",
+            parse["vs_reference"],
+            1.5,
+            False,
+            "x",
+        )
+    return out
 
 
 def _human(size: int) -> str:
@@ -212,10 +503,12 @@ def _human(size: int) -> str:
 
 
 def format_table(report: dict[str, Any]) -> str:
-    """The report as a text table: GiB/s and ratio to one-thread SHA-256, per size."""
+    """The report as text: GiB/s and ratio to one-thread SHA-256 per size, then the fixed
+    costs, the header parse and the goals."""
+    m = report["machine"]
     lines = [
-        f"machine: {report['machine']['processor']}, {report['machine']['cpus']} CPUs, "
-        f"Python {report['machine']['python']}; best of {report['repeat']}",
+        f"machine: {m['processor']}, {m['cpus']} CPUs, Python {m['python']}; "
+        f"best of {report['repeat']}",
         f"{'size':>9}  {'what':<22} {'workers':>7} {'GiB/s':>8} {'vs sha256':>10}",
     ]
     for row in report["results"]:
@@ -224,7 +517,30 @@ def format_table(report: dict[str, Any]) -> str:
             f"{_human(row['size']):>9}  {row['what']:<22} {workers:>7} "
             f"{row['gib_s']:>8.2f} {row['vs_sha256']:>9.2f}x"
         )
-    lines.append(f"fixed cost of one verification: {report['fixed_verify_cost_us']:.1f} us")
+    for label, cost in (report.get("fixed_costs_us") or {}).items():
+        if cost:
+            lines.append(
+                f"fixed cost of one verification ({label}): verify_sealed "
+                f"{cost['verify_sealed']:.1f} us, verified() {cost['verified']:.1f} us"
+            )
+    parse = report.get("header_parse")
+    if parse:
+        ours, ref = parse["vramcore"], parse["reference"]
+        line = (
+            f"safetensors header, {parse['tensors']} tensors ({parse['file_bytes'] / MIB:.0f} "
+            f"MiB): vramcore {ours['seconds']:.2f} s, peak {ours['peak_mib']:.0f} MiB"
+        )
+        if ref:
+            line += (
+                f"; reference {ref['seconds']:.2f} s, peak {ref['peak_mib']:.0f} MiB; "
+                f"ratio {parse['vs_reference']:.2f}x"
+            )
+        lines.append(line)
+    for g in report.get("goals", ()):
+        value = f"{g['value']:.2f}"
+        lines.append(
+            f"goal {'met' if g['met'] else 'MISSED'}: {g['goal']} = {value} ({g['target']})"
+        )
     return "\n".join(lines)
 
 
@@ -260,7 +576,9 @@ def plot(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
     ax.set_ylabel("GiB/s")
     machine = report["machine"]
     ax.set_title(
-        f"vramcore host path (mock backend), {machine['cpus']} CPUs, Python {machine['python']}"
+        f"vramcore host path (mock backend): {machine['processor']}, {machine['cpus']} CPUs, "
+        f"Python {machine['python']}",
+        fontsize=9,
     )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from vramcore import __version__
+from vramcore._cli.benchmark import tensor_count
 from vramcore._cli.commands import (
     EXIT_FAILURE,
     EXIT_INTERNAL,
@@ -313,6 +314,11 @@ def build_parser(
         "--sample", type=fraction, default=0.01, help="sampled check fraction (default 0.01)"
     )
     p.add_argument("--quick", action="store_true", help="small sizes, one run each (CI smoke)")
+    p.add_argument(
+        "--tensors",
+        type=tensor_count,
+        help="tensors in the header-parse measurement (default 10^6, --quick 10^4; 0 skips it)",
+    )
     p.add_argument("--plot", metavar="PNG", help="write a throughput plot (needs matplotlib)")
     add_manager_options(p)
     p = commands.add(

@@ -221,6 +221,9 @@ def cmd_bench(args: argparse.Namespace, console: Console, pm: VramcorePluginMana
         workers=workers,
         repeat=1 if args.quick else args.repeat,
         sample=args.sample,
+        tensors=_tensors(
+            args, benchmark.QUICK_TENSORS if args.quick else benchmark.DEFAULT_TENSORS
+        ),
         progress=console.progress,
     )
     if args.plot:
@@ -228,6 +231,10 @@ def cmd_bench(args: argparse.Namespace, console: Console, pm: VramcorePluginMana
         console.progress(f"plot written to {args.plot}")
     console.result(report, benchmark.format_table(report))
     return EXIT_OK
+
+
+def _tensors(args: argparse.Namespace, default: int) -> int:
+    return default if args.tensors is None else int(args.tensors)
 
 
 def _available_memory() -> int:
