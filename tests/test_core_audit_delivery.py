@@ -13,7 +13,7 @@ from vramcore.audit import AuditSink, SinkTimeout
 from vramcore.errors import AuditError
 from vramcore.events import AuditEvent
 from vramcore.manager import VramManager
-from vramcore.testing import CapturingSink
+from vramcore.testing import CapturePlugin, CapturingSink
 
 
 class BlockingSink(AuditSink):
@@ -65,8 +65,10 @@ def test_a_sink_blocking_on_a_non_critical_event_does_not_stop_the_operation(
         def vramcore_audit_failure(self, sink_name: str, event: AuditEvent, error: Any) -> None:
             failures.append(f"{sink_name}:{event.event_type}:{type(error).__name__}")
 
-    manager = new_manager(mock_backend, Reporter(), sink=sink, audit_timeout=0.2)
-    manager._audit._sinks.append(other)  # type: ignore[attr-defined]  # a second, healthy sink
+    # A second, healthy sink, delivered to after the blocking one.
+    manager = new_manager(
+        mock_backend, CapturePlugin(other), Reporter(), sink=sink, audit_timeout=0.2
+    )
     with pytest.raises(AuditError):
         # vram.allocated times out (reported, not fatal); the critical vram.sealed then
         # fails fast because the sink is still stuck: fail closed.

@@ -20,9 +20,11 @@ def _leaf_range(offset: int, nbytes: int) -> tuple[int, int]:
     return start, min(start + LEAF, nbytes)
 
 
-def _flip(manager: Any, backend: Any, shard: Any, offset: int, bit: int) -> None:
+def _flip(manager: Any, backend: Any, shard: Any, offset: int, bit: int) -> Any:
+    """Flip a bit of a verified shard; return its buffer (to flip the bit back later)."""
     with manager.verified(shard) as buf:
         backend.flip_bit(buf, offset, bit)
+    return buf
 
 
 def _expect_failure(manager: Any, shard: Any) -> SealVerificationFailed:
@@ -38,7 +40,7 @@ def test_bit_flip_in_a_model_is_detected_with_its_byte_range(
     nbytes = 5 * LEAF + 3
     shard = mock_manager.seal_model(pattern(nbytes), shard_id="m")
     offset = {"first": 0, "middle": nbytes // 2, "last": nbytes - 1}[where]
-    _flip(mock_manager, mock_backend, shard, offset, 7)
+    buf = _flip(mock_manager, mock_backend, shard, offset, 7)
     error = _expect_failure(mock_manager, shard)
     expected = _leaf_range(offset, nbytes)
     assert error.reason == "digest"
@@ -52,14 +54,9 @@ def test_bit_flip_in_a_model_is_detected_with_its_byte_range(
     assert event.reason == "digest"  # type: ignore[attr-defined]
     assert event.severity == "critical"
     # Flipping the bit back restores the bytes, and the seal verifies again.
-    mock_backend.flip_bit(_raw_buffer(mock_manager, shard), offset, 7)
+    mock_backend.flip_bit(buf, offset, 7)
     mock_manager.verify_sealed(shard)
     assert audit_capture.types().count("seal.verified") == 2
-
-
-def _raw_buffer(manager: Any, shard: Any) -> Any:
-    """The shard's buffer without verifying it first (for a shard corrupted on purpose)."""
-    return manager._residency.get(shard.shard_id).buffer
 
 
 def test_flips_in_several_leaves_report_merged_ranges(
@@ -78,10 +75,12 @@ def test_flips_in_several_leaves_report_merged_ranges(
 
 def test_every_bit_position_is_detected(mock_manager: Any, mock_backend: Any) -> None:
     shard = mock_manager.seal_model(bytes(4096), shard_id="zeros")
+    with mock_manager.verified(shard) as buf:  # the buffer stays valid while the shard is resident
+        pass
     for bit in range(8):
-        mock_backend.flip_bit(_raw_buffer(mock_manager, shard), 100, bit)
+        mock_backend.flip_bit(buf, 100, bit)
         assert _expect_failure(mock_manager, shard).byte_range == (0, 4096)
-        mock_backend.flip_bit(_raw_buffer(mock_manager, shard), 100, bit)
+        mock_backend.flip_bit(buf, 100, bit)
         mock_manager.verify_sealed(shard)
 
 

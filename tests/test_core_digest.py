@@ -241,11 +241,12 @@ def test_corrupted_ranges_of_packed_leaves_and_leaf_ranges() -> None:
 
 def test_a_host_digest_asks_for_the_host_view_once() -> None:
     # A mock's host_view counts as a read (fault injection, pending copies drained): once.
-    from vramcore.digest import compute_digest
+    from vramcore._digests import DigestSource
 
     data = os.urandom(3 * 4096)
 
     class HostViewOnly:
+        name = "fake"
         calls = 0
 
         def host_view(self, buf: object) -> memoryview:
@@ -253,19 +254,21 @@ def test_a_host_digest_asks_for_the_host_view_once() -> None:
             return memoryview(data)
 
     class NoDevice:
-        def vramcore_device_digest(self, **kwargs: object) -> None:
-            return None
+        class vramcore_device_digest:  # noqa: N801 - stands in for a hook caller
+            @staticmethod
+            def get_hookimpls() -> list[object]:
+                return []
 
     buf = DeviceBuffer(device=0, nbytes=len(data), backend="fake", native=None)
-    root, leaves, where = compute_digest(
+    source = DigestSource(
         NoDevice(),
-        HostViewOnly(),
-        buf,
+        HostViewOnly(),  # type: ignore[arg-type]
         4096,
         staging=contextlib.nullcontext,
-        workers=1,  # type: ignore[arg-type]
+        workers=1,
     )
-    assert (root, leaves, where) == (
+    digest = source.whole(buf)
+    assert (digest.root, digest.leaves, digest.source) == (
         reference_digest(data, 4096),
         hash_leaves_packed(data, 4096),
         "host",

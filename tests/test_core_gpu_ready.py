@@ -24,6 +24,7 @@ from vramcore.backend import DeviceBuffer, DeviceDigest
 from vramcore.digest import hash_leaves_packed, merkle_root
 from vramcore.errors import (
     ConfigError,
+    IntegrityViolation,
     InvalidInput,
     ManagerClosed,
     NotSealed,
@@ -477,8 +478,8 @@ def test_sampled_verification_catches_a_corrupted_leaf_it_samples(
 def test_sampled_verification_refuses_sealed_leaves_that_do_not_give_the_root(
     new_manager: Callable[..., VramManager], mock_backend: Any, pattern: Any
 ) -> None:
-    class SwappedLeaves:
-        """A device digest whose root is right but whose leaf list has two leaves swapped."""
+    class WrongRoot:
+        """A device digest whose leaves are right but whose root is of other leaves."""
 
         @hookimpl(tryfirst=True)
         def vramcore_device_digest(
@@ -493,14 +494,14 @@ def test_sampled_verification_refuses_sealed_leaves_that_do_not_give_the_root(
                     root=None, leaves=leaves[first * 32 : stop * 32], first_leaf=first
                 )
             swapped = leaves[32:64] + leaves[:32] + leaves[64:]
-            return DeviceDigest(root=merkle_root(leaves), leaves=swapped)
+            return DeviceDigest(root=merkle_root(swapped), leaves=leaves)
 
-    manager = new_manager(mock_backend, SwappedLeaves(), audit="disabled")
-    # The first seal cross-checks the device against the host; a one-leaf shard passes
-    # (nothing to swap), and later seals trust the device alone.
+    manager = new_manager(mock_backend, WrongRoot(), audit="disabled")
+    # The first seal compares every leaf and the root (a one-leaf shard has nothing to
+    # swap); later seals compare a sample of leaves with the staged bytes, not the root.
     manager.seal_model(b"1", shard_id="warm-up")
     shard = manager.seal_model(pattern(4 * 65536, 6), shard_id="swapped")
-    manager.verify_sealed(shard)  # the full check compares roots only: fine
+    manager.verify_sealed(shard)  # the device gives the same (wrong) root again: no help
     with pytest.raises(SealVerificationFailed, match="do not give the sealed root"):
         manager.verify_sealed(shard, sample=1)
 
@@ -600,6 +601,6 @@ def test_the_first_seal_refuses_a_device_digest_that_disagrees_with_the_host(
             return DeviceDigest(root=merkle_root(leaves), leaves=leaves)
 
     manager = new_manager(mock_backend, Wrong(), audit="disabled")
-    with pytest.raises(ConfigError, match="disagrees with the host digest"):
+    with pytest.raises(IntegrityViolation, match="cross-check failed"):
         manager.seal_model(pattern(3 * 65536, 9))
     assert mock_backend.live_allocations == 0

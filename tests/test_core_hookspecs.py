@@ -28,7 +28,7 @@ from vramcore.errors import (
 from vramcore.events import AuditEvent
 from vramcore.narration import OPERATION_NAMES, Operation
 from vramcore.seal import SEAL_KEY_INFO, SecretKey, WorkerToken
-from vramcore.testing import TEST_TOKEN, CapturingSink, FailingSink
+from vramcore.testing import TEST_TOKEN, CapturePlugin, CapturingSink, FailingSink
 
 HOOKS = sorted(name for name in dir(hookspecs) if name.startswith("vramcore_"))
 
@@ -396,8 +396,10 @@ def test_audit_failure_hook_is_told_of_every_sink_failure(
 ) -> None:
     reporter = FailureReporter()
     capture = CapturingSink()
-    manager = new_manager(mock_backend, reporter, sink=capture, audit="required", worker_id="w")
-    manager._audit._sinks.append(FailingSink(["vram.allocated"]))  # a second, failing sink
+    failing = CapturePlugin(FailingSink(["vram.allocated"]))  # a second, failing sink
+    manager = new_manager(
+        mock_backend, failing, reporter, sink=capture, audit="required", worker_id="w"
+    )
     manager.seal_model(b"x" * 100, shard_id="s")
     assert reporter.seen == [("failing", "vram.allocated", "OSError")]
     # delivery went on: the capturing sink still got everything

@@ -36,6 +36,7 @@ def _read(backend: Any, buf: Any, n: int | None = None) -> bytes:
 )
 def test_seal_sizes(
     mock_manager: VramManager,
+    mock_backend: Any,
     audit_capture: CapturingSink,
     pattern: Any,
     nbytes: int,
@@ -55,7 +56,7 @@ def test_seal_sizes(
     assert mock_manager.used_vram() == nbytes
     with mock_manager.verified(shard) as buf:
         assert buf.nbytes == nbytes
-        assert _read(mock_manager._backend, buf) == data
+        assert _read(mock_backend, buf) == data
     sealed = audit_capture.of_type("vram.sealed")[0]
     assert sealed.digest == shard.digest  # type: ignore[attr-defined]
     assert sealed.nbytes == nbytes  # type: ignore[attr-defined]
@@ -104,14 +105,14 @@ def test_bad_manager_sizes(make_plugin_manager: Any, mock_backend: Any, kwargs: 
 
 
 def test_seal_file_seals_the_bytes_as_they_are(
-    mock_manager: VramManager, safetensors_file: Path
+    mock_manager: VramManager, mock_backend: Any, safetensors_file: Path
 ) -> None:
     raw = safetensors_file.read_bytes()
     shard = mock_manager.seal_file(str(safetensors_file))
     assert shard.vram_bytes == len(raw)
     assert shard.digest == merkle_root(hash_leaves(raw)).hex()
     with mock_manager.verified(shard) as buf:
-        assert _read(mock_manager._backend, buf) == raw
+        assert _read(mock_backend, buf) == raw
     assert shard.shard_id == "model.safetensors"
     with pytest.raises(InvalidInput, match="already sealed"):
         mock_manager.seal_file(safetensors_file)

@@ -16,11 +16,12 @@ import pytest
 from vramcore import SealedShard, TensorRange, VramPolicy, WorkerToken, hookimpl
 from vramcore.errors import ConfigError, IntegrityViolation, InvalidInput
 from vramcore.plugins import get_plugin_manager
+from vramcore.policy import check_policy
 from vramcore.safetensors import parse_tensor_map, read_header, read_tensor_map
 from vramcore.seal import canonical_seal_message
 from vramcore.shard import TensorMap
 from vramcore.testing import TEST_TOKEN
-from vramcore.validation import check_leaf_size, check_path, check_policy, escape_text
+from vramcore.validation import check_leaf_size, check_path, escape_text
 
 
 def _file(header: bytes | dict[str, Any], data: bytes) -> bytes:

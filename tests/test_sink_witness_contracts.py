@@ -321,6 +321,7 @@ def test_sample_events_cover_every_event_type_and_tell_the_stream_apart() -> Non
             "vram.deallocated",
             "policy.violation",
             "vram.seal_refused",
+            "digest.fallback",
         )
     ]
     assert {type(e) for e in sample_events()} == set(EVENT_TYPES.values())

@@ -1,11 +1,12 @@
 """What is being sealed, and how its bytes get into a device buffer.
 
 A source (:class:`MemorySource`, :class:`FileSource`) knows its size and tensor map before
-anything is allocated, then :meth:`~Source.load` copies its bytes into a device buffer. On the
-way, each byte is read once and, when the digest is computed on the host, hashed once: the
-Merkle leaves are hashed from the very bytes handed to the device (so no read-back is needed
-to seal), and the whole-file SHA-256 is computed only when asked for, on a thread of its own,
-concurrently with the copy.
+anything is allocated, then :meth:`~Source.load` copies its bytes into a device buffer, one
+copy chunk at a time. On the way, each byte is read once: the Merkle leaves the digest source
+asked for (every leaf when the host computes the digest, a sample of every copy chunk to
+cross-check a device digest; see :class:`vramcore._digests.StagedLeaves`) are hashed from the
+very bytes handed to the device, and the whole-file SHA-256 is computed only when asked for,
+on a thread of its own, concurrently with the copy.
 
 The copy contract (see :mod:`vramcore.backend`) is kept here: a staging buffer is reused, and
 the caller's ``data`` released, only after the copy's completion handle, the leaf hashing and
@@ -21,12 +22,11 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 
 from vramcore.backend import AllocatorBackend, CopyHandle, DeviceBuffer
-from vramcore.digest import LeafHasher
 from vramcore.errors import AllocationFailed, IntegrityViolation, InvalidInput
 from vramcore.safetensors import read_header
 from vramcore.shard import TensorMap
@@ -34,25 +34,28 @@ from vramcore.validation import check_sha256_hex, check_size
 
 __all__ = [
     "FileSource",
-    "LoadResult",
     "MemorySource",
+    "Progress",
     "Source",
     "StagingFactory",
     "StagingPool",
+    "as_bytes_view",
     "check_expected_sha256",
+    "staging_for",
 ]
 
+#: ``progress(bytes_loaded, total_bytes)``, called after each chunk of a file.
 Progress = Callable[[int, int], None]
 #: Lends two staging buffers for the duration of a ``with`` block.
 StagingFactory = Callable[[], contextlib.AbstractContextManager[list[memoryview]]]
 
 
-@attrs.frozen
-class LoadResult:
-    """What a load found: packed leaf hashes (when hashed on the host) and the file SHA-256."""
+class StagedHasher(Protocol):
+    """Hashes leaves of the bytes as they are staged (:class:`vramcore._digests.StagedLeaves`)."""
 
-    leaves: bytes | None
-    file_sha256: str | None
+    def feed(self, offset: int, chunk: memoryview) -> Callable[[], None]:
+        """Hash what it wants of one copy chunk; the returned waiter says when it is done."""
+        ...
 
 
 class _Pipeline:
@@ -132,19 +135,34 @@ class Source(abc.ABC):
         buf: DeviceBuffer,
         *,
         staging: StagingFactory,
-        hasher: LeafHasher | None,
-    ) -> LoadResult:
-        """Copy every byte into ``buf``; hash leaves into ``hasher`` when given.
+        staged: StagedHasher,
+    ) -> str | None:
+        """Copy every byte into ``buf``, feeding each copy chunk to ``staged`` first.
 
         Returns only when no copy still reads host memory of this call.
+        :return: the bytes' SHA-256 (hex) when it was computed, else ``None``.
         :raises IntegrityViolation: the bytes are not what was promised.
         """
 
-    def _finish(self, file_hash: _FileHash | None, hasher: LeafHasher | None) -> LoadResult:
+    def _finish(self, file_hash: _FileHash | None) -> str | None:
         digest = file_hash.hexdigest() if file_hash is not None else None
         if self.expected_sha256 is not None and digest is not None:
             check_expected_sha256(digest, self.expected_sha256)
-        return LoadResult(hasher.packed() if hasher is not None else None, digest)
+        return digest
+
+
+def as_bytes_view(data: object) -> memoryview:
+    """``data`` as a flat byte view, without a copy.
+
+    :raises InvalidInput: ``data`` is not a C-contiguous buffer.
+    """
+    try:
+        return memoryview(data).cast("B")  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise InvalidInput(
+            "data must be bytes or a C-contiguous buffer (bytes, bytearray, memoryview, "
+            f"numpy array), got {type(data).__name__}"
+        ) from None
 
 
 @attrs.define
@@ -170,25 +188,24 @@ class MemorySource(Source):
         buf: DeviceBuffer,
         *,
         staging: StagingFactory,
-        hasher: LeafHasher | None,
-    ) -> LoadResult:
+        staged: StagedHasher,
+    ) -> str | None:
         """Copy the bytes in chunks; hash leaves and the SHA-256 straight from them meanwhile."""
         pipe = _Pipeline()
         file_hash = _FileHash() if self.want_sha256 else None
         try:
             with _draining(pipe):  # the caller's data is theirs again only when nothing reads it
                 # Hashing threads start first; they release the GIL while the copies run.
-                if hasher is not None:
-                    pipe.waiters.append(hasher.feed(0, self.view))
                 if file_hash is not None:
                     pipe.waiters.append(file_hash.feed(self.view))
                 for offset in range(0, self.nbytes, self.chunk_bytes):
                     view = self.view[offset : offset + self.chunk_bytes]
+                    pipe.waiters.append(staged.feed(offset, view))
                     _copy(backend, buf, offset, view, pipe)
         finally:
             if file_hash is not None:
                 file_hash.close()
-        return self._finish(file_hash, hasher)
+        return self._finish(file_hash)
 
 
 @attrs.define
@@ -230,8 +247,8 @@ class FileSource(Source):
         buf: DeviceBuffer,
         *,
         staging: StagingFactory,
-        hasher: LeafHasher | None,
-    ) -> LoadResult:
+        staged: StagedHasher,
+    ) -> str | None:
         """Read, copy and hash chunk by chunk, double-buffered."""
         p, nbytes = self.path, self.nbytes
         file_hash = _FileHash() if self.want_sha256 else None
@@ -245,8 +262,7 @@ class FileSource(Source):
                     view = buffers[i % 2][: min(chunk, nbytes - offset)]
                     _read_exactly(fh, view, p, offset, nbytes)
                     # Hashes first: their threads run while this thread issues the copy.
-                    if hasher is not None:
-                        pipe.waiters.append(hasher.feed(offset, view))
+                    pipe.waiters.append(staged.feed(offset, view))
                     if file_hash is not None:
                         pipe.waiters.append(file_hash.feed(view))
                     _copy(backend, buf, offset, view, pipe)
@@ -259,7 +275,7 @@ class FileSource(Source):
         finally:
             if file_hash is not None:
                 file_hash.close()
-        result = self._finish(file_hash, hasher)
+        result = self._finish(file_hash)
         if self._header and device_reader(backend, buf)(len(self._header)) != self._header:
             # The header checked before loading must be the one in VRAM, byte for byte: without
             # expected_sha256 nothing else notices a header rewritten mid-load.
@@ -367,3 +383,31 @@ class StagingPool:
         finally:
             with self._lock:
                 self._idle.extend(taken[: max(0, self._keep - len(self._idle))])
+
+
+class _BackendStaging:
+    """Two of the backend's own (pinned) staging buffers per ``with`` block."""
+
+    def __init__(self, backend: AllocatorBackend, chunk_bytes: int) -> None:
+        self._backend = backend
+        self._chunk_bytes = chunk_bytes
+
+    def __call__(self) -> contextlib.AbstractContextManager[list[memoryview]]:
+        return self._backend.staging(2, self._chunk_bytes)
+
+
+class _PoolStaging:
+    """Two reused host buffers per ``with`` block, for backends that lend none."""
+
+    def __init__(self, chunk_bytes: int) -> None:
+        self._pool = StagingPool(chunk_bytes)
+
+    def __call__(self) -> contextlib.AbstractContextManager[list[memoryview]]:
+        return self._pool.borrow(2)
+
+
+def staging_for(backend: AllocatorBackend, chunk_bytes: int) -> StagingFactory:
+    """The staging buffers of ``backend``: its own (pinned) when it lends them, else a pool."""
+    if type(backend).staging is not AllocatorBackend.staging:
+        return _BackendStaging(backend, chunk_bytes)
+    return _PoolStaging(chunk_bytes)

@@ -1,4 +1,4 @@
-"""Deciding whether a seal holds: the checks behind ``VramManager.verify_sealed``.
+"""One verification of a seal, as an object: full, sampled, or one scrub slice.
 
 Checks run from cheapest to dearest, and the first failure wins:
 
@@ -11,47 +11,53 @@ Checks run from cheapest to dearest, and the first failure wins:
 5. ``digest``: the Merkle root recomputed from VRAM equals the sealed one (full check), or the
    sampled leaves recomputed from VRAM equal the sealed leaves (sampled check); on mismatch the
    sealed leaf hashes name the corrupted byte ranges and the tensors they touch.
+
+When the bytes cannot be read or hashed (the backend or a device-digest plugin raised), the
+verification fails closed with reason ``digest_failed``: audited, never a bare error, never a
+pass. The reasons are :class:`vramcore.events.VerificationReason`.
 """
 
 from __future__ import annotations
 
-import enum
+import logging
 import math
 import secrets
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Sequence
+from typing import NoReturn
 
 import attrs
 
+from vramcore._core import Core
+from vramcore._digests import Digest, differing_ranges
 from vramcore._residency import Resident
 from vramcore.digest import DIGEST_ALG, corrupted_ranges, merkle_root
-from vramcore.errors import InvalidInput
+from vramcore.errors import (
+    InvalidInput,
+    ManagerClosed,
+    NotSealed,
+    SealVerificationFailed,
+    VramError,
+)
+from vramcore.events import VerificationReason as Reason
+from vramcore.narration import Operation
 from vramcore.seal import SecretKey
 from vramcore.shard import SealedShard
 
 __all__ = [
     "Problem",
-    "Reason",
-    "check_leaves",
+    "ScrubTarget",
+    "Verification",
     "check_sample",
-    "digest_problem",
-    "leaves_problem",
-    "quarantine_problem",
-    "sample_ranges",
+    "fail",
+    "refuse_absent",
+    "sample_indices",
     "seal_problem",
 ]
 
+log = logging.getLogger("vramcore")
+
 #: Tensor names quoted in a failure message at most (all of them are in ``Problem.tensors``).
 _MAX_NAMED_TENSORS = 8
-
-
-class Reason(enum.StrEnum):
-    """Why a seal failed verification (``SealVerificationFailed.reason``)."""
-
-    SIGNATURE = "signature"  #: the HMAC does not verify under this worker's key
-    DEVICE = "device"  #: sealed for another device
-    STALE = "stale"  #: not the seal of the resident shard (replayed or old)
-    QUARANTINED = "quarantined"  #: a scrub found the shard corrupted; reseal it
-    DIGEST = "digest"  #: the bytes in VRAM changed
 
 
 @attrs.frozen
@@ -62,6 +68,242 @@ class Problem:
     detail: str
     ranges: tuple[tuple[int, int], ...] = ()
     tensors: tuple[str, ...] = ()
+
+
+class Verification:
+    """Verify ``shard`` against the ``resident`` one on ``core``'s device.
+
+    :param core: the manager's working parts.
+    :param shard: the seal the caller presents.
+    :param resident: the resident shard of that id.
+    """
+
+    def __init__(self, core: Core, shard: SealedShard, resident: Resident) -> None:
+        self._core = core
+        self.shard = shard
+        self.resident = resident
+        self.wanted: float | int | None = None
+        self.mode = "full"
+        self.leaves_checked = 0
+
+    def run(self, wanted: float | int | None) -> None:
+        """Checks 1-5, as the narrated ``verify`` operation; ``wanted`` is the sample (or
+        ``None``: every leaf).
+
+        :raises SealVerificationFailed: a check failed (audited first).
+        """
+        self.wanted = wanted
+        self.mode = "full" if wanted is None else "sampled"
+        shard, core = self.shard, self._core
+        core.perform(
+            "verify",
+            self._verify,
+            **core.facts(
+                shard.shard_id,
+                shard.vram_bytes,
+                digest_alg=shard.digest_alg,
+                leaf_size=shard.leaf_size,
+            ),
+        )
+
+    def _verify(self, op: Operation) -> None:
+        shard, resident, wanted = self.shard, self.resident, self.wanted
+        problem = seal_problem(shard, self._core.key(), self._core.device, resident.shard)
+        if problem is None and resident.quarantined:
+            problem = Problem(
+                Reason.QUARANTINED, f"the shard is quarantined ({resident.quarantined}); reseal it"
+            )
+        if problem is None:
+            problem = self._full() if wanted is None else self._sampled(wanted)
+        op.attributes["mode"] = self.mode
+        op.attributes["leaves_checked"] = self.leaves_checked
+        if problem is not None:
+            op.attributes["outcome"] = "mismatch"
+            op.attributes["reason"] = str(problem.reason)
+            fail(self._core, shard, problem)
+        self._core.emitter.verified(shard, mode=self.mode, leaves_checked=self.leaves_checked)
+
+    def _full(self) -> Problem | None:
+        digest = self._rehash("verify", None)
+        if isinstance(digest, Problem):
+            return digest
+        assert digest.root is not None
+        self.leaves_checked = len(digest.leaves) // 32
+        if digest.root.hex() == self.shard.digest:
+            return None
+        sealed = self.resident.digest.leaves
+        return _changed(
+            self.shard,
+            corrupted_ranges(sealed, digest.leaves, self.shard.leaf_size, self.shard.vram_bytes),
+        )
+
+    def _sampled(self, wanted: float | int) -> Problem | None:
+        indices = sample_indices(self.resident.digest.leaf_count, wanted)
+        return self._compare(indices, "verify")
+
+    def scrub(self, first: int, stop: int) -> bool:
+        """Re-verify leaves ``first`` to ``stop - 1`` (one step of a scrubber).
+
+        A mismatch quarantines the shard and is audited as a failed verification; a backend
+        error is audited the same way (reason ``digest_failed``) without quarantine.
+
+        :return: ``True`` when the leaves match, ``False`` when the shard is corrupted (found
+            now or before).
+        :raises SealVerificationFailed: the leaves could not be read or hashed (audited).
+        """
+        resident = self.resident
+        if resident.quarantined:
+            return False
+        stop = min(stop, resident.digest.leaf_count)
+        if first >= stop:
+            return True
+        problem = self._compare(range(first, stop), "scrub")
+        if problem is None:
+            return True
+        if problem.reason is Reason.DIGEST_FAILED:
+            fail(self._core, self.shard, attrs.evolve(problem, detail=f"scrub: {problem.detail}"))
+        resident.quarantined = f"a scrub found {problem.detail}"
+        self._core.emitter.verification_failed(
+            self.shard.shard_id,
+            reason=problem.reason,
+            detail=f"scrub: {problem.detail}",
+            ranges=problem.ranges,
+            tensors=problem.tensors,
+        )
+        log.error("scrub: shard %s is corrupted: %s", self.shard.shard_id, problem.detail)
+        return False
+
+    def _compare(self, indices: Sequence[int], operation: str) -> Problem | None:
+        """Check 5 on some leaves: re-hash ``indices`` from VRAM, compare with the seal's.
+
+        The sealed leaves are compared only once they are shown to give the signed root
+        (leaves that came from a device with its root are not trusted before that; the check
+        runs once per resident shard).
+        """
+        sealed = self.resident.digest
+        if not self.resident.leaves_checked:
+            if merkle_root(sealed.leaves).hex() != self.shard.digest:
+                return Problem(Reason.DIGEST, "the sealed leaf hashes do not give the sealed root")
+            self.resident.leaves_checked = True
+        digest = self._rehash(operation, indices)
+        if isinstance(digest, Problem):
+            return digest
+        self.leaves_checked = len(indices)
+        if isinstance(indices, range):
+            expected = sealed.leaf_range(indices.start, indices.stop)
+        else:
+            expected = b"".join(sealed.leaf(i) for i in indices)
+        ranges = differing_ranges(
+            expected, digest.leaves, indices, self.shard.leaf_size, self.shard.vram_bytes
+        )
+        return _changed(self.shard, ranges) if ranges else None
+
+    def _rehash(self, operation: str, indices: Sequence[int] | None) -> Digest | Problem:
+        """Re-hash from VRAM (every leaf, or ``indices``) as the narrated ``digest``
+        operation; a failure to read or hash is a :class:`Problem`, never a bare error."""
+        core, shard = self._core, self.shard
+        step = _DigestStep(core, self.resident, indices)
+        try:
+            digest: Digest = core.perform(
+                "digest",
+                step.run,
+                **core.facts(shard.shard_id, shard.vram_bytes, leaf_size=shard.leaf_size),
+            )
+        except ManagerClosed:
+            raise
+        except (Exception, SystemExit) as exc:
+            said = f": {str(exc)[:200]}" if isinstance(exc, VramError) else ""
+            return Problem(
+                Reason.DIGEST_FAILED,
+                f"the bytes could not be read back or hashed ({type(exc).__name__}{said}); "
+                "the shard was not verified",
+            )
+        core.residency.check_running()
+        if digest.fallback:
+            core.emitter.digest_fallback(shard.shard_id, operation, digest.fallback)
+        return digest
+
+
+class ScrubTarget:
+    """What a :class:`~vramcore.scrub.Scrubber` walks: the resident shards of one manager.
+
+    :param core: the manager's working parts.
+    """
+
+    def __init__(self, core: Core) -> None:
+        self._core = core
+        self.leaf_size = core.leaf_size
+
+    def shards(self) -> list[SealedShard]:
+        """The seals of the resident shards."""
+        return self._core.residency.seals()
+
+    def scrub_slice(self, shard_id: str, first: int, stop: int) -> bool | None:
+        """Re-verify leaves ``first`` to ``stop - 1`` of a resident shard.
+
+        :return: ``True`` when they match, ``False`` when the shard is corrupted (now or
+            before), ``None`` when it is no longer resident.
+        :raises SealVerificationFailed: they could not be read or hashed (audited).
+        :raises ManagerClosed: the manager is closing.
+        """
+        residency = self._core.residency
+        with residency.reading(shard_id) as resident, residency.operation():
+            if resident is None:
+                return None
+            return Verification(self._core, resident.shard, resident).scrub(first, stop)
+
+
+class _DigestStep:
+    """The ``digest`` step of a verification: every leaf, a leaf range or some leaves."""
+
+    def __init__(self, core: Core, resident: Resident, indices: Sequence[int] | None) -> None:
+        self._digests = core.digests
+        self._buffer = resident.buffer
+        self._indices = indices
+
+    def run(self, op: Operation) -> Digest:
+        """Compute the digest and annotate ``op`` with its source and leaf count."""
+        indices, buf = self._indices, self._buffer
+        if indices is None:
+            digest = self._digests.whole(buf)
+        elif isinstance(indices, range):
+            digest = self._digests.leaf_range(buf, indices.start, indices.stop)
+        else:
+            digest = self._digests.leaves(buf, indices)
+        op.attributes["source"] = digest.source
+        op.attributes["leaf_count"] = len(digest.leaves) // 32
+        return digest
+
+
+def refuse_absent(core: Core, shard: SealedShard) -> NoReturn:
+    """The shard is not resident: a forged, tampered or foreign seal is a verification failure
+    (audited), not merely "not resident"; a good seal of a shard freed since is ``NotSealed``.
+    """
+    problem = seal_problem(shard, core.key(), core.device, None)
+    if problem is not None:
+        fail(core, shard, problem)
+    raise NotSealed(
+        f"shard {shard.shard_id} is not resident on this manager (never sealed here, "
+        "or deallocated); seal it again"
+    )
+
+
+def fail(core: Core, shard: SealedShard, problem: Problem) -> NoReturn:
+    """Audit ``problem`` (critical) and raise it as :class:`SealVerificationFailed`."""
+    core.emitter.verification_failed(
+        shard.shard_id,
+        reason=problem.reason,
+        detail=problem.detail,
+        ranges=problem.ranges,
+        tensors=problem.tensors,
+    )
+    raise SealVerificationFailed(
+        f"seal of shard {shard.shard_id} failed verification: {problem.detail}",
+        shard_id=shard.shard_id,
+        reason=problem.reason,
+        corrupted_ranges=problem.ranges,
+        tensors=problem.tensors,
+    )
 
 
 def seal_problem(
@@ -88,52 +330,6 @@ def seal_problem(
     return None
 
 
-def quarantine_problem(reason: str) -> Problem:
-    """Check 4: the shard was found corrupted by a scrub."""
-    return Problem(Reason.QUARANTINED, f"the shard is quarantined ({reason}); reseal it")
-
-
-def digest_problem(
-    shard: SealedShard, sealed_leaves: bytes, root: bytes, leaves: bytes
-) -> Problem | None:
-    """Check 5, full: compare ``root`` (of ``leaves``, read from VRAM now) with the seal."""
-    if root.hex() == shard.digest:
-        return None
-    return _changed(
-        shard, corrupted_ranges(sealed_leaves, leaves, shard.leaf_size, shard.vram_bytes)
-    )
-
-
-def leaves_problem(shard: SealedShard, runs: Sequence[tuple[int, bytes, bytes]]) -> Problem | None:
-    """Check 5, sampled: ``runs`` of ``(first_leaf, sealed packed, current packed)`` leaves."""
-    ranges: list[tuple[int, int]] = []
-    for first, sealed, now in runs:
-        if sealed != now:
-            ranges += corrupted_ranges(sealed, now, shard.leaf_size, shard.vram_bytes, first)
-    return _changed(shard, ranges) if ranges else None
-
-
-def check_leaves(
-    shard: SealedShard,
-    resident: Resident,
-    ranges: Iterable[tuple[int, int]],
-    rehash: Callable[[int, int], bytes],
-) -> Problem | None:
-    """Check 5 on leaf ``ranges``: ``rehash(first, stop)`` reads them from VRAM now.
-
-    The sealed leaves are compared only once they are shown to give the signed root (leaves
-    that came from a device with its root are not trusted before that; the check runs once
-    per resident shard).
-    """
-    sealed = resident.digest
-    if not resident.leaves_checked:
-        if merkle_root(sealed.leaves).hex() != shard.digest:
-            return Problem(Reason.DIGEST, "the sealed leaf hashes do not give the sealed root")
-        resident.leaves_checked = True
-    runs = [(first, sealed.leaf_range(first, stop), rehash(first, stop)) for first, stop in ranges]
-    return leaves_problem(shard, runs)
-
-
 def check_sample(value: object) -> float | int | None:
     """A valid ``sample`` argument: ``None``, a fraction in ``(0, 1]`` or a leaf count >= 1."""
     if value is None:
@@ -149,29 +345,15 @@ def check_sample(value: object) -> float | int | None:
     return value
 
 
-def sample_ranges(leaves: int, wanted: float | int) -> tuple[list[tuple[int, int]], int]:
-    """Leaves to sample, as runs ``(first, stop)``, and how many: chosen by a CSPRNG.
+def sample_indices(leaves: int, wanted: float | int) -> list[int]:
+    """The leaves a sampled check reads, sorted: chosen afresh by a CSPRNG on every call.
 
     ``wanted`` is a fraction of ``leaves`` (rounded up, at least one) or a count (at most
-    ``leaves``). A fresh :class:`secrets.SystemRandom` draw every call: an attacker who knows
-    the seal cannot predict which leaves the next check reads.
+    ``leaves``). An attacker who knows the seal cannot predict which leaves the next check
+    reads.
     """
     k = min(leaves, max(1, math.ceil(wanted * leaves)) if isinstance(wanted, float) else wanted)
-    chosen = sorted(secrets.SystemRandom().sample(range(leaves), k))
-    return list(_runs(chosen)), k
-
-
-def _runs(indices: Sequence[int]) -> Iterator[tuple[int, int]]:
-    """Consecutive runs ``(first, stop)`` of sorted distinct ``indices``."""
-    start = prev = -2
-    for i in indices:
-        if i != prev + 1:
-            if start >= 0:
-                yield start, prev + 1
-            start = i
-        prev = i
-    if start >= 0:
-        yield start, prev + 1
+    return sorted(secrets.SystemRandom().sample(range(leaves), k))
 
 
 def _changed(shard: SealedShard, ranges: list[tuple[int, int]]) -> Problem:

@@ -9,15 +9,13 @@ compare a few leaves against the sealed ones.
 Leaf hashes are kept *packed*: one ``bytes`` of 32 x n, never a list of n objects (an 80 GiB
 shard has 1.3 million leaves). :class:`ShardDigest` pairs the root with them.
 
-Where the digest is computed (:func:`compute_digest`):
-
-* on the device, when a plugin answers :func:`~vramcore.hookspecs.vramcore_device_digest` for
-  the backend: the root and the packed leaves come back; the host never rebuilds the tree;
-* on the host otherwise: from a zero-copy view of the buffer when the backend's memory is
-  host-addressable (:meth:`~vramcore.backend.AllocatorBackend.host_view`, the mock), else read
-  back through two staging buffers, one hashed while the next is read. Leaves are hashed on a
-  pool of worker threads (``hashlib`` releases the GIL while it hashes a leaf), each worker
-  taking one contiguous span so the per-task overhead stays negligible.
+This module hashes on the host: leaves on a pool of worker threads (``hashlib`` releases the
+GIL while it hashes a leaf, each worker taking one contiguous span so the per-task overhead
+stays negligible), and a device buffer (:func:`host_leaves`) from a zero-copy view when the
+backend's memory is host-addressable (:meth:`~vramcore.backend.AllocatorBackend.host_view`,
+the mock), else read back through two staging buffers, one hashed while the next is read.
+Whether a digest comes from the device or the host is decided in one place, the core's
+private digest source (``vramcore._digests``).
 """
 
 from __future__ import annotations
@@ -28,11 +26,10 @@ import hashlib
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
 
 import attrs
 
-from vramcore.backend import AllocatorBackend, DeviceBuffer, DeviceDigest
+from vramcore.backend import AllocatorBackend, DeviceBuffer
 from vramcore.errors import ConfigError, InvalidInput
 from vramcore.validation import check_leaf_size
 
@@ -42,15 +39,13 @@ __all__ = [
     "HASH_SIZE",
     "LeafHasher",
     "ShardDigest",
-    "compute_digest",
     "corrupted_ranges",
     "default_workers",
-    "device_digest",
     "hash_leaves",
     "hash_leaves_packed",
+    "host_leaves",
     "leaf_count",
     "merkle_root",
-    "sealing_digest",
 ]
 
 DIGEST_ALG = "rfc6962-sha256"
@@ -329,132 +324,3 @@ def host_leaves(
             backend.read_into(buf, offset, out)
             waiters.append(hasher.feed(offset - start, out))
         return hasher.packed()
-
-
-def compute_digest(
-    hook: Any,
-    backend: AllocatorBackend,
-    buf: DeviceBuffer,
-    leaf_size: int,
-    *,
-    staging: Callable[[], Any],
-    workers: int,
-    leaf_range: tuple[int, int] | None = None,
-) -> tuple[bytes | None, bytes, str]:
-    """``(root, packed leaves, source)`` of ``buf`` or of a leaf range (``root`` is ``None``).
-
-    Asks the device first (:func:`~vramcore.hookspecs.vramcore_device_digest`); a plugin's
-    answer is checked for shape (a malformed one raises :class:`ConfigError` naming the
-    implementing plugins). Otherwise hashes on the host; ``staging()`` is a context manager
-    lending two staging buffers, entered only when a read-back is needed.
-
-    :param hook: the plugin manager's hook relay.
-    """
-    first, stop = _check_range(buf, leaf_size, leaf_range)
-    answer = device_digest(hook, backend, buf, leaf_size, leaf_range)
-    if answer is not None:
-        return answer[0], answer[1], "device"
-    leaves = host_leaves(
-        backend, buf, leaf_size, staging=staging, workers=workers, leaf_range=(first, stop)
-    )
-    root = merkle_root(leaves) if leaf_range is None else None
-    return root, leaves, "host"
-
-
-def _check_range(
-    buf: DeviceBuffer, leaf_size: int, leaf_range: tuple[int, int] | None
-) -> tuple[int, int]:
-    total = leaf_count(buf.nbytes, leaf_size)
-    first, stop = leaf_range if leaf_range is not None else (0, total)
-    if not 0 <= first < stop <= total:
-        raise InvalidInput(f"leaf range {first}..{stop} is outside the shard's {total} leaves")
-    return first, stop
-
-
-def device_digest(
-    hook: Any,
-    backend: AllocatorBackend,
-    buf: DeviceBuffer,
-    leaf_size: int,
-    leaf_range: tuple[int, int] | None = None,
-) -> tuple[bytes | None, bytes] | None:
-    """``(root, packed leaves)`` from the device, shape-checked, or ``None`` if none answers.
-
-    :raises ConfigError: a plugin answered with something malformed (named in the message).
-    """
-    first, stop = _check_range(buf, leaf_size, leaf_range)
-    offered = hook.vramcore_device_digest(
-        backend=backend, buffer=buf, leaf_size=leaf_size, leaf_range=leaf_range, leaf_indices=None
-    )
-    if offered is None:
-        return None
-    return _check_device_digest(hook, offered, first, stop, leaf_range is None)
-
-
-def sealing_digest(
-    hook: Any,
-    backend: AllocatorBackend,
-    buf: DeviceBuffer,
-    leaf_size: int,
-    *,
-    host_leaves: bytes | None,
-    ask_device: bool,
-    read_back: Callable[[], tuple[bytes | None, bytes, str]],
-) -> ShardDigest:
-    """The digest a new seal signs.
-
-    The device's answer when one comes (``ask_device``); when the leaves were also hashed on
-    the host from the bytes handed to the device (``host_leaves``, the first seal of a
-    manager), the two must agree or the seal is refused. Else the host leaves; else (a device
-    that answered before declines now) ``read_back()``.
-
-    :raises ConfigError: the device digest disagrees with the host's, or is malformed.
-    """
-    answer = device_digest(hook, backend, buf, leaf_size) if ask_device else None
-    if answer is not None:
-        root, leaves = answer
-        assert root is not None  # a whole-shard answer has a root
-        if host_leaves is not None and (leaves != host_leaves or merkle_root(host_leaves) != root):
-            raise ConfigError(
-                f"the device digest plugin ({_implementers(hook)}) disagrees with the host "
-                "digest of the same bytes; the seal was refused"
-            )
-        return ShardDigest(root, leaves, "device")
-    if host_leaves is not None:
-        return ShardDigest(merkle_root(host_leaves), host_leaves, "host")
-    root, leaves, _ = read_back()
-    assert root is not None
-    return ShardDigest(root, leaves, "host")
-
-
-def _implementers(hook: Any) -> str:
-    from vramcore._hookutil import implementers
-
-    return implementers(hook.vramcore_device_digest)
-
-
-def _check_device_digest(
-    hook: Any, offered: object, first: int, stop: int, whole: bool
-) -> tuple[bytes | None, bytes]:
-    def bad(what: str) -> ConfigError:
-        return ConfigError(
-            f"the device digest plugin ({_implementers(hook)}) returned {what}; "
-            "the digest was refused"
-        )
-
-    if not isinstance(offered, DeviceDigest):
-        return_type = type(offered).__name__
-        raise bad(f"a {return_type}, not a DeviceDigest")
-    try:
-        leaves = bytes(offered.leaves)
-    except TypeError:
-        raise bad("leaf hashes that are not bytes") from None
-    if len(leaves) != (stop - first) * HASH_SIZE or offered.first_leaf != first:
-        raise bad(
-            f"a malformed leaf list ({len(leaves) / HASH_SIZE:g} leaves from "
-            f"{offered.first_leaf!r:.20}, expected {stop - first} from {first})"
-        )
-    root = offered.root
-    if whole and not (isinstance(root, bytes) and len(root) == HASH_SIZE):
-        raise bad("no 32-byte root for a whole-shard digest")
-    return (root if whole else None), leaves

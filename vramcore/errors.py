@@ -16,6 +16,7 @@ __all__ = [
     "BackendUnavailable",
     "ConfigError",
     "DeviceDigestUnavailable",
+    "DigestFailed",
     "InsufficientVram",
     "IntegrityViolation",
     "InvalidInput",
@@ -75,6 +76,17 @@ class DeviceDigestUnavailable(BackendUnavailable):
     retriable = True
 
 
+class DigestFailed(VramError):
+    """A shard's digest could not be computed: the device-digest plugin, or the backend while
+    the bytes were read back, raised something unexpected (its type is named; its own
+    message, which vramcore cannot vouch for, is kept only as the ``__cause__``).
+
+    A seal that hits it is refused (nothing stays allocated); a verification that hits it
+    fails closed as :class:`SealVerificationFailed` with reason ``"digest_failed"``. Both are
+    audited.
+    """
+
+
 class InsufficientVram(VramError):
     """Not enough free device memory for an allocation.
 
@@ -112,8 +124,10 @@ class SealVerificationFailed(VramError):
     """A seal did not verify: its signature is wrong or the bytes in VRAM changed.
 
     :attr shard_id: the shard that failed.
-    :attr reason: a short machine-readable reason (``"signature"``, ``"digest"``, ``"device"``,
-        ``"size"``, ``"format"``).
+    :attr reason: a short machine-readable reason, one of
+        :class:`vramcore.events.VerificationReason`: ``"signature"``, ``"device"``,
+        ``"stale"``, ``"quarantined"``, ``"digest"`` (the bytes changed) or ``"digest_failed"``
+        (the bytes could not be read or hashed: not verified, not shown corrupted).
     :attr byte_range: ``(start, end)`` (end exclusive) of the first corrupted leaf, when the
         bytes changed.
     :attr corrupted_ranges: every corrupted leaf's byte range.
@@ -144,9 +158,10 @@ class SealVerificationFailed(VramError):
 class IntegrityViolation(VramError):
     """Loaded bytes do not match what was promised (``expected_sha256``, a malformed file).
 
-    :attr reason: ``"sha256_mismatch"``, ``"malformed_file"``, ``"changed_while_loading"``
-        or ``"integrity"`` (anything else); audited as the ``reason`` of a
-        ``vram.seal_refused`` event.
+    :attr reason: ``"sha256_mismatch"``, ``"malformed_file"``, ``"changed_while_loading"``,
+        ``"cross_check"`` (the bytes in VRAM, as the device or a read-back hashed them, are not
+        the bytes staged for the copy) or ``"integrity"`` (anything else); audited as the
+        ``reason`` of a ``vram.seal_refused`` event.
     """
 
     def __init__(self, message: str, *, reason: str = "integrity") -> None:

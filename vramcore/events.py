@@ -29,13 +29,16 @@ from vramcore.errors import InvalidInput
 from vramcore.validation import clean_text
 
 __all__ = [
+    "EVENT_FIELDS",
     "EVENT_TYPES",
     "AuditEvent",
+    "DigestFallback",
     "PolicyViolation",
     "SealRefused",
     "SealVerificationFailed",
     "SealVerified",
     "Severity",
+    "VerificationReason",
     "VramAllocated",
     "VramAllocationFailed",
     "VramDeallocated",
@@ -53,6 +56,18 @@ class Severity(enum.StrEnum):
     WARNING = "warning"
     ERROR = "error"
     CRITICAL = "critical"
+
+
+class VerificationReason(enum.StrEnum):
+    """Why a seal failed verification: ``SealVerificationFailed.reason``, of the error and of
+    the audit event alike."""
+
+    SIGNATURE = "signature"  #: the HMAC does not verify under this worker's key
+    DEVICE = "device"  #: sealed for another device
+    STALE = "stale"  #: not the seal of the resident shard (replayed or old)
+    QUARANTINED = "quarantined"  #: a scrub found the shard corrupted; reseal it
+    DIGEST = "digest"  #: the bytes in VRAM changed
+    DIGEST_FAILED = "digest_failed"  #: the bytes could not be read or hashed: not verified
 
 
 def _utcnow() -> datetime:
@@ -253,6 +268,24 @@ class SealVerificationFailed(AuditEvent):
 
 
 @attrs.frozen(kw_only=True)
+class DigestFallback(AuditEvent):
+    """The device declined a digest this time (no scratch memory, a kernel that failed to
+    launch): the bytes were hashed on the host instead, and a seal was still cross-checked.
+
+    :attr operation: ``"seal"``, ``"verify"`` or ``"scrub"``.
+    :attr reason: what the device-digest plugin said.
+    """
+
+    event_type: ClassVar[str] = "digest.fallback"
+    default_severity: ClassVar[Severity] = Severity.WARNING
+    shard_id: str
+    device: int
+    backend: str
+    operation: str
+    reason: str
+
+
+@attrs.frozen(kw_only=True)
 class VramDeallocated(AuditEvent):
     """A shard's device memory was freed."""
 
@@ -284,9 +317,32 @@ EVENT_TYPES: Mapping[str, type[AuditEvent]] = {
         VramSealed,
         SealVerified,
         SealVerificationFailed,
+        DigestFallback,
         VramDeallocated,
         PolicyViolation,
     )
+}
+
+#: Every field an event of :data:`EVENT_TYPES` carries besides the common ones -> its type
+#: (tuples hold byte ranges or names). What audit and tracing sinks export comes from here.
+EVENT_FIELDS: Mapping[str, type] = {
+    "worker_id": str,
+    "shard_id": str,
+    "device": int,
+    "nbytes": int,
+    "backend": str,
+    "digest": str,
+    "digest_alg": str,
+    "leaf_size": int,
+    "file_sha256": str,
+    "mode": str,
+    "leaves_checked": int,
+    "operation": str,
+    "reason": str,
+    "detail": str,
+    "rule": str,
+    "byte_ranges": tuple,
+    "tensors": tuple,
 }
 
 

@@ -25,9 +25,10 @@ from __future__ import annotations
 import attrs
 
 from vramcore.backend import DeviceInfo, MemoryKind
-from vramcore.validation import check_flag
+from vramcore.errors import InvalidInput
+from vramcore.validation import check_flag, safe_repr
 
-__all__ = ["Finding", "VramPolicy"]
+__all__ = ["Finding", "VramPolicy", "check_policy"]
 
 
 @attrs.frozen
@@ -100,3 +101,18 @@ class VramPolicy:
             "managed" if kind is MemoryKind.MANAGED else "host_memory",
             f"allocation on GPU {device} is {kind.value} memory, not plain device memory",
         )
+
+
+def check_policy(policy: object, *, field: str = "policy") -> VramPolicy:
+    """Check a policy argument: ``None`` (the strict default) or a :class:`VramPolicy`.
+
+    :raises InvalidInput: anything else.
+    """
+    if policy is None:
+        return VramPolicy()
+    if not isinstance(policy, VramPolicy):
+        raise InvalidInput(
+            f"{field} must be a vramcore.VramPolicy (e.g. VramPolicy(strict_host_isolation=True)) "
+            f"or None for the strict default, got {type(policy).__name__} {safe_repr(policy)}"
+        )
+    return policy

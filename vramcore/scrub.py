@@ -17,16 +17,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import Protocol
 
 import attrs
 
-from vramcore.errors import InvalidInput, ManagerClosed, VramError
+from vramcore.errors import InvalidInput, ManagerClosed
+from vramcore.shard import SealedShard
 
-if TYPE_CHECKING:
-    from vramcore.manager import VramManager
-
-__all__ = ["ScrubStats", "Scrubber"]
+__all__ = ["ScrubStats", "Scrubbable", "Scrubber", "ScrubberSlot"]
 
 log = logging.getLogger("vramcore.scrub")
 
@@ -49,17 +48,31 @@ class ScrubStats:
     running: bool
 
 
+class Scrubbable(Protocol):
+    """What a scrubber walks: the resident shards of one manager."""
+
+    leaf_size: int
+
+    def shards(self) -> Sequence[SealedShard]:
+        """The seals of the resident shards."""
+        ...
+
+    def scrub_slice(self, shard_id: str, first: int, stop: int) -> bool | None:
+        """Re-verify leaves ``first`` to ``stop - 1``; ``None`` when the shard is gone."""
+        ...
+
+
 class Scrubber:
     """A daemon thread re-verifying a manager's shards (see the module docstring).
 
-    :param manager: the manager whose shards it scrubs.
+    :param manager: the shards it scrubs (what :meth:`vramcore.VramManager.scrub` hands it).
     :param bytes_per_second: the read budget (at least one leaf per second).
     :param slice_seconds: the budget one step spends; each step re-hashes
         ``bytes_per_second * slice_seconds`` bytes (whole leaves, at least one).
     """
 
     def __init__(
-        self, manager: VramManager, bytes_per_second: int, *, slice_seconds: float = 0.1
+        self, manager: Scrubbable, bytes_per_second: int, *, slice_seconds: float = 0.1
     ) -> None:
         if (
             isinstance(bytes_per_second, bool)
@@ -154,8 +167,8 @@ class Scrubber:
                 ok = self._manager.scrub_slice(shard_id, first, stop)
             except ManagerClosed:
                 return False
-            except VramError as exc:
-                log.error("scrub of shard %s failed: %s", shard_id, exc)
+            except Exception as exc:  # audited by the manager; the other shards go on
+                log.error("scrub of shard %s failed: %s: %s", shard_id, type(exc).__name__, exc)
                 ok = None
             if ok is None:  # gone (deallocated) or unreadable: move on
                 return True
@@ -169,3 +182,30 @@ class Scrubber:
             # Stay within the budget: this step may take no less than its share of time.
             self._stop.wait(max(0.0, began + step_bytes / self.bytes_per_second - time.monotonic()))
         return True
+
+
+class ScrubberSlot:
+    """Where a manager keeps its one scrubber: at most one runs at a time."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._scrubber: Scrubber | None = None
+
+    def start(self, scrubber: Scrubber) -> Scrubber:
+        """Start ``scrubber`` in the slot and return it.
+
+        :raises InvalidInput: a scrubber already runs here.
+        """
+        with self._lock:
+            if self._scrubber is not None and self._scrubber.running:
+                raise InvalidInput("a scrubber already runs on this manager; stop it first")
+            self._scrubber = scrubber
+        scrubber.start()
+        return scrubber
+
+    def stop(self) -> None:
+        """Stop the scrubber in the slot, if any, and empty it."""
+        with self._lock:
+            scrubber, self._scrubber = self._scrubber, None
+        if scrubber is not None:
+            scrubber.stop()

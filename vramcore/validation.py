@@ -14,12 +14,8 @@ import re
 import stat
 import unicodedata
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from vramcore.errors import InvalidInput
-
-if TYPE_CHECKING:
-    from vramcore.policy import VramPolicy
 
 __all__ = [
     "MAX_FIELD_CHARS",
@@ -30,7 +26,6 @@ __all__ = [
     "check_flag",
     "check_leaf_size",
     "check_path",
-    "check_policy",
     "check_seconds",
     "check_sha256_hex",
     "check_shard_id",
@@ -216,20 +211,6 @@ def check_leaf_size(leaf_size: object, *, field: str = "leaf_size") -> int:
             f"got {leaf_size}"
         )
     return leaf_size
-
-
-def check_policy(policy: object, *, field: str = "policy") -> VramPolicy:
-    """Check a policy argument: ``None`` (the strict default) or a :class:`VramPolicy`."""
-    from vramcore.policy import VramPolicy
-
-    if policy is None:
-        return VramPolicy()
-    if not isinstance(policy, VramPolicy):
-        raise InvalidInput(
-            f"{field} must be a vramcore.VramPolicy (e.g. VramPolicy(strict_host_isolation=True)) "
-            f"or None for the strict default, got {type(policy).__name__} {safe_repr(policy)}"
-        )
-    return policy
 
 
 def _shown(path: str) -> str:

@@ -193,8 +193,9 @@ def cmd_seal(args: argparse.Namespace, console: Console, pm: VramcorePluginManag
         "attestation": shard.to_dict(include_signature=False),
         "seal_seconds": round(t1 - t0, 6),
         "verify_seconds": round(t2 - t1, 6),
-        "seal_throughput_gib_s": round(size / max(t1 - t0, 1e-9) / GIB, 3),
-        "verify_throughput_gib_s": round(size / max(t2 - t1, 1e-9) / GIB, 3),
+        # Four significant digits: a small file on a busy machine is not "0.0 GiB/s".
+        "seal_throughput_gib_s": float(f"{size / max(t1 - t0, 1e-9) / GIB:.4g}"),
+        "verify_throughput_gib_s": float(f"{size / max(t2 - t1, 1e-9) / GIB:.4g}"),
         "peak_rss_bytes": peak,
         "rss_before_seal_bytes": rss_before,
         "mock_vram_in_host_bytes": stand_in,

@@ -59,12 +59,14 @@ def _demo_model(directory: Path) -> Path:
 
 
 @contextlib.contextmanager
-def _demo_audit_log(args: argparse.Namespace, console: Console) -> Iterator[str | None]:
+def _demo_audit_log(
+    args: argparse.Namespace, console: Console, pm: VramcorePluginManager
+) -> Iterator[str | None]:
     """A temporary ``VRAMCORE_AUDIT_LOG`` when none is set (removed after, unless kept)."""
     if args.no_audit or os.environ.get("VRAMCORE_AUDIT_LOG"):
         yield None
         return
-    if "audit_chain" not in _plugin_names(args):
+    if "audit_chain" not in {p.name for p in pm.loaded}:
         console.progress(
             "no audit chain plugin: running the demo with audit disabled (from a clone of the "
             "vramcore repository: pip install ./plugins/audit_chain)"
@@ -82,16 +84,10 @@ def _demo_audit_log(args: argparse.Namespace, console: Console) -> Iterator[str 
             shutil.rmtree(directory, ignore_errors=True)
 
 
-def _plugin_names(args: argparse.Namespace) -> set[str]:
-    pm = getattr(args, "_pm", None)
-    return {p.name for p in pm.loaded} if pm is not None else set()
-
-
 def cmd_demo(args: argparse.Namespace, console: Console, pm: VramcorePluginManager) -> int:
     """Seal a synthetic model, verify it, tamper with one bit, show the detection."""
-    args._pm = pm
     with (
-        _demo_audit_log(args, console) as temp_log,
+        _demo_audit_log(args, console, pm) as temp_log,
         tempfile.TemporaryDirectory(prefix="vramcore-demo-") as tmp,
     ):
         model = _demo_model(Path(tmp))

@@ -7,6 +7,7 @@ from typing import Any
 
 from vramcore.events import (
     AuditEvent,
+    DigestFallback,
     PolicyViolation,
     SealRefused,
     SealVerificationFailed,
@@ -100,6 +101,14 @@ def _one_of_each(common: dict[str, Any]) -> list[AuditEvent]:
             backend="mock",
             reason="sha256_mismatch",
             detail="file SHA-256 is not the published one",
+        ),
+        DigestFallback(
+            **common,
+            shard_id="s",
+            device=0,
+            backend="cupy",
+            operation="seal",
+            reason="no VRAM for the digest scratch",
         ),
     ]
 

@@ -95,6 +95,7 @@ def test_span_attributes(telemetry: Any, traced_run: dict[str, Any]) -> None:
         "vramcore.digest_alg": "rfc6962-sha256",
         "vramcore.leaf_size": 65536,
         "vramcore.leaf_count": 16,
+        "vramcore.cross_check": "sample",
         "vramcore.outcome": "ok",
     }
     allocate = telemetry.span("vramcore.allocate")

@@ -1,9 +1,11 @@
 """What may leave the process as a telemetry attribute, and under which name.
 
 Everything the plugin exports (span attributes, span-event attributes, log-record extras,
-metric attributes) goes through the allowlists here. A key that is not listed, or a value of
-the wrong type, is dropped, so a fact the core adds later (or a mistake that put a pointer in
-an attribute) never leaks by default. No OpenTelemetry import: these are plain mappings.
+metric attributes) goes through the allowlists here, which are the core's own definitions of
+what an operation and an audit event carry (one list each, in :mod:`vramcore.narration` and
+:mod:`vramcore.events`): a key that is not listed there, or a value of the wrong type, is
+dropped, so a mistake that put a pointer in an attribute never leaks. No OpenTelemetry import:
+these are plain mappings.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import logging
 from collections.abc import Mapping
 from typing import Final
 
+from vramcore.events import EVENT_FIELDS as CORE_EVENT_FIELDS
 from vramcore.events import AuditEvent
+from vramcore.narration import OPERATION_ATTRIBUTES as CORE_OPERATION_ATTRIBUTES
 
 __all__ = [
     "CORRELATION_ATTRIBUTE",
@@ -38,42 +42,14 @@ CORRELATION_ATTRIBUTE: Final = "vramcore.correlation_id"
 #: Outcomes that mark a span as failed.
 FAILED_OUTCOMES: Final = frozenset({"error", "mismatch"})
 
-#: Operation attribute key -> the only type accepted for it. Exported as ``vramcore.<key>``.
-OPERATION_ATTRIBUTES: Final[Mapping[str, type]] = {
-    "shard_id": str,
-    "device": int,
-    "device_name": str,
-    "nbytes": int,
-    "backend": str,
-    "digest_alg": str,
-    "leaf_size": int,
-    "leaf_count": int,
-    "outcome": str,
-    "offset": int,
-    "source": str,
-    "reason": str,
-    "vram_total": int,
-    "vram_used": int,
-}
+#: Operation attribute key -> the only type accepted for it, as the core defines them
+#: (:data:`vramcore.narration.OPERATION_ATTRIBUTES`). Exported as ``vramcore.<key>``.
+OPERATION_ATTRIBUTES: Final[Mapping[str, type]] = CORE_OPERATION_ATTRIBUTES
 
-#: Audit event field -> the only type accepted for it. Exported as ``vramcore.<field>``.
-#: Tuples are exported as lists of strings (``byte_ranges`` as ``"start-end"``).
-EVENT_FIELDS: Final[Mapping[str, type]] = {
-    "worker_id": str,
-    "shard_id": str,
-    "device": int,
-    "nbytes": int,
-    "backend": str,
-    "digest": str,
-    "digest_alg": str,
-    "leaf_size": int,
-    "file_sha256": str,
-    "reason": str,
-    "detail": str,
-    "rule": str,
-    "byte_ranges": tuple,
-    "tensors": tuple,
-}
+#: Audit event field -> the only type accepted for it, as the core defines them
+#: (:data:`vramcore.events.EVENT_FIELDS`). Exported as ``vramcore.<field>``; tuples are
+#: exported as lists of strings (``byte_ranges`` as ``"start-end"``).
+EVENT_FIELDS: Final[Mapping[str, type]] = CORE_EVENT_FIELDS
 
 #: vramcore severity -> OpenTelemetry log ``SeverityNumber`` (INFO, WARN, ERROR, FATAL).
 SEVERITY_NUMBERS: Final[Mapping[str, int]] = {
