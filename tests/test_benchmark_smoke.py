@@ -22,6 +22,7 @@ def run_script(args: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
     return int(info.value.code or 0)
 
 
+@pytest.mark.slow
 def test_quick_run_writes_a_table_and_json(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -100,6 +100,7 @@ def _outcome(raw: bytes, *, bulk: bool) -> tuple[str, Any]:
     return "parsed", (list(header.tensors), header.metadata, header.raw, header.tensors)
 
 
+@pytest.mark.slow
 @settings(max_examples=500, deadline=None)
 @given(raw=_compact_files(), run_chars=st.sampled_from([1, 40, 90, 200, 2_000_000]))
 def test_bulk_and_single_walks_agree_on_every_header(raw: bytes, run_chars: int) -> None:
@@ -113,6 +114,7 @@ reference = pytest.importorskip(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(raw=_compact_files())
 def test_whatever_the_bulk_path_accepts_the_reference_accepts_identically(raw: bytes) -> None:

@@ -80,6 +80,7 @@ def _ours(raw: bytes) -> dict[str, bytes] | None:
     return {t.name: raw[t.start : t.end] for t in tensors}
 
 
+@pytest.mark.slow
 @settings(max_examples=400)
 @given(raw=_files())
 def test_whatever_vramcore_accepts_the_reference_accepts_identically(raw: bytes) -> None:

@@ -23,7 +23,7 @@ Conformance suites, one per plugin kind, that a plugin's test module subclasses 
 backend tests), supplying the fixtures each docstring names: :class:`BackendContract` (an
 allocator backend: a ``backend`` fixture), :class:`AuditSinkContract` (an audit sink:
 ``make_sink`` and ``read_back``) and :class:`WitnessContract` (an audit witness:
-``make_witness`` and ``make_head``).
+``make_witness``).
 
 Marker: ``@pytest.mark.vramcore_gpu`` marks a test that needs a real CUDA GPU; without one it
 is skipped with the reason. The plugin only acts on tests carrying that namespaced marker, so
@@ -56,7 +56,7 @@ from vramcore.testing._gpu import (  # the plugin's hooks, found by pytest on th
 from vramcore.testing._gpu import pytest_configure as pytest_configure
 from vramcore.testing._sink_contract import AuditSinkContract, SinkPlugin
 from vramcore.testing._sinks import CapturePlugin, CapturingSink, FailingSink
-from vramcore.testing._witness_contract import WitnessContract
+from vramcore.testing._witness_contract import HeadSigner, WitnessContract
 
 __all__ = [
     "GPU_MARKER",
@@ -67,6 +67,7 @@ __all__ = [
     "CapturingSink",
     "FailingSink",
     "FaultInjector",
+    "HeadSigner",
     "SinkPlugin",
     "WitnessContract",
     "audit_capture",

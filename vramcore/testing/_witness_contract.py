@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import secrets
 import threading
@@ -11,17 +12,44 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from vramcore._heads import Head
 from vramcore.audit import AuditWitness
 from vramcore.testing._bounded import BoundedCall, run_bounded
 from vramcore.testing._faults import DiskFault
 
-__all__ = ["WitnessContract"]
+__all__ = ["HeadSigner", "WitnessContract"]
 
 #: What ``make_witness`` is: a new witness over the test's storage (the same on every call).
 WitnessFactory = Callable[[], AuditWitness]
 #: What ``make_head`` is: a well-formed, signed head of log ``log_id`` at record ``seq``.
 HeadFactory = Callable[[str, int], Mapping[str, Any]]
+
+
+class HeadSigner:
+    """Signs chain heads (the wire format of :mod:`vramcore._heads`) with a checkpoint key of
+    its own, as the audit chain's writer does: what :class:`WitnessContract` publishes."""
+
+    def __init__(self) -> None:
+        self._key = Ed25519PrivateKey.generate()
+        self.public_key = self._key.public_key().public_bytes_raw().hex()
+
+    def head(self, log_id: str, seq: int) -> Mapping[str, Any]:
+        """A signed head of log ``log_id`` (32 lowercase hex characters) at record ``seq``."""
+        mac = hashlib.sha256(f"{log_id}/{seq}".encode()).hexdigest()
+        return Head.build(
+            self._key.sign,
+            log_id=log_id,
+            seq=seq,
+            epoch=seq // 10,
+            mac=mac,
+            segment=hashlib.sha256(mac.encode()).hexdigest(),
+            ts="2026-01-01T00:00:00.000000Z",
+            reason="critical",
+            public_key=self.public_key,
+        ).to_dict()
+
 
 _NO_READBACK = "the witness cannot read heads back (it does not override AuditWitness.latest)"
 
@@ -30,10 +58,11 @@ class WitnessContract:
     """The conformance suite every audit witness passes (like keyring's backend tests).
 
     A witness's test module subclasses it (the class name must start with ``Test``) and
-    supplies two fixtures: ``make_witness``, a callable that opens a witness over the test's
-    storage (each call a new witness over the *same* storage, as a restarted worker would),
-    and ``make_head``, a callable ``(log_id, seq)`` giving a well-formed signed head of that
-    log at that record (the audit chain signs them; see its FORMAT.md, *Heads*)::
+    supplies a ``make_witness`` fixture: a callable that opens a witness over the test's
+    storage (each call a new witness over the *same* storage, as a restarted worker would).
+    The heads it publishes come from ``make_head``, a callable ``(log_id, seq)`` giving a
+    signed head of that log at that record; the default signs heads of the audit chain's wire
+    format (see its FORMAT.md, *Heads*) with one checkpoint key per test (:class:`HeadSigner`)::
 
         import pytest
         from vramcore.testing import WitnessContract
@@ -44,16 +73,12 @@ class WitnessContract:
             def make_witness(self, tmp_path):
                 return lambda: MyWitness(tmp_path / "heads")
 
-            @pytest.fixture
-            def make_head(self):
-                return my_signed_head  # (log_id, seq) -> a head mapping
-
-    Optional fixtures: ``new_log_id`` (a callable giving a fresh log id; default 32 random
-    lowercase hex characters, the chain's form); ``break_storage`` (a callable
-    ``(witness) -> None`` after which the witness's storage fails; default: this process's
-    ``os.write``/``os.fsync``/``os.fdatasync`` raise ``ENOSPC``); ``corrupt_storage`` (a
-    callable ``() -> None`` that writes garbage into the storage the way a crash or an
-    intruder would; default ``None``: that test is skipped).
+    Optional fixtures: ``make_head`` (see above); ``new_log_id`` (a callable giving a fresh
+    log id; default 32 random lowercase hex characters, the chain's form); ``break_storage``
+    (a callable ``(witness) -> None`` after which the witness's storage fails; default: this
+    process's ``os.write``/``os.fsync``/``os.fdatasync`` raise ``ENOSPC``);
+    ``corrupt_storage`` (a callable ``() -> None`` that writes garbage into the storage the
+    way a crash or an intruder would; default ``None``: that test is skipped).
 
     What it checks: ``name`` is a non-empty string and ``required`` a bool. Round trip: heads
     of several logs, published interleaved, come back per log id (``latest`` gives each log's
@@ -88,11 +113,8 @@ class WitnessContract:
 
     @pytest.fixture
     def make_head(self) -> HeadFactory:
-        """Makes a signed head: override this fixture."""
-        raise NotImplementedError(
-            f"{type(self).__name__} must define a `make_head` fixture: a callable "
-            "(log_id, seq) -> a well-formed signed head"
-        )
+        """Makes a signed head of the chain's wire format (one checkpoint key per test)."""
+        return HeadSigner().head
 
     @pytest.fixture
     def new_log_id(self) -> Callable[[], str]:

@@ -448,6 +448,7 @@ def test_a_header_claiming_a_huge_epoch_does_not_buy_a_huge_key_search(
     assert calls["n"] < 200
 
 
+@pytest.mark.slow
 def test_a_huge_anchor_file_is_read_in_bounded_memory(
     chain_dir: Path, chain: Any, witness_file: Path
 ) -> None:

@@ -10,7 +10,6 @@ chooses it for, so the contract's "stored when ``emit`` returns" does not hold t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import secrets
 from collections.abc import Callable, Mapping, Sequence
@@ -18,13 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from vramcore_audit_chain import ChainConfig, ChainSink, FileWitness
 from vramcore_audit_chain import _format as fmt
 
 from vramcore import AuditSink, AuditWitness, SinkContext
-from vramcore._heads import Head
 from vramcore.testing import AuditSinkContract, WitnessContract
 
 
@@ -61,28 +57,6 @@ class TestChainSinkContract(AuditSinkContract):
         return read
 
 
-class _Signer:
-    """Signs heads the way the chain writer does, with a checkpoint key of its own."""
-
-    def __init__(self) -> None:
-        self.key = Ed25519PrivateKey.generate()
-        self.public = self.key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
-
-    def head(self, log_id: str, seq: int) -> Mapping[str, Any]:
-        mac = hashlib.sha256(f"{log_id}/{seq}".encode()).hexdigest()
-        return Head.build(
-            self.key.sign,
-            log_id=log_id,
-            seq=seq,
-            epoch=seq // 10,
-            mac=mac,
-            segment=hashlib.sha256(mac.encode()).hexdigest(),
-            ts=fmt.utc_now_text(),
-            reason="critical",
-            public_key=self.public,
-        ).to_dict()
-
-
 class TestFileWitnessContract(WitnessContract):
     """The file witness, optional and required, keeps the witness contract."""
 
@@ -91,10 +65,6 @@ class TestFileWitnessContract(WitnessContract):
         self, request: pytest.FixtureRequest, tmp_path: Path
     ) -> Callable[[], AuditWitness]:
         return lambda: FileWitness(tmp_path / "heads.ndjson", required=request.param)
-
-    @pytest.fixture
-    def make_head(self) -> Callable[[str, int], Mapping[str, Any]]:
-        return _Signer().head
 
     @pytest.fixture
     def corrupt_storage(self, tmp_path: Path) -> Callable[[], None]:

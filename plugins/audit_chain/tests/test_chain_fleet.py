@@ -58,6 +58,7 @@ def _writer(directory: Path, witness: Path, chain: Any, index: int) -> dict[str,
     return {"log_id": sink.log_id, "sent": sent, "heads": sink.report()["heads_published"]}
 
 
+@pytest.mark.slow  # 32 forked writers
 def test_32_writers_share_one_file_witness(tmp_path: Path, chain: Any) -> None:
     witness = tmp_path / "shared-witness" / "heads.ndjson"
     witness.parent.mkdir()

@@ -19,13 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 from vramcore_audit_tracing import TracingSink, TracingWitness
 
 from vramcore import AuditSink, AuditWitness, SinkContext
-from vramcore._heads import Head
 from vramcore.testing import AuditSinkContract, WitnessContract
 
 _PREFIX = "vramcore."
@@ -112,25 +110,6 @@ class _Telemetry:
             f.write(b'\x00\xff{"vramcore.audit.chain_head": "{\\"log_id\\": 7"}\n{"trunc')
 
 
-_KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32, 64)))
-
-
-def _head(log_id: str, seq: int) -> Mapping[str, Any]:
-    """A head of the chain's shape, signed as the chain writer signs one (the telemetry
-    witness exports only well-formed heads and reads back only ones their key signed)."""
-    return Head.build(
-        _KEY.sign,
-        log_id=log_id,
-        seq=seq,
-        epoch=1,
-        mac=f"{seq:064x}",
-        segment=f"{seq + 1:064x}",
-        ts="2026-01-01T00:00:00.000000Z",
-        reason="critical",
-        public_key=_KEY.public_key().public_bytes_raw().hex(),
-    ).to_dict()
-
-
 class TestTracingWitnessContract(WitnessContract):
     """The telemetry witness, read back from exported telemetry, keeps the witness contract."""
 
@@ -143,10 +122,6 @@ class TestTracingWitnessContract(WitnessContract):
     @pytest.fixture
     def make_witness(self, telemetry: _Telemetry) -> Callable[[], AuditWitness]:
         return telemetry.witness
-
-    @pytest.fixture
-    def make_head(self) -> Callable[[str, int], Mapping[str, Any]]:
-        return _head
 
     @pytest.fixture
     def corrupt_storage(self, telemetry: _Telemetry) -> Callable[[], None]:
