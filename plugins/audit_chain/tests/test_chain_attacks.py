@@ -494,3 +494,40 @@ def test_no_single_bit_flip_in_the_newest_head_lets_a_cut_log_pass(
             if result.ok:
                 missed.append((pos - start, bit))
     assert not missed, f"flips that left the cut log passing: {missed}"
+
+
+def test_a_head_signed_by_another_key_cannot_fail_or_fool_the_verifier(
+    chain_dir: Path, chain: Any, witness_file: Path, capsys: Any
+) -> None:
+    """Anyone who may append to a shared witness can sign a head claiming this log's id with
+    a key of their own: it is counted as forged and ignored, whether it claims more or less."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    sink = _sink(chain_dir, chain, [FileWitness(witness_file)], durability="immediate")
+    for i in range(3):
+        sink.emit(_plain(i))
+    sink.close()
+    genuine = Head.parse(witness_file.read_text().splitlines()[-1])
+    assert genuine is not None
+    other = Ed25519PrivateKey.generate()
+    for seq in (genuine.seq + 50, 1):
+        fake = Head.build(
+            other.sign,
+            log_id=genuine.log_id,
+            seq=seq,
+            epoch=genuine.epoch,
+            mac="0" * 64,
+            segment="0" * 64,
+            ts=genuine.ts,
+            reason="commit",
+            public_key=other.public_key().public_bytes_raw().hex(),
+        )
+        _append(witness_file, fake.to_json())
+    code, doc, _ = _verify_cli(
+        capsys, chain_dir, *_key_args(chain_dir), "--anchor", str(witness_file)
+    )
+    assert code == 0, doc
+    assert doc["anchor_report"]["forged"] >= 1
+    assert any("could not be used" in w for w in doc["warnings"])
+    # The writer, too, still finds the genuine newest head and goes on.
+    _sink(chain_dir, chain, [FileWitness(witness_file)]).close()

@@ -39,6 +39,7 @@ TELEMETRY_HEAD_ATTRIBUTE = HEAD_ATTRIBUTE
 #: heads with high sequence numbers cannot hide the newest authentic one).
 KEEP_NEWEST = 16
 _MAX_IDS = 10_000
+_KEYS_PER_LOG = 16
 _LOG_ID = re.compile(rb'"log_id\\?"\s*:\s*\\?"([0-9a-f]{32})')
 _PUBLIC = re.compile(rb'"public_key\\?"\s*:\s*\\?"([0-9a-f]{64})')
 
@@ -185,7 +186,8 @@ class AnchorSet:
     def __init__(self, paths: Sequence[str | Path]) -> None:
         self.paths = [Path(p) for p in paths]
         self._logs: dict[str, LogAnchors] = {}
-        self._last_in_file: dict[tuple[int, str], Anchor] = {}
+        # per (file, log id): the last anchor naming each public key (a few keys at most)
+        self._last_in_file: dict[tuple[int, str], dict[str | None, Anchor]] = {}
         self._last_by_key: dict[tuple[int, str], Anchor] = {}
         self._max_seq_in_file: dict[tuple[int, str], int] = {}
         self._bad_by_id: dict[tuple[int, str], _Bad] = {}
@@ -254,7 +256,9 @@ class AnchorSet:
         if anchor.seq < self._max_seq_in_file.get(key, -1):
             entry.replayed += 1
         self._max_seq_in_file[key] = max(anchor.seq, self._max_seq_in_file.get(key, -1))
-        self._last_in_file[key] = anchor
+        by_key = self._last_in_file.setdefault(key, {})
+        if len(by_key) < _KEYS_PER_LOG or anchor.public_key in by_key:
+            by_key[anchor.public_key] = anchor
         if anchor.public_key is not None and (
             len(self._last_by_key) < _MAX_IDS
             or (anchor.line[0], anchor.public_key) in self._last_by_key
@@ -286,7 +290,9 @@ class AnchorSet:
             newest=list(entry.newest), found=entry.found, replayed=entry.replayed, forged=0
         )
         for index in range(len(self.paths)):
-            last = self._last_in_file.get((index, log_id))
+            by_key = self._last_in_file.get((index, log_id), {})
+            # The last head of this log with this log's key, if its key signed it.
+            last = by_key.get(public_hex)
             bad = [
                 b
                 for b in (
@@ -295,22 +301,25 @@ class AnchorSet:
                 )
                 if b is not None
             ]
+            if last is not None and not last.signed_by(public):
+                out.forged += 1
+                bad.append(_Bad(last.source, last.line, "a head this log's key did not sign"))
+                last = None
+            for other_key, other in by_key.items():
+                if other_key == public_hex or other.kind != "head":
+                    continue
+                if isinstance(other.signed, Head) and other.signed.self_signed():
+                    out.forged += 1  # signed by someone else's key: never this log's head
+                else:
+                    bad.append(_Bad(other.source, other.line, "a corrupted head of this log"))
             # A head with this log's key but another log id that its key did not sign: this
             # log's head with its log id corrupted.
             keyed = self._last_by_key.get((index, public_hex))
-            if (
-                keyed is not None
-                and keyed.log_id != log_id
-                and (last is None or keyed.line > last.line)
-                and not keyed.signed_by(public)
-            ):
+            if keyed is not None and keyed.log_id != log_id and not keyed.signed_by(public):
                 bad.append(_Bad(keyed.source, keyed.line, "a head whose log id was altered"))
             worst = max(bad, key=lambda b: b.line, default=None)
             if worst is not None and (last is None or worst.line > last.line):
                 out.last_bad.append(f"{worst.source} ({worst.what})")
-            elif last is not None and not last.signed_by(public):
-                out.forged += 1
-                out.last_bad.append(f"{last.source} (a head this log's key did not sign)")
         return out
 
 
