@@ -431,3 +431,38 @@ def test_a_failed_shard_releases_the_shards_sealed_before_it(
         with pytest.raises(InsufficientVram):
             SealDir(small, root).run()
         assert small.shards() == [] and backend.live_allocations == 0
+
+
+def _mutations(bundle: dict[str, object]) -> list[object]:
+    envelope = bundle["dsseEnvelope"]
+    assert isinstance(envelope, dict)
+    return [
+        [],
+        {**bundle, "dsseEnvelope": []},
+        {**bundle, "dsseEnvelope": {**envelope, "payload": 7}},
+        {**bundle, "dsseEnvelope": {**envelope, "payload": "!!"}},
+        {**bundle, "dsseEnvelope": {**envelope, "signatures": 5}},
+        {**bundle, "dsseEnvelope": {**envelope, "signatures": ["x"]}},
+        {**bundle, "dsseEnvelope": {**envelope, "signatures": [{"sig": None}]}},
+        {**bundle, "dsseEnvelope": {**envelope, "signatures": []}},
+        {**bundle, "dsseEnvelope": {**envelope, "payloadType": "text/plain"}},
+    ]
+
+
+@pytest.mark.slow
+def test_malformed_bundles_fail_with_one_line(
+    signed: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    _model, signature, public = signed
+    bundle = json.loads(signature.read_text())
+    # The key hint is advisory: without it (or garbled) the ECDSA check alone decides.
+    for material in ("x", {"publicKey": 3}):
+        path = tmp_path / "hint.sig"
+        path.write_text(json.dumps({**bundle, "verificationMaterial": material}))
+        assert verify_bundle(path, public).files
+    for i, mutated in enumerate(_mutations(bundle)):
+        path = tmp_path / f"m{i}.sig"
+        path.write_text(json.dumps(mutated))
+        with pytest.raises((InvalidInput, IntegrityViolation)) as caught:
+            verify_bundle(path, public)
+        assert "\n" not in str(caught.value), i
