@@ -80,6 +80,9 @@ def main() -> None:
     parser.add_argument("--mib", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--hash-workers", type=int, default=None, help="Merkle hashing threads (default: all)"
+    )
     args = parser.parse_args()
     import model_signing
 
@@ -92,7 +95,9 @@ def main() -> None:
         model_signing.signing.Config().use_elliptic_key_signer(private_key=private).sign(
             model, signature
         )
-        with VramManager(_TOKEN, allocator="mock", audit="disabled") as manager:
+        with VramManager(
+            _TOKEN, allocator="mock", audit="disabled", hash_workers=args.hash_workers
+        ) as manager:
             unsigned = best_seal(manager, model, args.repeat)
             signed = best_seal(manager, model, args.repeat, signature=signature, public_key=public)
     result = {
@@ -101,6 +106,7 @@ def main() -> None:
         "signed_s": round(signed, 4),
         "ratio": round(signed / unsigned, 3),
         "cpus": os.cpu_count(),
+        "hash_workers": args.hash_workers,
     }
     if args.json:
         print(json.dumps(result))
