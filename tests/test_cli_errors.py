@@ -182,7 +182,7 @@ def _exiting_sink(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
 # (case id, setup -> argv, exit code, message fragment)
 CASES: list[tuple[str, Setup, int, str]] = [
     ("missing file", _seal_path(lambda t: t / "nope.bin"), 2, "PATH"),
-    ("directory", _seal_path(lambda t: t), 2, "is a directory, not a file"),
+    ("directory without a model", _seal_path(lambda t: t), 2, "holds no *.safetensors file"),
     ("/dev/null", _seal_path(lambda _t: "/dev/null"), 2, "not a regular file"),
     ("FIFO", _seal_path(_fifo), 2, "not a regular file"),
     ("empty file", _seal_path(lambda t: (t / "e.bin").write_bytes(b"") or t / "e.bin"), 2, "empty"),

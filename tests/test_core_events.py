@@ -22,14 +22,19 @@ def _samples() -> list[events.AuditEvent]:
     return sample_events(worker_id="host:1", timestamp=WHEN, correlation_id="c-1")
 
 
-def test_there_are_nine_event_types() -> None:
+def test_there_are_ten_event_types() -> None:
     assert set(events.EVENT_TYPES) == {e.event_type for e in _samples()}
-    assert len(events.EVENT_TYPES) == 9
+    assert len(events.EVENT_TYPES) == 10
     assert events.DigestFallback.default_severity == "warning"
     # A refused input is not an allocation failure: auditors see tampered files as such.
     assert events.SealRefused.event_type == "vram.seal_refused"
     critical = {t for t, cls in events.EVENT_TYPES.items() if cls.critical}
-    assert critical == {"vram.sealed", "seal.verification_failed", "policy.violation"}
+    assert critical == {
+        "vram.sealed",
+        "vram.model_sealed",
+        "seal.verification_failed",
+        "policy.violation",
+    }
 
 
 def test_event_fields_names_every_field_of_every_event_once() -> None:

@@ -13,6 +13,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import vramcore_allocator_mock as mock_plugin
@@ -25,7 +26,7 @@ from vramcore._publisher import key_fingerprint, load_public_key, verify_bundle
 from vramcore._sealdir import SealDir, SealedModel
 from vramcore.errors import InsufficientVram, IntegrityViolation, InvalidInput
 from vramcore.safetensors import write_safetensors
-from vramcore.testing import TEST_TOKEN
+from vramcore.testing import TEST_TOKEN, CapturePlugin, CapturingSink
 
 INDEX = "model.safetensors.index.json"
 
@@ -431,3 +432,183 @@ def test_a_failed_shard_releases_the_shards_sealed_before_it(
         with pytest.raises(InsufficientVram):
             SealDir(small, root).run()
         assert small.shards() == [] and backend.live_allocations == 0
+
+
+def _mutations(bundle: dict[str, object]) -> list[object]:
+    envelope = bundle["dsseEnvelope"]
+    assert isinstance(envelope, dict)
+    return [
+        [],
+        {**bundle, "dsseEnvelope": []},
+        {**bundle, "dsseEnvelope": {**envelope, "payload": 7}},
+        {**bundle, "dsseEnvelope": {**envelope, "payload": "!!"}},
+        {**bundle, "dsseEnvelope": {**envelope, "signatures": 5}},
+        {**bundle, "dsseEnvelope": {**envelope, "signatures": ["x"]}},
+        {**bundle, "dsseEnvelope": {**envelope, "signatures": [{"sig": None}]}},
+        {**bundle, "dsseEnvelope": {**envelope, "signatures": []}},
+        {**bundle, "dsseEnvelope": {**envelope, "payloadType": "text/plain"}},
+    ]
+
+
+@pytest.mark.slow
+def test_malformed_bundles_fail_with_one_line(
+    signed: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    _model, signature, public = signed
+    bundle = json.loads(signature.read_text())
+    # The key hint is advisory: without it (or garbled) the ECDSA check alone decides.
+    for material in ("x", {"publicKey": 3}):
+        path = tmp_path / "hint.sig"
+        path.write_text(json.dumps({**bundle, "verificationMaterial": material}))
+        assert verify_bundle(path, public).files
+    for i, mutated in enumerate(_mutations(bundle)):
+        path = tmp_path / f"m{i}.sig"
+        path.write_text(json.dumps(mutated))
+        with pytest.raises((InvalidInput, IntegrityViolation)) as caught:
+            verify_bundle(path, public)
+        assert "\n" not in str(caught.value), i
+
+
+# -- the manager's seal_dir and the audit event ---------------------------------------------
+
+
+def _captured_manager(make_plugin_manager: Any) -> tuple[VramManager, CapturingSink]:
+    sink = CapturingSink()
+    pm = make_plugin_manager(mock_plugin, CapturePlugin(sink))
+    return VramManager(TEST_TOKEN, allocator="mock", plugin_manager=pm), sink
+
+
+@pytest.mark.slow
+def test_seal_dir_audits_the_directory_with_its_publisher(
+    publisher: tuple[Path, Path, Path], make_plugin_manager: Any
+) -> None:
+    model, signature, public = publisher
+    manager, sink = _captured_manager(make_plugin_manager)
+    with manager:
+        sealed = manager.seal_dir(model, signature=signature, public_key=public)
+    (event,) = [e for e in sink.events if e.event_type == "vram.model_sealed"]
+    assert sealed.publisher is not None
+    assert event.model == "tiny-model" and event.index == INDEX
+    assert event.shard_ids == tuple(s.shard_id for s in sealed.shards)
+    assert event.publisher_key == sealed.publisher.key_fingerprint
+    assert event.manifest_digest == sealed.publisher.manifest_digest
+    assert event.nbytes == sealed.vram_bytes
+    sealed_events = [e for e in sink.events if e.event_type == "vram.sealed"]
+    assert [e.file_sha256 for e in sealed_events] == [s.file_sha256 for s in sealed.shards]
+
+
+def test_seal_dir_unsigned_is_audited_without_a_publisher(
+    tmp_path: Path, make_plugin_manager: Any
+) -> None:
+    manager, sink = _captured_manager(make_plugin_manager)
+    with manager:
+        sealed = manager.seal_dir(write_model(tmp_path / "m", index=False), shard_prefix="p")
+        assert [s.shard_id for s in manager.shards()] == [s.shard_id for s in sealed.shards]
+    (event,) = [e for e in sink.events if e.event_type == "vram.model_sealed"]
+    assert (event.index, event.publisher_key, event.manifest_digest) == ("", "", "")
+    assert event.shard_ids[0] == "p:model-00001-of-00002.safetensors"
+
+
+# -- vramcore seal DIR ----------------------------------------------------------------------
+
+CLI_TOKEN = "serve-cli-token-never-printed-8c1d"
+
+
+@pytest.fixture
+def cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]):  # type: ignore[no-untyped-def]
+    from vramcore._cli.cli import main
+
+    monkeypatch.setenv("VRAMCORE_WORKER_TOKEN", CLI_TOKEN)
+    monkeypatch.setenv("VRAMCORE_AUDIT_LOG", str(tmp_path / "audit"))
+    monkeypatch.setenv("VRAMCORE_MOCK_VRAM", "1GiB")
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        code = main([*argv, "--allocator", "mock"])
+        out, err = capsys.readouterr()
+        assert CLI_TOKEN not in out + err
+        return code, out, err
+
+    return run
+
+
+def _one_error(err: str) -> str:
+    """The one error line (a progress line may precede it on stderr)."""
+    (line,) = [x for x in err.splitlines() if x.startswith("vramcore: error")]
+    return line
+
+
+def test_cli_seals_a_directory_and_verifies_the_set(cli: Any, tmp_path: Path) -> None:
+    root = write_model(tmp_path / "tiny-model")
+    code, out, _ = cli("seal", str(root))
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].startswith("sealed model tiny-model: 2 shard(s), 4 tensors")
+    assert sum("verified from VRAM" in line for line in lines) == 2
+    code, out, _ = cli("seal", str(root), "--json")
+    data = json.loads(out)
+    assert code == 0
+    assert [s["file"] for s in data["model_attestation"]["shards"]] == [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ]
+    assert [v["file"] for v in data["verified"]] == [
+        s["file"] for s in data["model_attestation"]["shards"]
+    ]
+    assert "signature" not in json.dumps(data["model_attestation"]["shards"])
+
+
+@pytest.mark.slow
+def test_cli_seals_a_signed_directory(cli: Any, publisher: tuple[Path, Path, Path]) -> None:
+    model, signature, public = publisher
+    code, out, _ = cli(
+        "seal", str(model), "--signature", str(signature), "--public-key", str(public), "--json"
+    )
+    assert code == 0
+    publisher_data = json.loads(out)["model_attestation"]["publisher"]
+    assert publisher_data["model_name"] == "tiny-model"
+
+
+@pytest.mark.slow
+def test_cli_exit_codes_for_a_tampered_or_unsigned_directory(
+    cli: Any, publisher: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    model, signature, public = _copy(publisher, tmp_path)
+    (model / "notes.txt").write_text("unsigned")
+    code, _, err = cli(
+        "seal", str(model), "--signature", str(signature), "--public-key", str(public)
+    )
+    assert code == 1 and _one_error(err).endswith(
+        "notes.txt is not covered by the publisher's signature"
+    )
+    (model / "notes.txt").unlink()
+    victim = model / "model-00001-of-00002.safetensors"
+    victim.write_bytes(victim.read_bytes()[:-1] + b"\xff")
+    code, _, err = cli(
+        "seal", str(model), "--signature", str(signature), "--public-key", str(public)
+    )
+    assert code == 1 and "does not match the SHA-256 the publisher signed" in _one_error(err)
+
+
+def test_cli_refuses_bad_directories_and_bad_usage(cli: Any, tmp_path: Path) -> None:
+    root = write_model(tmp_path / "m")
+    _case_duplicate_tensor(root)
+    code, _, err = cli("seal", str(root))
+    assert code == 1 and "model directory refused: tensor" in _one_error(err)
+    (tmp_path / "empty").mkdir()
+    code, _, err = cli("seal", str(tmp_path / "empty"))
+    assert code == 2 and "holds no *.safetensors file" in err
+    good = write_model(tmp_path / "good")
+    code, _, err = cli("seal", str(good), "--signature", str(good / "config.json"))
+    assert code == 2 and "--signature and --public-key go together" in err
+    code, _, err = cli(
+        "seal",
+        str(good),
+        "--signature",
+        str(good / "config.json"),
+        "--public-key",
+        str(good / INDEX),
+    )
+    assert code == 2 and "not a PEM public key" in err
+    shard = good / "model-00001-of-00002.safetensors"
+    code, _, err = cli("seal", str(shard), "--signature", str(shard), "--public-key", str(shard))
+    assert code == 2 and "need a model directory" in err

@@ -322,6 +322,7 @@ def test_sample_events_cover_every_event_type_and_tell_the_stream_apart() -> Non
             "policy.violation",
             "vram.seal_refused",
             "digest.fallback",
+            "vram.model_sealed",
         )
     ]
     assert {type(e) for e in sample_events()} == set(EVENT_TYPES.values())

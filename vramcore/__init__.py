@@ -21,6 +21,7 @@ from vramcore._cli.commands import (
 )
 from vramcore._config import Setting
 from vramcore._context import correlate
+from vramcore._sealdir import Publisher, SealedModel
 from vramcore._tensors import TensorView
 from vramcore.audit import AuditSink, AuditWitness, SinkContext
 from vramcore.backend import (
@@ -61,6 +62,8 @@ __all__ = [
     "DeviceDigest",
     "DeviceInfo",
     "MemoryKind",
+    "Publisher",
+    "SealedModel",
     "SealedShard",
     "Setting",
     "SinkContext",

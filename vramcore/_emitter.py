@@ -8,12 +8,15 @@ event, which keeps the fixed cost of a verification low without a guard in every
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from vramcore import events
 from vramcore.audit import AuditTrail
 from vramcore.shard import SealedShard
 from vramcore.validation import scrub_text
+
+if TYPE_CHECKING:
+    from vramcore._sealdir import SealedModel
 
 __all__ = ["NOWHERE", "Emitter"]
 
@@ -106,6 +109,22 @@ class Emitter:
                 leaf_size=shard.leaf_size,
                 backend=self.backend,
                 file_sha256=shard.file_sha256 or "",
+            ),
+        )
+
+    def model_sealed(self, model: SealedModel) -> None:
+        """``vram.model_sealed`` (critical): a directory, its shards and its publisher."""
+        self._out.record(
+            events.ModelSealed,
+            dict(
+                model=model.model,
+                shard_ids=tuple(s.shard_id for s in model.shards),
+                device=self.device,
+                nbytes=model.vram_bytes,
+                backend=self.backend,
+                index=model.index or "",
+                publisher_key=model.publisher.key_fingerprint if model.publisher else "",
+                manifest_digest=model.publisher.manifest_digest if model.publisher else "",
             ),
         )
 

@@ -11,7 +11,8 @@
 3. **seal** -- each shard is sealed with ``seal_file(expected_sha256=<signed SHA-256>)``: its
    SHA-256 is computed from the very bytes copied to VRAM, each byte read once, and a
    mismatch leaves nothing allocated. Its sealed tensor map must be the one scanned;
-4. **record** -- a :class:`SealedModel` (the directory's attestation) and one audit event.
+4. **record** -- a :class:`SealedModel` (the directory's attestation) and one critical audit
+   event, ``vram.model_sealed`` (shards, index, key fingerprint, manifest digest).
 
 All or nothing: if any step fails, every shard this call sealed is deallocated and the error
 (one line) is raised.
@@ -35,6 +36,7 @@ from vramcore.shard import SealedShard
 from vramcore.validation import check_shard_id, escape_text, safe_repr
 
 if TYPE_CHECKING:
+    from vramcore._emitter import Emitter
     from vramcore.manager import VramManager
 
 __all__ = ["MODEL_ATTESTATION_VERSION", "Publisher", "SealDir", "SealedModel"]
@@ -187,6 +189,7 @@ class SealDir:
         signature: object = None,
         public_key: object = None,
         shard_prefix: str | None = None,
+        emitter: Emitter | None = None,
     ) -> None:
         if (signature is None) != (public_key is None):
             raise InvalidInput("a publisher signature needs both signature and public_key")
@@ -195,6 +198,7 @@ class SealDir:
         self.signature = signature
         self.public_key = public_key
         self.shard_prefix = shard_prefix
+        self.emitter = emitter
         self.model: ModelDir | None = None
         self.manifest: SignedManifest | None = None
         self.sealed: dict[str, SealedShard] = {}
@@ -210,10 +214,13 @@ class SealDir:
         try:
             for shard in self.model.shards:
                 self._seal(shard.name, shard.path, f"{prefix}:{shard.name.replace('/', ':')}")
+            result = self._result(self.model)
+            if self.emitter is not None:
+                self.emitter.model_sealed(result)  # critical: a sink failure undoes the seal
         except BaseException:
             self._release()
             raise
-        return self._result(self.model)
+        return result
 
     def _prefix(self, model: ModelDir) -> str:
         if self.shard_prefix is not None:

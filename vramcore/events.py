@@ -33,6 +33,7 @@ __all__ = [
     "EVENT_TYPES",
     "AuditEvent",
     "DigestFallback",
+    "ModelSealed",
     "PolicyViolation",
     "SealRefused",
     "SealVerificationFailed",
@@ -296,6 +297,29 @@ class VramDeallocated(AuditEvent):
 
 
 @attrs.frozen(kw_only=True)
+class ModelSealed(AuditEvent):
+    """A model directory was sealed: one shard per file, all of them resident now.
+
+    :attr model: the directory's name.
+    :attr shard_ids: the shards, in file order (each has its own ``vram.sealed`` event).
+    :attr index: the index file's name, ``""`` without an index.
+    :attr publisher_key: SHA-256 of the publisher's public key (PEM), ``""`` when unsigned.
+    :attr manifest_digest: the signed manifest's digest, ``""`` when unsigned.
+    """
+
+    event_type: ClassVar[str] = "vram.model_sealed"
+    critical: ClassVar[bool] = True
+    model: str
+    shard_ids: tuple[str, ...]
+    device: int
+    nbytes: int
+    backend: str
+    index: str = ""
+    publisher_key: str = ""
+    manifest_digest: str = ""
+
+
+@attrs.frozen(kw_only=True)
 class PolicyViolation(AuditEvent):
     """A device or allocation broke the VRAM-only policy (``device`` is -1 when unknown)."""
 
@@ -319,6 +343,7 @@ EVENT_TYPES: Mapping[str, type[AuditEvent]] = {
         SealVerificationFailed,
         DigestFallback,
         VramDeallocated,
+        ModelSealed,
         PolicyViolation,
     )
 }
@@ -343,6 +368,11 @@ EVENT_FIELDS: Mapping[str, type] = {
     "rule": str,
     "byte_ranges": tuple,
     "tensors": tuple,
+    "model": str,
+    "shard_ids": tuple,
+    "index": str,
+    "publisher_key": str,
+    "manifest_digest": str,
 }
 
 

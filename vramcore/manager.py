@@ -32,6 +32,7 @@ from vramcore._digests import DigestSource
 from vramcore._emitter import Emitter
 from vramcore._loading import MemorySource, Source, as_bytes_view, staging_for
 from vramcore._residency import Residency
+from vramcore._sealdir import SealDir, SealedModel
 from vramcore._sealing import CROSS_CHECKS, Sealing, open_file
 from vramcore._startup import make_backend, probe, seal_key
 from vramcore._verification import ScrubTarget, Verification, check_sample, refuse_absent
@@ -290,6 +291,37 @@ class VramManager:
             self._core, shard_id, source, staging=self._staging, cross_check=str(cross_check)
         )
         return sealing.run()
+
+    def seal_dir(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        signature: str | os.PathLike[str] | None = None,
+        public_key: str | os.PathLike[str] | None = None,
+        shard_prefix: str | None = None,
+    ) -> SealedModel:
+        """Seal a model directory: one shard per file, all or nothing (:mod:`vramcore._sealdir`).
+
+        Reads ``model.safetensors.index.json`` when present (its ``weight_map`` must agree with
+        the shards' headers), else seals every ``*.safetensors``. With ``signature`` (an OpenSSF
+        Model Signing bundle) and ``public_key`` (the publisher's PEM key), every file must be
+        signed and each shard's SHA-256 is checked against the signed manifest as its bytes are
+        copied. Audited as ``vram.model_sealed`` (with the key fingerprint and manifest digest).
+
+        :param shard_prefix: shard ids are ``<prefix>:<file>`` (default: the directory's name).
+        :raises InvalidInput: not a model directory, or not a bundle or key (usage).
+        :raises IntegrityViolation: the directory's parts disagree, a file escapes it, the
+            signature does not verify or cover the files, or a file is not the one signed.
+        """
+        self._check_open()
+        return SealDir(
+            self,
+            path,
+            signature=signature,
+            public_key=public_key,
+            shard_prefix=shard_prefix,
+            emitter=self._core.emitter,
+        ).run()
 
     def verify_sealed(self, shard: SealedShard, *, sample: float | int | None = None) -> None:
         """Check ``shard``'s signature and recompute its digest from VRAM.

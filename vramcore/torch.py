@@ -33,8 +33,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
-import torch
-import torch.utils.dlpack
+
+try:
+    import torch
+    import torch.utils.dlpack
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise ImportError(
+        "vramcore.torch needs PyTorch: install the extra, pip install 'vramcore[torch]'"
+    ) from exc
 
 from vramcore.errors import InvalidInput
 from vramcore.manager import VramManager

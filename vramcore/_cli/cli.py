@@ -25,6 +25,7 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from vramcore import __version__
@@ -40,6 +41,7 @@ from vramcore._cli.commands import (
 )
 from vramcore._cli.config import ConfigReport, Doctor
 from vramcore._cli.demo import cmd_bench, cmd_demo
+from vramcore._cli.sealdir import add_signature_options, cmd_seal_dir
 from vramcore._cli.support import (
     GIB,
     add_manager_options,
@@ -158,7 +160,14 @@ def cmd_devices(args: argparse.Namespace, console: Console, pm: VramcorePluginMa
 
 
 def cmd_seal(args: argparse.Namespace, console: Console, pm: VramcorePluginManager) -> int:
-    """Seal a file into VRAM, verify it from VRAM, print the attestation and throughput."""
+    """Seal a file into VRAM, verify it from VRAM, print the attestation and throughput.
+
+    A directory is a model directory: see :mod:`vramcore._cli.sealdir`.
+    """
+    if isinstance(args.path, str) and os.path.isdir(args.path):
+        return cmd_seal_dir(args, console, pm, Path(args.path))
+    if args.signature is not None or args.public_key is not None:
+        raise UsageError("--signature and --public-key need a model directory, not a file")
     path = check_path(args.path, field="PATH")
     expected = (
         check_sha256_hex(args.expect_sha256, field="--expect-sha256")
@@ -289,12 +298,20 @@ def build_parser(
     )
     p = commands.add(
         "seal",
-        help="seal a file into VRAM, verify it, print the attestation",
+        help="seal a file or a model directory into VRAM, verify it, print the attestation",
         handler=core(cmd_seal),
     )
-    p.add_argument("path", help="file to seal (a .safetensors file gets a tensor map)")
+    p.add_argument(
+        "path",
+        metavar="PATH|DIR",
+        help="file to seal (a .safetensors file gets a tensor map), or a model directory "
+        "(one shard per *.safetensors file, its index checked)",
+    )
     p.add_argument("--expect-sha256", help="the file's published SHA-256, checked while loading")
-    p.add_argument("--shard-id", help="shard id (default: the file name)")
+    p.add_argument(
+        "--shard-id", help="shard id (default: the file name; for DIR the shard id prefix)"
+    )
+    add_signature_options(p)
     add_manager_options(p)
     p = commands.add(
         "bench",

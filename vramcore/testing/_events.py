@@ -8,6 +8,7 @@ from typing import Any
 from vramcore.events import (
     AuditEvent,
     DigestFallback,
+    ModelSealed,
     PolicyViolation,
     SealRefused,
     SealVerificationFailed,
@@ -32,7 +33,8 @@ def sample_events(
 
     ``sample_events()`` gives one event of every class in :data:`vramcore.events.EVENT_TYPES`
     (allocated, allocation failed, sealed, verified, verification failed, deallocated, policy
-    violation, seal refused, in that order), with every optional field set and text that an
+    violation, seal refused, digest fallback, model sealed, in that order), with every
+    optional field set and text that an
     encoder must escape (non-ASCII, quotes, backslashes).
 
     ``sample_events(n)`` gives a stream of ``n`` events that tell each other apart (shard
@@ -109,6 +111,17 @@ def _one_of_each(common: dict[str, Any]) -> list[AuditEvent]:
             backend="cupy",
             operation="seal",
             reason="no VRAM for the digest scratch",
+        ),
+        ModelSealed(
+            **common,
+            model='mini-\u00e9"model\\',
+            shard_ids=("m:a.safetensors", "m:b.safetensors"),
+            device=0,
+            nbytes=20,
+            backend="mock",
+            index="model.safetensors.index.json",
+            publisher_key="cd" * 32,
+            manifest_digest="ef" * 32,
         ),
     ]
 
