@@ -83,13 +83,14 @@ def main(argv: list[str] | None = None) -> int:
     capacity = 3 * max(sizes) + (64 << 20)
     pm = get_plugin_manager(env={"VRAMCORE_PLUGINS": "mock"})
 
-    def make_manager(count: int) -> Any:
+    def make_manager(count: int, read_threads: int | None = None) -> Any:
         return VramManager(
             _TOKEN,
             allocator=_mock(capacity),
             plugin_manager=pm,
             audit="disabled",
             hash_workers=count,
+            read_threads=read_threads,
         )
 
     try:
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                 sample=args.sample,
                 tensors=tensors,
                 make_audited_manager=_AuditedManager(audit_dir, max(workers)).make,
+                plugin_manager=pm,
                 progress=lambda line: print(line, file=sys.stderr, flush=True),
             )
         print(format_table(report))

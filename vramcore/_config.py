@@ -424,6 +424,14 @@ def core_settings() -> list[Setting]:
             default="the number of cores",
         ),
         Setting(
+            key="read_threads",
+            help="threads reading a file into the staging buffers while it is sealed",
+            kind="int",
+            minimum=1,
+            maximum=64,
+            default="2",
+        ),
+        Setting(
             key="log_format",
             help="how the CLI writes log records to stderr: text lines or one JSON object each",
             kind="choice",

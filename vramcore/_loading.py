@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
 import hashlib
+import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -27,25 +30,32 @@ from typing import Any, Protocol
 import attrs
 
 from vramcore.backend import AllocatorBackend, CopyHandle, DeviceBuffer
-from vramcore.errors import AllocationFailed, IntegrityViolation, InvalidInput
+from vramcore.errors import AllocationFailed, ConfigError, IntegrityViolation, InvalidInput
 from vramcore.safetensors import read_header
 from vramcore.shard import TensorMap
-from vramcore.validation import check_sha256_hex, check_size
+from vramcore.validation import check_sha256_hex, check_size, safe_repr
 
 __all__ = [
+    "MAX_READERS",
+    "FileLoad",
     "FileSource",
     "MemorySource",
     "Progress",
     "Source",
     "StagingFactory",
     "StagingPool",
+    "Timeline",
     "as_bytes_view",
     "check_expected_sha256",
+    "check_readers",
+    "default_readers",
     "staging_for",
 ]
 
 #: ``progress(bytes_loaded, total_bytes)``, called after each chunk of a file.
 Progress = Callable[[int, int], None]
+#: Most reader threads of one file load (each holds a staging buffer of ``chunk_bytes``).
+MAX_READERS = 64
 #: Lends two staging buffers for the duration of a ``with`` block.
 StagingFactory = Callable[[], contextlib.AbstractContextManager[list[memoryview]]]
 
@@ -210,10 +220,12 @@ class MemorySource(Source):
 
 @attrs.define
 class FileSource(Source):
-    """A regular file, streamed through two staging buffers, sealed byte for byte.
+    """A regular file, streamed through a ring of staging buffers, sealed byte for byte.
 
     The header of a ``.safetensors`` file is checked and its tensor map read before loading;
     the same header bytes must then be found in VRAM (one comparison, not a second parse).
+    ``readers`` threads read the file (default :func:`default_readers`); after a load,
+    :attr:`timeline` says where its time went.
     """
 
     path: Path
@@ -221,8 +233,10 @@ class FileSource(Source):
     expected_sha256: str | None = None
     want_sha256: bool = False
     progress: Progress | None = None
+    readers: int = attrs.field(factory=lambda: default_readers())
     nbytes: int = attrs.field(init=False)
     kind: str = attrs.field(init=False, default="file")
+    timeline: Timeline | None = attrs.field(init=False, default=None, repr=False)
     _header: bytes = attrs.field(init=False, default=b"", repr=False)
 
     def __attrs_post_init__(self) -> None:
@@ -249,29 +263,18 @@ class FileSource(Source):
         staging: StagingFactory,
         staged: StagedHasher,
     ) -> str | None:
-        """Read, copy and hash chunk by chunk, double-buffered."""
-        p, nbytes = self.path, self.nbytes
+        """Read (on :attr:`readers` threads), copy and hash chunk by chunk through a ring of
+        staging buffers (see :class:`FileLoad`)."""
         file_hash = _FileHash() if self.want_sha256 else None
-        pipes = (_Pipeline(), _Pipeline())
         try:
-            with staging() as buffers, _open(p, buffering=0) as fh, _draining(*pipes):
-                chunk = min(len(buffers[0]), len(buffers[1]))
-                for i, offset in enumerate(range(0, nbytes, chunk)):
-                    pipe = pipes[i % 2]
-                    pipe.drain()  # this buffer's previous copy and hashes are done
-                    view = buffers[i % 2][: min(chunk, nbytes - offset)]
-                    _read_exactly(fh, view, p, offset, nbytes)
-                    # Hashes first: their threads run while this thread issues the copy.
-                    pipe.waiters.append(staged.feed(offset, view))
-                    if file_hash is not None:
-                        pipe.waiters.append(file_hash.feed(view))
-                    _copy(backend, buf, offset, view, pipe)
-                    if self.progress is not None:
-                        self.progress(offset + len(view), nbytes)
-                if fh.read(1):
-                    raise IntegrityViolation(
-                        f"{p} grew while it was loaded", reason="changed_while_loading"
-                    )
+            with contextlib.ExitStack() as stack:
+                buffers: list[memoryview] = []
+                while len(buffers) < self.readers + 2:  # the factory lends them in pairs
+                    buffers += stack.enter_context(staging())
+                fh = stack.enter_context(_open(self.path, buffering=0))
+                load = FileLoad(self, backend, buf, fh.fileno(), buffers, staged, file_hash)
+                self.timeline = load.timeline
+                load.run()
         finally:
             if file_hash is not None:
                 file_hash.close()
@@ -280,10 +283,204 @@ class FileSource(Source):
             # The header checked before loading must be the one in VRAM, byte for byte: without
             # expected_sha256 nothing else notices a header rewritten mid-load.
             raise IntegrityViolation(
-                f"{p} changed while it was loaded (safetensors header)",
+                f"{self.path} changed while it was loaded (safetensors header)",
                 reason="changed_while_loading",
             )
         return result
+
+
+def default_readers() -> int:
+    """Threads reading a file when none are configured: ``VRAMCORE_READ_THREADS``, else 2.
+
+    Two keep a page-cache read ahead of the hashing on a small host; a GPU host feeding
+    pinned memory at PCIe speed wants more (one thread reads the page cache at 6-12 GB/s).
+    """
+    text = os.environ.get("VRAMCORE_READ_THREADS", "").strip()
+    if not text:
+        return 2
+    if not text.isdigit() or not 1 <= int(text) <= MAX_READERS:
+        raise ConfigError(
+            f"VRAMCORE_READ_THREADS={text[:20]!r} must be a whole number from 1 to {MAX_READERS}"
+        )
+    return int(text)
+
+
+def check_readers(value: object) -> int:
+    """A ``read_threads`` argument: an integer from 1 to :data:`MAX_READERS`."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_READERS:
+        raise InvalidInput(
+            f"read_threads must be an integer from 1 to {MAX_READERS}, got {safe_repr(value)}"
+        )
+    return value
+
+
+@functools.cache
+def _reader_pool(readers: int) -> ThreadPoolExecutor:
+    """Reader threads shared by every load with this count (idle ones cost nothing)."""
+    return ThreadPoolExecutor(max_workers=readers, thread_name_prefix="vramcore-read")
+
+
+class Timeline:
+    """Where one load's time went, per stage (summed over the threads doing it).
+
+    :attr wall: the load, start to end.
+    :attr cpu: CPU seconds of the whole process meanwhile (every thread).
+    :attr read: CPU seconds of the reader threads in ``preadv`` (the kernel copying from
+        the page cache).
+    :attr copy: CPU seconds of the loading thread issuing copies to the device.
+    :attr stall: seconds the loading thread waited for a chunk to be read or a buffer to be
+        free (its copy and hashes done).
+    """
+
+    def __init__(self) -> None:
+        self.wall = self.cpu = self.read = self.copy = self.stall = 0.0
+
+    def busy(self, cores: int) -> dict[str, float]:
+        """Each stage's share of the wall time, and the cores' use overall. Hashing is what
+        the process's CPU time holds beyond reading and copying (it runs on the hashing
+        pool, shared with other work)."""
+        wall = self.wall or 1e-9
+        return {
+            "read": self.read / wall,
+            "copy": self.copy / wall,
+            "hash_and_other": max(0.0, self.cpu - self.read - self.copy) / wall,
+            "stall": self.stall / wall,
+            "cores_used": self.cpu / wall / max(1, cores),
+        }
+
+    def attributes(self, readers: int) -> dict[str, int]:
+        """The timeline as attributes of the narrated ``copy`` operation (microseconds)."""
+        return {
+            "read_threads": readers,
+            "read_cpu_us": round(self.read * 1e6),
+            "copy_cpu_us": round(self.copy * 1e6),
+            "stall_us": round(self.stall * 1e6),
+            "cpu_us": round(self.cpu * 1e6),
+            "wall_us": round(self.wall * 1e6),
+        }
+
+
+class FileLoad:
+    """One file streamed into a device buffer through a ring of staging buffers.
+
+    Reader threads fill the ring ahead of use, each chunk at its own offset (``preadv``: no
+    shared file position, and the GIL is released while the kernel copies); this thread takes
+    the chunks in file order, hands each to the leaf hashing (worker threads) and the file
+    SHA-256, and issues its copy to the device. A buffer is refilled only once its copy and
+    hashes are done, and :meth:`run` returns only when no thread reads or writes any of them.
+
+    :param buffers: the ring (at least three): reads run up to ``len(buffers) - 2`` chunks
+        ahead while two chunks are hashed and copied.
+    """
+
+    def __init__(
+        self,
+        source: FileSource,
+        backend: AllocatorBackend,
+        buf: DeviceBuffer,
+        fd: int,
+        buffers: list[memoryview],
+        staged: StagedHasher,
+        file_hash: _FileHash | None,
+    ) -> None:
+        self.source = source
+        self.backend = backend
+        self.buf = buf
+        self.fd = fd
+        self.buffers = buffers
+        self.staged = staged
+        self.file_hash = file_hash
+        self.chunk = min(len(b) for b in buffers)
+        self.count = -(-source.nbytes // self.chunk)
+        self.ahead = max(1, len(buffers) - 2)
+        self.pipes = [_Pipeline() for _ in buffers]
+        self.reads: dict[int, Future[float]] = {}
+        self.timeline = Timeline()
+
+    def run(self) -> None:
+        """Load every chunk (see the class docstring).
+
+        :raises IntegrityViolation: the file shrank or grew while it was read.
+        """
+        started, cpu = time.perf_counter(), time.process_time()
+        try:
+            with _draining(*self.pipes):
+                try:
+                    self._load()
+                finally:
+                    for fut in self.reads.values():  # readers may still fill a buffer
+                        fut.exception()
+        finally:
+            self.timeline.wall = time.perf_counter() - started
+            self.timeline.cpu = time.process_time() - cpu
+
+    def _load(self) -> None:
+        source, nbytes, timeline = self.source, self.source.nbytes, self.timeline
+        pool = _reader_pool(source.readers) if self.count > 1 else None
+        for index in range(min(self.ahead, self.count)):
+            self._read(index, pool)
+        for index in range(self.count):
+            waited = time.perf_counter()
+            timeline.read += self.reads.pop(index).result()
+            timeline.stall += time.perf_counter() - waited
+            offset = index * self.chunk
+            slot = index % len(self.buffers)
+            view = self.buffers[slot][: min(self.chunk, nbytes - offset)]
+            pipe = self.pipes[slot]
+            # Hashes first: their threads run while this thread issues the copy.
+            pipe.waiters.append(self.staged.feed(offset, view))
+            if self.file_hash is not None:
+                pipe.waiters.append(self.file_hash.feed(view))
+            copying = time.thread_time()
+            _copy(self.backend, self.buf, offset, view, pipe)
+            timeline.copy += time.thread_time() - copying
+            if source.progress is not None:
+                source.progress(offset + len(view), nbytes)
+            if index + self.ahead < self.count:
+                self._read(index + self.ahead, pool)
+        if os.pread(self.fd, 1, nbytes):
+            raise IntegrityViolation(
+                f"{source.path} grew while it was loaded", reason="changed_while_loading"
+            )
+
+    def _read(self, index: int, pool: ThreadPoolExecutor | None) -> None:
+        """Start reading chunk ``index`` into its ring slot, once the slot is free."""
+        slot = index % len(self.buffers)
+        waited = time.perf_counter()
+        self.pipes[slot].drain()  # the slot's previous chunk is copied and hashed
+        self.timeline.stall += time.perf_counter() - waited
+        offset = index * self.chunk
+        view = self.buffers[slot][: min(self.chunk, self.source.nbytes - offset)]
+        if pool is not None:
+            self.reads[index] = pool.submit(self._fill, view, offset)
+            return
+        done: Future[float] = Future()  # one chunk: read it here, no thread hand-off
+        try:
+            done.set_result(self._fill(view, offset))
+        except BaseException as exc:
+            done.set_exception(exc)
+        self.reads[index] = done
+
+    def _fill(self, view: memoryview, offset: int) -> float:
+        """Read ``len(view)`` bytes at ``offset`` into ``view``; return this thread's CPU
+        seconds for it."""
+        started = time.thread_time()
+        got = 0
+        while got < len(view):
+            try:
+                n = os.preadv(self.fd, [view[got:]], offset + got)
+            except OSError as exc:
+                raise InvalidInput(
+                    f"cannot read {self.source.path}: {exc.strerror or exc}"
+                ) from None
+            if not n:
+                raise IntegrityViolation(
+                    f"{self.source.path} shrank while it was loaded ({offset + got} of "
+                    f"{self.source.nbytes} bytes read)",
+                    reason="changed_while_loading",
+                )
+            got += n
+        return time.thread_time() - started
 
 
 @contextlib.contextmanager
@@ -309,18 +506,6 @@ def _open(path: Path, buffering: int = -1) -> Any:
         return path.open("rb", buffering=buffering)
     except OSError as exc:
         raise InvalidInput(f"cannot read {path}: {exc.strerror or exc}") from None
-
-
-def _read_exactly(fh: Any, view: memoryview, path: Path, offset: int, nbytes: int) -> None:
-    got = 0
-    while got < len(view):
-        n = fh.readinto(view[got:])
-        if not n:
-            raise IntegrityViolation(
-                f"{path} shrank while it was loaded ({offset + got} of {nbytes} bytes read)",
-                reason="changed_while_loading",
-            )
-        got += n
 
 
 def device_reader(backend: AllocatorBackend, buf: DeviceBuffer) -> Callable[[int], bytes]:

@@ -58,6 +58,7 @@ def open_file(
     *,
     want_sha256: bool,
     progress: Progress | None,
+    readers: int,
 ) -> FileSource:
     """The source of :meth:`~vramcore.VramManager.seal_file`; a file it refuses before
     anything is allocated (a malformed safetensors header) is audited as ``vram.seal_refused``.
@@ -69,6 +70,7 @@ def open_file(
             expected_sha256=expected_sha256,
             want_sha256=want_sha256,
             progress=progress,
+            readers=readers,
         )
     except IntegrityViolation as exc:
         with contextlib.suppress(VramError):
@@ -185,6 +187,8 @@ class Sealing:
         self.file_sha256 = self.source.load(
             core.backend, self._buffer(), staging=self._staging, staged=self.staged
         )
+        if isinstance(self.source, FileSource) and self.source.timeline is not None:
+            op.attributes.update(self.source.timeline.attributes(self.source.readers))
 
     def _digest(self, op: Operation) -> None:
         assert self.staged is not None

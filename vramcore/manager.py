@@ -30,7 +30,14 @@ from typing import Any, Literal
 from vramcore._core import CLOSED, Core, enforce
 from vramcore._digests import DigestSource
 from vramcore._emitter import Emitter
-from vramcore._loading import MemorySource, Source, as_bytes_view, staging_for
+from vramcore._loading import (
+    MemorySource,
+    Source,
+    as_bytes_view,
+    check_readers,
+    default_readers,
+    staging_for,
+)
 from vramcore._residency import Residency
 from vramcore._sealdir import SealDir, SealedModel
 from vramcore._sealing import CROSS_CHECKS, Sealing, open_file
@@ -89,6 +96,8 @@ class VramManager:
     :param chunk_bytes: host staging buffer size for file loads and VRAM read-back.
     :param hash_workers: threads hashing leaves on the host (default ``VRAMCORE_HASH_WORKERS``
         or the number of cores).
+    :param read_threads: threads reading a file into the staging buffers of
+        :meth:`seal_file` (default ``VRAMCORE_READ_THREADS`` or 2; at most 64).
     :param close_timeout: seconds :meth:`close` waits for operations in progress.
     :param audit_timeout: seconds an audit sink may take to record one event; a sink that
         takes longer counts as failed (fail closed for critical events).
@@ -113,6 +122,7 @@ class VramManager:
         leaf_size: int = DEFAULT_LEAF_SIZE,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         hash_workers: int | None = None,
+        read_threads: int | None = None,
         close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
         audit_timeout: float = DEFAULT_SINK_TIMEOUT,
     ) -> None:
@@ -121,6 +131,7 @@ class VramManager:
         self.leaf_size = check_leaf_size(leaf_size)
         check_size(chunk_bytes, field="chunk_bytes")
         workers = default_workers() if hash_workers is None else check_workers(hash_workers)
+        self._readers = default_readers() if read_threads is None else check_readers(read_threads)
         self._close_timeout = check_seconds(close_timeout, field="close_timeout")
         self._token = (
             worker_token if isinstance(worker_token, WorkerToken) else WorkerToken(worker_token)
@@ -281,6 +292,7 @@ class VramManager:
             expected_sha256,
             want_sha256=want,
             progress=progress,
+            readers=self._readers,
         )
         return self._seal(sid, source, cross_check)
 

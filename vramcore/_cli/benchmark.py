@@ -8,6 +8,9 @@ What one run measures, for each shard size:
 * for each worker count: ``seal_model`` (bytes in memory), ``seal_file`` (a file in the page
   cache), a full ``verify_sealed`` and a sampled one (1 % of the leaves by default, reported
   as the shard bytes covered per second);
+* for the largest size, with the most workers: ``seal_file`` by reader-thread count (1, 2, 4),
+  and where the seal's time went (the pipeline's per-stage busy fractions, read from the
+  narrated ``copy`` operation);
 
 and once:
 
@@ -39,13 +42,16 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from vramcore import hookimpl
 from vramcore.errors import ConfigError
+from vramcore.narration import Operation
 
 __all__ = [
     "DEFAULT_SIZES",
     "DEFAULT_TENSORS",
     "QUICK_SIZES",
     "QUICK_TENSORS",
+    "READER_COUNTS",
     "format_table",
     "goals",
     "plot",
@@ -58,6 +64,8 @@ KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 DEFAULT_SIZES = (64 * KIB, MIB, 16 * MIB, 64 * MIB, 256 * MIB, GIB)
 #: Shard sizes of a quick (CI smoke) run.
 QUICK_SIZES = (64 * KIB, MIB)
+#: Reader-thread counts ``seal_file`` is measured with (largest size, most workers).
+READER_COUNTS = (1, 2, 4)
 #: Tensors in the header-parsing measurement of a full run, and of a quick one.
 DEFAULT_TENSORS = 1_000_000
 QUICK_TENSORS = 10_000
@@ -84,6 +92,11 @@ else:
         count = len(f.keys())
 seconds = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+try:  # ru_maxrss survives exec (it can be the parent's); VmHWM is this process's own
+    with open("/proc/self/status") as fh:
+        peak = next(int(l.split()[1]) * 1024 for l in fh if l.startswith("VmHWM:"))
+except (OSError, StopIteration):
+    pass
 print(json.dumps({"seconds": seconds, "tensors": count, "peak_bytes": peak}))
 """
 
@@ -153,15 +166,19 @@ def run(
     sample: float = 0.01,
     tensors: int = DEFAULT_TENSORS,
     make_audited_manager: Callable[[], Any] | None = None,
+    plugin_manager: Any = None,
     directory: str | os.PathLike[str] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Measure; return a JSON-ready report (see the module docstring).
 
-    :param make_manager: ``make_manager(hash_workers)`` returns a fresh manager (closed here).
+    :param make_manager: ``make_manager(hash_workers, read_threads=None)`` returns a fresh
+        manager (closed here).
     :param tensors: tensors in the header-parsing measurement (0: skip it).
     :param make_audited_manager: returns a manager with the audit chain (batched) attached,
         for the fixed cost of a verification with a sink; None skips that measurement.
+    :param plugin_manager: the managers' plugin manager: a narration wrapper is registered
+        on it for one seal, to read the pipeline's timeline (None skips that measurement).
     :param directory: where the benchmark files go (default: a temporary directory).
     :param progress: called with a line before each measurement.
     """
@@ -169,6 +186,7 @@ def run(
         raise ConfigError("repeat must be at least 1, sizes not empty, tensors not negative")
     bench = HostBenchmark(
         make_manager,
+        plugin_manager=plugin_manager,
         workers=sorted(set(workers)),
         repeat=repeat,
         sample=sample,
@@ -183,15 +201,18 @@ class HostBenchmark:
 
     def __init__(
         self,
-        make_manager: Callable[[int], Any],
+        make_manager: Callable[..., Any],
         *,
+        plugin_manager: Any,
         workers: Sequence[int],
         repeat: int,
         sample: float,
         progress: Callable[[str], None],
     ) -> None:
         self.make_manager = make_manager
+        self.plugin_manager = plugin_manager
         self.workers = workers
+        self.pipeline: dict[str, Any] | None = None
         self.repeat = repeat
         self.sample = sample
         self.progress = progress
@@ -217,9 +238,10 @@ class HostBenchmark:
         """Measure every size, then the fixed costs and the header parse."""
         per_size = 1 + (self.model_signing is not None) + len(self.workers)
         self.steps = len(sizes) * per_size + 1 + (make_audited_manager is not None)
-        self.steps += tensors > 0
+        self.steps += (tensors > 0) + len(READER_COUNTS) + (self.plugin_manager is not None)
         for size in sizes:
             self.measure_size(size, tmp)
+        self.measure_readers(max(sizes), tmp)
         self.note("fixed cost of a verification, no audit sink", _FIXED_COST_BYTES)
         fixed = _FixedCost(self.make_manager(max(self.workers))).measure()
         audited = None
@@ -236,6 +258,7 @@ class HostBenchmark:
             "fixed_verify_cost_us": fixed["verify_sealed"],
             "fixed_costs_us": {"no sink": fixed, "audit chain (batched)": audited},
             "header_parse": parse,
+            "seal_pipeline": self.pipeline,
             "results": self.rows,
         }
         report["goals"] = goals(report)
@@ -253,6 +276,33 @@ class HostBenchmark:
                 "vs_sha256": self._base / seconds,
             }
         )
+
+    def measure_readers(self, size: int, tmp: Path) -> None:
+        """``seal_file`` of ``size`` bytes by reader-thread count, then one seal's timeline."""
+        path = tmp / f"readers-{size}.bin"
+        path.write_bytes(_data(size))
+        self._base = next(  # the one-thread SHA-256 of this size, measured already
+            r["seconds"] for r in self.rows if r["size"] == size and r["workers"] is None
+        )
+        top = max(self.workers)
+        for readers in READER_COUNTS:
+            self.note(f"seal_file, {top} worker(s), {readers} reader thread(s)", size)
+            with self.make_manager(top, read_threads=readers) as manager:
+                seal = _SealAndVerify(manager, bytearray(), path, self.repeat, self.sample)
+                seconds = _best(seal.reseal_file, self.repeat)
+                seal.release()
+                self.add(size, f"seal_file, {readers} readers", seconds, top)
+        if self.plugin_manager is not None:
+            self.note(f"seal_file timeline, {top} worker(s)", size)
+            spy = _CopyTimeline()
+            self.plugin_manager.register(spy)
+            try:
+                with self.make_manager(top) as manager:
+                    manager.deallocate(manager.seal_file(path))
+            finally:
+                self.plugin_manager.unregister(spy)
+            self.pipeline = spy.report(size)
+        path.unlink()
 
     def measure_size(self, size: int, tmp: Path) -> None:
         """The baselines, then seal and verify with each worker count, for one size."""
@@ -297,6 +347,16 @@ class _SealAndVerify:
             self.shard = None
         self.shard = seal()
 
+    def reseal_file(self) -> None:
+        """Seal the file again (one timed run)."""
+        self._reseal(lambda: self.manager.seal_file(self.path))
+
+    def release(self) -> None:
+        """Free the shard held, if any."""
+        if self.shard is not None:
+            self.manager.deallocate(self.shard)
+            self.shard = None
+
     def measure(self) -> dict[str, float]:
         """Seconds, best of ``repeat``, of each measurement."""
         m, repeat = self.manager, self.repeat
@@ -311,6 +371,42 @@ class _SealAndVerify:
         )
         m.deallocate(shard)
         return out
+
+
+class _CopyTimeline:
+    """A narration wrapper keeping the timeline attributes of the last file ``copy``."""
+
+    def __init__(self) -> None:
+        self.attributes: dict[str, Any] = {}
+
+    @hookimpl(wrapper=True)
+    def vramcore_operation(self, op: Operation) -> Any:
+        """Let the step run, then keep its attributes if it read a file."""
+        result = yield
+        if op.name == "copy" and "wall_us" in op.attributes:
+            self.attributes = dict(op.attributes)
+        return result
+
+    def report(self, size: int) -> dict[str, Any] | None:
+        """Per-stage busy fractions of the seal's copy (reading, copying, hashing)."""
+        a = self.attributes
+        if not a:
+            return None
+        wall = max(1, int(a["wall_us"]))
+        cores = os.cpu_count() or 1
+        hashing = max(0, a["cpu_us"] - a["read_cpu_us"] - a["copy_cpu_us"])
+        return {
+            "size": size,
+            "read_threads": a["read_threads"],
+            "wall_s": wall / 1e6,
+            "busy": {
+                "read": a["read_cpu_us"] / wall,
+                "copy": a["copy_cpu_us"] / wall,
+                "hash_and_other": hashing / wall,
+                "stall": a["stall_us"] / wall,
+            },
+            "cores_used": a["cpu_us"] / wall / cores,
+        }
 
 
 class _FixedCost:
@@ -536,6 +632,14 @@ def format_table(report: dict[str, Any]) -> str:
                 f"ratio {parse['vs_reference']:.2f}x"
             )
         lines.append(line)
+    pipeline = report.get("seal_pipeline")
+    if pipeline:
+        busy = ", ".join(f"{k} {v:.0%}" for k, v in pipeline["busy"].items())
+        lines.append(
+            f"seal_file pipeline, {_human(pipeline['size'])}, {pipeline['read_threads']} "
+            f"reader threads: {busy} of {pipeline['wall_s']:.2f} s; cores used "
+            f"{pipeline['cores_used']:.0%}"
+        )
     for g in report.get("goals", ()):
         value = f"{g['value']:.2f}"
         lines.append(

@@ -208,8 +208,8 @@ def cmd_bench(args: argparse.Namespace, console: Console, pm: VramcorePluginMana
         )
     workers = args.workers or [1, os.cpu_count() or 2]
 
-    def manager(count: int) -> Any:
-        return make_manager(args, console, pm, hash_workers=count)
+    def manager(count: int, read_threads: int | None = None) -> Any:
+        return make_manager(args, console, pm, hash_workers=count, read_threads=read_threads)
 
     report = benchmark.run(
         manager,
@@ -220,6 +220,7 @@ def cmd_bench(args: argparse.Namespace, console: Console, pm: VramcorePluginMana
         tensors=_tensors(
             args, benchmark.QUICK_TENSORS if args.quick else benchmark.DEFAULT_TENSORS
         ),
+        plugin_manager=pm,
         progress=console.progress,
     )
     if args.plot:

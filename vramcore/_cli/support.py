@@ -146,6 +146,7 @@ def make_manager(
     *,
     temporary_log: bool = False,
     hash_workers: int | None = None,
+    read_threads: int | None = None,
     backend: AllocatorBackend | None = None,
 ) -> Any:
     """A manager from the ``--allocator``, ``--device`` and ``--no-audit`` options.
@@ -153,6 +154,7 @@ def make_manager(
     :param temporary_log: the audit log is the caller's own throw-away directory (the demo),
         so an ephemeral token is fine for it.
     :param hash_workers: host hashing threads (default: the manager's).
+    :param read_threads: threads reading a file to seal (default: the manager's).
     :param backend: a backend the caller built (:func:`make_backend`) and closes itself;
         default: the manager builds and owns the one ``--allocator`` names.
     """
@@ -171,6 +173,7 @@ def make_manager(
             plugin_manager=pm,
             audit="required" if audit else "disabled",
             hash_workers=hash_workers,
+            read_threads=read_threads,
         )
     except AuditError as exc:
         if exc.configuration:
