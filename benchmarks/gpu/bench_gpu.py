@@ -172,7 +172,7 @@ def bench_backend(name: str, args: argparse.Namespace) -> dict[str, Any]:
             buf = backend.allocate(0, nbytes)
             try:
                 fill(backend, buf, nbytes % 251)
-                digest = lambda b=buf: plugin.vramcore_device_digest(backend, b, LEAF, None)  # noqa: E731
+                digest = lambda b=buf: plugin.vramcore_device_digest(backend, b, LEAF, None, None)  # noqa: E731
                 digest()  # warm-up: module load, first launch
                 row = {
                     "bytes": nbytes,

@@ -467,7 +467,11 @@ def test_bad_leaf_ranges_are_refused_even_without_a_compiler(
     buf = backend.allocate(0, 2 * LEAF)
     with pytest.raises(InvalidInput):
         vramcore_allocator_pycuda.vramcore_device_digest(
-            backend=backend, buffer=buf, leaf_size=leaf_size, leaf_range=leaf_range, leaf_indices=None
+            backend=backend,
+            buffer=buf,
+            leaf_size=leaf_size,
+            leaf_range=leaf_range,
+            leaf_indices=None,
         )
     backend.free(buf)
 

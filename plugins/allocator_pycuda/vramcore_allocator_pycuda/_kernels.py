@@ -155,7 +155,9 @@ class _Ops:
         self._device = device
 
     def _fail(self, what: str, exc: BaseException) -> PyCudaDigestUnavailable:
-        return PyCudaDigestUnavailable(f"device digest on GPU {self._device}: {what}: {_describe(exc)}")
+        return PyCudaDigestUnavailable(
+            f"device digest on GPU {self._device}: {what}: {_describe(exc)}"
+        )
 
     def alloc(self, nbytes: int) -> Any:
         try:
