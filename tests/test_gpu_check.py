@@ -63,7 +63,7 @@ def dry_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, dict[str, An
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
         check=False,
     )
     report = json.loads((out / "gpu-report.json").read_text())

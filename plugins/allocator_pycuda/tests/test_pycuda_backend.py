@@ -524,6 +524,7 @@ def _digest(backend: Any, buf: Any, **kw: Any) -> Any:
     )
 
 
+@pytest.mark.vramcore_gpu_fake
 @pytest.mark.parametrize("nvrtc", ["found", "missing"])
 def test_the_device_digest_needs_no_nvcc(
     backend: Any,
@@ -551,6 +552,7 @@ def test_the_device_digest_needs_no_nvcc(
     backend.free(buf)
 
 
+@pytest.mark.vramcore_gpu_fake
 def test_sampled_leaves_come_back_for_exactly_the_indices_asked(
     backend: Any, fake_driver: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -575,6 +577,7 @@ def test_sampled_leaves_come_back_for_exactly_the_indices_asked(
     assert fake_driver.used == [0], "digest scratch memory leaked"
 
 
+@pytest.mark.vramcore_gpu_fake
 def test_a_failed_launch_is_a_typed_unavailable_digest(backend: Any, fake_driver: Any) -> None:
     buf = backend.allocate(0, 2 * LEAF)
     fake_driver.inject("launch", "an illegal memory access was encountered")
