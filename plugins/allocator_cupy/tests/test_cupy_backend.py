@@ -626,3 +626,17 @@ def test_cli_without_cupy_names_what_to_install(
     assert code == 2
     assert "CuPy is not installed" in err and "./plugins/allocator_cupy[cuda12x]" in err
     assert "Traceback" not in out + err
+
+
+def test_fake_free_memory_moves_in_pages_as_cuda_reports_it(fake_cuda: FakeCuda) -> None:
+    # The old fake took 4 KiB off free memory for a 4 KiB allocation; CUDA takes a page, so a
+    # test asserting byte-exact free memory passed here and failed on a GPU.
+    from vramcore_allocator_cupy.testing import PAGE
+
+    free, total = fake_cuda.mem_info(0)
+    ptr = fake_cuda.malloc(0, 4096)
+    assert free - fake_cuda.mem_info(0)[0] == PAGE
+    with pytest.raises(CudaError, match="MemoryAllocation"):
+        fake_cuda.malloc(0, free - 4096)  # fits byte-wise, not page-wise
+    fake_cuda.free(0, ptr)
+    assert fake_cuda.mem_info(0) == (free, total)

@@ -12,7 +12,8 @@ fail with any exception kind (``compile_error``: CuPy's ``CompileException``, an
 for a missing ``libnvrtc``...), as can any call (``fail`` takes any exception, not only
 :class:`CudaError`); a launch before the kernels are loaded, with a block over the kernels'
 launch bound (``cudaErrorLaunchOutOfResources``), an empty grid or the wrong number of
-arguments fails as the driver fails it.
+arguments fails as the driver fails it; free memory moves in whole 2 MiB pages, as
+``cudaMemGetInfo`` reports it, not byte by byte.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ __all__ = ["FakeCuda", "h100_properties", "host_kernels"]
 from vramcore import kernels
 
 GiB = 1 << 30
+#: Granularity of device memory as ``cudaMemGetInfo`` sees it: an allocation takes whole pages.
+PAGE = 2 << 20
 
 _HOST_LIB: list[ctypes.CDLL] = []
 
@@ -154,14 +157,18 @@ class FakeCuda(CudaApi):
         self._enter("attribute")
         return self.attrs.get(name)
 
+    def pages(self, device: int = 0) -> int:
+        """Bytes of "device" memory taken on ``device``, each allocation in whole pages."""
+        return sum(-(-len(b) // PAGE) * PAGE for d, b in self.mem.values() if d == device)
+
     def mem_info(self, device: int) -> tuple[int, int]:
         self._enter("mem_info")
-        return self.capacity - self.used(device), self.capacity
+        return self.capacity - self.pages(device), self.capacity
 
     def malloc(self, device: int, nbytes: int) -> int:
         self._enter("malloc")
         with self._lock:
-            if self.used(device) + nbytes > self.capacity:
+            if self.pages(device) + -(-nbytes // PAGE) * PAGE > self.capacity:
                 raise CudaError(2, "cudaErrorMemoryAllocation", "cudaMalloc")
             buf = ctypes.create_string_buffer(nbytes)
             ptr = ctypes.addressof(buf)

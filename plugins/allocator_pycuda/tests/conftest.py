@@ -15,6 +15,7 @@ rules where they bite:
 * launches are checked as the driver checks them: a block over the kernels' launch bound
   (``LaunchError``, too many resources), an empty grid, the wrong number of arguments, an
   argument that is not a ``numpy`` scalar or an allocation;
+* free memory moves in whole 2 MiB pages, as ``cuMemGetInfo`` reports it;
 * errors are PyCUDA's kinds: ``MemoryError`` for allocations, ``LaunchError`` for copies
   and completions (as after a fault on the device), ``LogicError`` for misuse;
 * streams are honest queues: an asynchronous copy reads its source only when an event
@@ -42,6 +43,8 @@ from vramcore import kernels
 from vramcore.backend import MemoryKind
 
 MiB = 1 << 20
+#: Granularity of device memory as the driver reports it: an allocation takes whole pages.
+PAGE = 2 * MiB
 _HOST_LIB: list[ctypes.CDLL] = []
 
 
@@ -386,16 +389,27 @@ class FakeDriver:
     def init(self) -> None:
         pass
 
+    def pages(self, ordinal: int) -> int:
+        """Device memory taken on ``ordinal``, each allocation in whole 2 MiB pages."""
+        return sum(
+            -(-a.nbytes // PAGE) * PAGE
+            for a in self.allocations.values()
+            if a.ctx.ordinal == ordinal
+        )
+
     def mem_get_info(self) -> tuple[int, int]:
         ctx = self.require_context("mem_get_info")
         total = int(self.specs[ctx.ordinal]["total"])
-        return total - self.used[ctx.ordinal], total
+        return total - self.pages(ctx.ordinal), total
 
     def mem_alloc(self, nbytes: int) -> FakeAllocation:
         ctx = self.require_context("mem_alloc")
         self.fault("alloc")
         with self.lock:
-            if self.used[ctx.ordinal] + nbytes > self.specs[ctx.ordinal]["total"]:
+            if (
+                self.pages(ctx.ordinal) + -(-nbytes // PAGE) * PAGE
+                > self.specs[ctx.ordinal]["total"]
+            ):
                 raise MemoryError_("cuMemAlloc failed: out of memory")
             self.used[ctx.ordinal] += nbytes
         alloc = FakeAllocation(self, ctx, nbytes)

@@ -645,3 +645,20 @@ def test_fake_launch_checks_what_the_driver_checks(fake_driver: Any) -> None:
         dst.free()
     finally:
         fake_driver.Context.pop()
+
+
+def test_fake_free_memory_moves_in_pages_as_the_driver_reports_it(fake_driver: Any) -> None:
+    # The old fake took 4 KiB off free memory for a 4 KiB allocation; the driver takes a page.
+    page = 2 << 20  # conftest.PAGE
+
+    fake_driver.primary_contexts[0].push()
+    try:
+        free, total = fake_driver.mem_get_info()
+        alloc = fake_driver.mem_alloc(4096)
+        assert free - fake_driver.mem_get_info()[0] == page
+        with pytest.raises(fake_driver.MemoryError, match="out of memory"):
+            fake_driver.mem_alloc(free - 4096)  # fits byte-wise, not page-wise
+        alloc.free()
+        assert fake_driver.mem_get_info() == (free, total)
+    finally:
+        fake_driver.Context.pop()
