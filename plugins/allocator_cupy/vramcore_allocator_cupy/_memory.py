@@ -27,7 +27,7 @@ from vramcore.safetensors import MAX_HEADER_BYTES
 if TYPE_CHECKING:
     from vramcore.shard import SealedShard
 
-__all__ = ["SAFETENSORS_DTYPES", "DeviceMemory"]
+__all__ = ["SAFETENSORS_DTYPES", "AllocationRecord", "ByteReader", "DeviceMemory"]
 
 #: safetensors dtype -> NumPy/CuPy dtype. Types NumPy lacks (BF16, the 8-bit floats) are
 #: exposed as unsigned integers of the same width: reinterpret them in the consumer
@@ -55,7 +55,7 @@ SAFETENSORS_DTYPES: dict[str, str] = {
 _DLPACK_CUDA = 2  # kDLCUDA
 
 
-class _Record(Protocol):
+class AllocationRecord(Protocol):
     """What a view needs of the backend's record of one allocation."""
 
     device: int
@@ -64,7 +64,7 @@ class _Record(Protocol):
     freed: bool
 
 
-class _Reader(Protocol):
+class ByteReader(Protocol):
     """What a view needs of the backend: a synchronous read of an allocation's bytes.
 
     (A protocol rather than the backend class: ``_backend`` imports this module.)
@@ -78,7 +78,7 @@ class DeviceMemory:
 
     __slots__ = ("_backend", "_rec")
 
-    def __init__(self, backend: _Reader, rec: _Record) -> None:
+    def __init__(self, backend: ByteReader, rec: AllocationRecord) -> None:
         self._backend = backend
         self._rec = rec
 
