@@ -1,8 +1,9 @@
 """``scripts/gpu-check`` cannot rot: its dry run runs here, on the fake CUDA runtime.
 
-The dry run takes every step of a GPU run (environment, carried wheels, ``vramcore devices``,
-the kernel's ptxas report when nvcc exists, the ``vramcore_gpu`` tests, the benchmark) and
-writes the same report; only the runtime is fake and nothing is installed.
+The dry run takes every step of a GPU run (environment, carried wheels, the preflight,
+``vramcore devices``, the kernel's NVRTC build report, the ``vramcore_gpu`` tests from a copy
+outside the source tree, the PyCUDA backend on its stand-in driver, the benchmark) and writes
+the same report after every step; only the runtime is fake and nothing is installed.
 """
 
 from __future__ import annotations
@@ -35,17 +36,34 @@ def _script() -> Any:
     return module
 
 
+def _complete_wheels(folder: Path) -> None:
+    """Stand-in wheels of everything a GPU run carries, built (BUILD-INFO) from HEAD."""
+    gc = _script()
+    _wheel(
+        folder,
+        "vramcore-0.1.0-py3-none-any.whl",
+        [f"vramcore/kernels/{f}" for f in gc.KERNEL_FILES],
+    )
+    for name in ("vramcore_allocator_mock", "vramcore_allocator_cupy", "vramcore_allocator_pycuda"):
+        _wheel(folder, f"{name}-0.1.0-py3-none-any.whl", [])
+    for dep in (*gc.EXTRA_WHEELS, *gc.TEST_WHEELS, "pycuda"):
+        _wheel(folder, f"{dep}-1.0-py3-none-any.whl", [])
+    (folder / "BUILD-INFO.json").write_text(json.dumps({"commit": gc._git("rev-parse", "HEAD")}))
+
+
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, dict[str, Any], Path]:
     out = tmp_path_factory.mktemp("gpu-check")
+    wheels = tmp_path_factory.mktemp("gpu-wheels")
+    _complete_wheels(wheels)
     if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
         pytest.skip("no C++ compiler: the fake runtime needs the host-built kernels")
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--dry-run", "--out", str(out)],
+        [sys.executable, str(SCRIPT), "--dry-run", "--out", str(out), "--wheels", str(wheels)],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
         check=False,
     )
     report = json.loads((out / "gpu-report.json").read_text())
@@ -57,8 +75,12 @@ def test_dry_run_takes_every_step(dry_run: tuple[int, dict[str, Any], Path]) -> 
     code, report, out = dry_run
     assert report["dry_run"] is True
     assert report["mode"] == "dry-run"
-    assert set(report["steps"]) == {"install", "devices", "kernel", "tests", "bench"}
+    assert set(report["steps"]) == {"install", "preflight", "devices", "kernel", "tests", "bench"}
     assert report["steps"]["install"]["status"] == "skipped"
+    assert report["steps"]["preflight"]["status"] == "ok"
+    assert report["preflight"]["kernel"] in ("shipped PTX", "CuPy NVRTC")
+    assert report["preflight"]["imports"]["hypothesis"]
+    assert report["finished"] is True
     assert report["steps"]["devices"]["status"] == "ok"
     assert report["steps"]["kernel"]["status"] in ("ok", "skipped")
     assert report["steps"]["bench"]["status"] == "ok"
@@ -69,9 +91,11 @@ def test_dry_run_takes_every_step(dry_run: tuple[int, dict[str, Any], Path]) -> 
         "gpu-bench.json",
     }
     assert code == (0 if report["passed"] else 1)
-    if report["steps"]["kernel"]["status"] == "ok":  # nvcc here: the native benchmark built
-        assert report["kernel"]["build"]["exit"] == 0
-        assert any("registers" in line for line in report["kernel"]["build"]["ptxas"])
+    if report["steps"]["kernel"]["status"] == "ok":  # NVRTC here: the kernels built, no nvcc
+        build = report["kernel"]["build"]
+        assert build["exit"] == 0
+        leaf = build["kernels"]["vramcore_leaf_hashes"]
+        assert leaf["spill_stores"] == 0 and leaf["registers"] > 0
 
 
 @pytest.mark.slow  # the dry run builds and runs the whole GPU check (about 15 s)
@@ -84,6 +108,9 @@ def test_dry_run_gpu_tests_ran_on_the_fake_runtime(
     assert len(passed) >= 40, report["tests"]["counts"]
     assert any("TestGpuBackendContract" in c and "[cupy" in c for c in passed)
     assert any("test_bit_flips" in c for c in passed)
+    # The PyCUDA backend ran on its stand-in driver, its digest without nvcc.
+    assert any("test_the_device_digest_needs_no_nvcc" in c for c in passed)
+    assert any("test_pycuda_contract_fake" in c for c in passed)
     failed = {c["id"]: c.get("message", "") for c in cases if c["outcome"] in ("failed", "error")}
     unexpected = {k: v for k, v in failed.items() if k not in KNOWN_FAILURES}
     assert unexpected == {}
@@ -132,9 +159,16 @@ def test_check_wheels_names_what_a_gpu_run_would_miss(tmp_path: Path) -> None:
         "pycparser-3-py3.whl",
     ):
         _wheel(tmp_path, dep, [])
+    assert (
+        "no hypothesis wheel (scripts/gpu-check --build-wheels)"
+        in gc.check_wheels(tmp_path)["problems"]
+    )
+    for dep in gc.TEST_WHEELS:
+        _wheel(tmp_path, f"{dep}-1.0-py3-none-any.whl", [])
     _wheel(tmp_path, "pycuda-2026.1-cp312-cp312-linux_x86_64.whl", [])
     state = gc.check_wheels(tmp_path)
     assert state["problems"] == [
+        "vramcore-0.1.0-py3-none-any.whl lacks vramcore/kernels/merkle_sha256.ptx",
         "vramcore-0.1.0-py3-none-any.whl lacks vramcore/kernels/host_shim.h",
         "vramcore-0.1.0-py3-none-any.whl lacks vramcore/kernels/host_launch.cpp",
     ]
@@ -206,7 +240,7 @@ def test_results_table_from_a_gpu_report(tmp_path: Path) -> None:
     assert (tmp_path / "results" / "2026-12-01-nvidia-h100-80gb-hbm3.json").is_file()
 
 
-def test_kernel_check_pattern_is_the_one_kernel_bench_writes() -> None:
+def test_kernel_check_pattern_matches_its_host_root() -> None:
     spec = importlib.util.spec_from_file_location(
         "kernel_check", ROOT / "benchmarks" / "gpu" / "kernel_check.py"
     )
@@ -218,3 +252,73 @@ def test_kernel_check_pattern_is_the_one_kernel_bench_writes() -> None:
     expected = b"".join(w.to_bytes(4, "little") for w in words)[:9]
     assert module.pattern(9).tobytes() == expected
     assert len(module.host_root(65537)) == 64
+
+
+@pytest.mark.parametrize("missing", ["vramcore_allocator_pycuda", "hypothesis"])
+def test_dry_run_fails_when_a_wheel_or_test_dependency_is_missing(
+    tmp_path: Path, missing: str
+) -> None:
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _complete_wheels(wheels)
+    for w in wheels.glob(f"{missing}-*.whl"):
+        w.unlink()
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--dry-run", "--out", str(out), "--wheels", str(wheels)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    report = json.loads((out / "gpu-report.json").read_text())
+    assert done.returncode == 1
+    assert report["steps"]["install"]["status"] == "error"
+    assert f"no {missing.replace('_', '-')} wheel" in report["steps"]["install"]["detail"]
+    assert set(report["steps"]) == {"install"}, "nothing runs after a failed install check"
+
+
+def test_step_limits_fit_the_device_call() -> None:
+    gc = _script()
+    assert sum(full for full, _ in gc.LIMITS.values()) <= 540
+    assert sum(quick for _, quick in gc.LIMITS.values()) <= 270
+    assert gc.LIMITS["preflight"] == (10, 10)
+
+
+def test_the_report_is_rewritten_after_every_step(tmp_path: Path) -> None:
+    gc = _script()
+    run = gc.Run(tmp_path, quick=True, dry_run=True)
+    run.step("install", "ok", 1.0)
+    first = json.loads((tmp_path / "gpu-report.json").read_text())
+    assert list(first["steps"]) == ["install"] and "finished" not in first
+    run.step("tests", "failed", 2.0, "1 failed")
+    second = json.loads((tmp_path / "gpu-report.json").read_text())
+    assert list(second["steps"]) == ["install", "tests"] and second["passed"] is False
+    assert run.finish() == 1
+    assert json.loads((tmp_path / "gpu-report.json").read_text())["finished"] is True
+
+
+def test_a_digest_not_on_the_device_is_reported_never_timed() -> None:
+    table = _table_module()
+    report = {
+        "dry_run": False,
+        "mode": "quick",
+        "started_utc": "2026-12-01T10:00:00+00:00",
+        "environment": {"commit": "0123456789abcdef", "gpus": [{"name": "NVIDIA H200"}]},
+        "tests": {"counts": {"passed": 1}},
+        "benchmark": {
+            "mode": "quick",
+            "device_copy": None,
+            "backends": [
+                {
+                    "backend": "pycuda",
+                    "verify": [{"bytes": 1 << 30, "not_on_device": "no NVRTC, stale PTX"}],
+                    "h2d_gbps": 50.0,
+                    "seal_file": {"bytes": 1 << 30, "seal_gbps": 40.0, "over_h2d": 0.8},
+                    "targets": {},
+                }
+            ],
+        },
+    }
+    assert "| pycuda | device verify, 1 GiB | not on device | >= 100 GB/s |" in table.render(report)

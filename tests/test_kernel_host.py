@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -29,15 +30,9 @@ def lib(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     """The kernels built as a host shared library (skipped when no C++ compiler exists)."""
     if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
         pytest.skip("no C++ compiler (g++, c++ or clang++) to build the kernel for the host")
-    path = kernels.build_host_library(tmp_path_factory.mktemp("kernel-host"))
-    library = ctypes.CDLL(str(path))
-    library.vc_host_leaf_hashes.restype = None
-    library.vc_host_leaf_hashes.argtypes = (
-        [_U, _U, ctypes.c_void_p] + [_ULL] * 4 + [ctypes.c_void_p]
+    return kernels.load_host_library(
+        kernels.build_host_library(tmp_path_factory.mktemp("kernel-host"))
     )
-    library.vc_host_merkle_level.restype = None
-    library.vc_host_merkle_level.argtypes = [_U, _U, ctypes.c_void_p, _ULL, ctypes.c_void_p]
-    return library
 
 
 def test_host_build_reports_a_missing_compiler(
@@ -100,6 +95,26 @@ class HostOps:
         self.lib.vc_host_leaf_hashes(
             grid, block, self.data_addr, nbytes, leaf_size, first_leaf, count, out
         )
+
+    def leaf_hashes_at(
+        self,
+        nbytes: int,
+        leaf_size: int,
+        indices: int,
+        count: int,
+        out: int,
+        geometry: tuple[int, int],
+    ) -> None:
+        self._maybe_fail("indices")
+        self.launches.append((kernels.INDEX_KERNEL, geometry))
+        grid, block = geometry
+        self.lib.vc_host_leaf_hashes_at(
+            grid, block, self.data_addr, nbytes, leaf_size, indices, count, out
+        )
+
+    def write(self, scratch: int, data: bytes) -> None:
+        self._maybe_fail("write")
+        ctypes.memmove(scratch, data, len(data))
 
     def merkle_level(self, src: int, n: int, dst: int, geometry: tuple[int, int]) -> None:
         self._maybe_fail("level")
@@ -302,7 +317,8 @@ def test_launch_geometry() -> None:
     assert kernels.launch_geometry(16385) == (129, 128)
     assert kernels.launch_geometry(10**12) == (kernels.MAX_GRID, 128)
     assert kernels.launch_geometry(100, 32) == (4, 32)
-    for bad in ((-1, 128), (1, 0), (1, 2048), (True, 128)):
+    assert kernels.launch_geometry(10, kernels.MAX_BLOCK) == (1, kernels.MAX_BLOCK)
+    for bad in ((-1, 128), (1, 0), (1, kernels.MAX_BLOCK + 1), (1, 1024), (True, 128)):
         with pytest.raises(InvalidInput):
             kernels.launch_geometry(*bad)
 
@@ -310,7 +326,10 @@ def test_launch_geometry() -> None:
 def test_kernel_source_is_shipped_and_names_its_kernels() -> None:
     src = kernels.kernel_source()
     for name in kernels.KERNEL_NAMES:
-        assert f'extern "C" __global__ void {name}(' in src
+        assert re.search(rf'extern "C" __global__ void (__launch_bounds__\(\w+\)\s+)?{name}\(', src)
+    # The Python cap is the launch bound the kernels are compiled with.
+    assert f"#define VC_MAX_BLOCK {kernels.MAX_BLOCK}\n" in src
+    assert src.count("__launch_bounds__(VC_MAX_BLOCK)") == 2
     # NVRTC has no standard headers on its path: the source includes nothing.
     assert not [line for line in src.splitlines() if line.lstrip().startswith("#include")]
     for name in kernels.HOST_FILES:
@@ -323,3 +342,92 @@ def test_kernel_files_sit_in_the_package_directory() -> None:
     pkg = Path(kernels.__file__).parent
     for name in (kernels.KERNEL_FILE, *kernels.HOST_FILES):
         assert (pkg / name).is_file()
+
+
+# -- sampled checks: the index kernel and its cost model ------------------------------------
+
+
+def _picked(data: bytes, leaf_size: int, indices: list[int]) -> bytes:
+    every = hash_leaves(data, leaf_size)
+    return b"".join(every[i] for i in indices)
+
+
+@pytest.mark.parametrize("method", ["indices", "full"])
+@pytest.mark.parametrize(
+    ("nbytes", "misalign"),
+    [(1, 0), (SMALL_LEAF, 0), (13 * SMALL_LEAF + 1, 0), (9 * SMALL_LEAF - 63, 3), (40000, 15)],
+)
+def test_listed_leaves_match_the_host_digest(
+    lib: ctypes.CDLL, nbytes: int, misalign: int, method: str
+) -> None:
+    data = _payload(nbytes, seed=misalign)
+    n = leaf_count(nbytes, SMALL_LEAF)
+    rng = random.Random(nbytes)
+    for k in sorted({1, min(n, 2), max(1, n // 3), n}):
+        indices = sorted(rng.sample(range(n), k))
+        ops = HostOps(lib, data, misalign=misalign)
+        plan = kernels.SampledPlan(method=method, indices_seconds=0.0, full_seconds=0.0)  # type: ignore[arg-type]
+        got = kernels.device_leaves_at(ops, nbytes, SMALL_LEAF, indices, plan=plan)
+        assert got.root is None
+        assert got.leaf_indices == tuple(indices)
+        assert bytes(got.leaves) == _picked(data, SMALL_LEAF, indices)
+        assert ops.live == {}
+        expected = kernels.INDEX_KERNEL if method == "indices" else kernels.LEAF_KERNEL
+        assert [name for name, _ in ops.launches] == [expected]
+
+
+def test_the_last_short_leaf_and_the_first_leaf_alone(lib: ctypes.CDLL) -> None:
+    nbytes = 5 * SMALL_LEAF + 7
+    data = _payload(nbytes)
+    ops = HostOps(lib, data)
+    got = kernels.device_leaves_at(ops, nbytes, SMALL_LEAF, [0, 5])
+    assert bytes(got.leaves) == _picked(data, SMALL_LEAF, [0, 5])
+
+
+@pytest.mark.parametrize("where", ["alloc", "write", "alloc2", "indices", "read"])
+def test_index_launch_failures_free_scratch_and_propagate(lib: ctypes.CDLL, where: str) -> None:
+    nbytes = 6 * SMALL_LEAF
+    ops = HostOps(lib, _payload(nbytes))
+    ops.fail_at = where
+    plan = kernels.SampledPlan(method="indices", indices_seconds=0.0, full_seconds=0.0)
+    with pytest.raises(RuntimeError, match=f"injected failure in {where}"):
+        kernels.device_leaves_at(ops, nbytes, SMALL_LEAF, [1, 4], plan=plan)
+    assert ops.live == {}
+
+
+@pytest.mark.parametrize(
+    ("indices", "message"),
+    [
+        ([], "not be empty"),
+        ([2, 1], "strictly increasing"),
+        ([1, 1], "strictly increasing"),
+        ([0, 6], "within the 6 leaves"),
+        ([-1], "within the 6 leaves"),
+        ([True], "integers"),
+        ([1.0], "integers"),
+        (None, "sequence"),
+    ],
+)
+def test_bad_leaf_indices_raise_before_any_allocation(indices: object, message: str) -> None:
+    class NoOps:
+        def __getattr__(self, name: str) -> object:
+            raise AssertionError(f"{name} called for invalid arguments")
+
+    with pytest.raises(InvalidInput, match=message):
+        kernels.device_leaves_at(NoOps(), 6 * SMALL_LEAF, SMALL_LEAF, indices)  # type: ignore[arg-type]
+
+
+def test_sampled_plan_uses_the_index_kernel_on_large_shards() -> None:
+    # sample=0.01 of 8 GiB: 1,311 of 131,072 leaves. One launch over the sampled leaves costs
+    # about one leaf's latency; a full pass costs 8 GiB at the predicted throughput.
+    plan = kernels.sampled_plan(131072, 1311, 65536)
+    assert plan.method == "indices"
+    assert plan.indices_seconds == pytest.approx(kernels.PREDICTED_LEAF_SECONDS, rel=0.05)
+    assert plan.full_seconds == pytest.approx((8 << 30) / kernels.PREDICTED_DEVICE_BPS, rel=0.05)
+
+
+def test_sampled_plan_hashes_everything_when_that_costs_no_more() -> None:
+    # 64 MiB: every leaf fits in the one-leaf latency, and the full pass saves the upload.
+    assert kernels.sampled_plan(1024, 10, 65536).method == "full"
+    # Near 1.2 GiB the full pass starts to cost more than the latency: indices win again.
+    assert kernels.sampled_plan(20000, 200, 65536).method == "indices"

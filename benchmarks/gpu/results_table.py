@@ -63,6 +63,9 @@ def render(report: dict[str, Any]) -> str:
                 if row["bytes"] >= 4 * GiB
                 else (">= 100 GB/s" if row["bytes"] == GiB else "—")
             )
+            if "device_digest_gbps" not in row:  # the digest ran on the host: not timed
+                lines.append(f"| {name} | device verify, {size} | not on device | {target} |")
+                continue
             share = f" ({row['device_digest_gbps'] / copy:.2f}x copy)" if copy else ""
             lines.append(
                 f"| {name} | device verify, {size} | {row['device_digest_gbps']} GB/s{share} "

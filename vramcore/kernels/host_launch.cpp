@@ -12,6 +12,15 @@ extern "C" void vc_host_leaf_hashes(unsigned int grid, unsigned int block,
                    out);
 }
 
+extern "C" void vc_host_leaf_hashes_at(unsigned int grid, unsigned int block,
+                                       const unsigned char* data, unsigned long long nbytes,
+                                       unsigned long long leaf_size,
+                                       const unsigned long long* indices,
+                                       unsigned long long count, unsigned char* out) {
+    vc_host_launch(grid, block, vramcore_leaf_hashes_at, data, nbytes, leaf_size, indices, count,
+                   out);
+}
+
 extern "C" void vc_host_merkle_level(unsigned int grid, unsigned int block,
                                      const unsigned char* in, unsigned long long n,
                                      unsigned char* out) {

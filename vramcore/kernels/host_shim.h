@@ -13,6 +13,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __constant__
+#define __launch_bounds__(...)
 
 struct vc_dim3 {
     unsigned int x, y, z;

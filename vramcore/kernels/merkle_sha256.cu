@@ -33,6 +33,9 @@
 #define VC_UNROLL
 #endif
 
+// Threads per block the leaf kernels are built for (vramcore.kernels.MAX_BLOCK).
+#define VC_MAX_BLOCK 640
+
 typedef unsigned int vc_u32;
 typedef unsigned long long vc_u64;
 
@@ -177,15 +180,24 @@ VC_FN void vc_leaf_hash(const unsigned char* data, vc_u64 len, unsigned char* ou
     if ((((unsigned long long)(const void*)data) & 15u) == 0) {
         // Fast path: block k needs data[64k-1 .. 64k+63); load data[64k .. 64k+64) aligned
         // while that stays inside the leaf, carrying the byte before from the last block.
+        // The loads of block k+1 are issued before block k is compressed, so their latency
+        // overlaps the 64 rounds (software pipelining; 16 more registers).
         const vc_u64 fast_blocks = len / 64;
         vc_u32 prev = 0;  // the 0x00 prefix: the "byte before" data[0]
+        vc_u32 next[16];
+        if (fast_blocks > 0) {
+            VC_UNROLL
+            for (int q = 0; q < 4; ++q) vc_load16(data + 16 * q, next + 4 * q);
+        }
         for (; k < fast_blocks; ++k) {
             vc_u32 a[16];
-            const unsigned char* p = data + k * 64;
-            vc_load16(p, a);
-            vc_load16(p + 16, a + 4);
-            vc_load16(p + 32, a + 8);
-            vc_load16(p + 48, a + 12);
+            VC_UNROLL
+            for (int j = 0; j < 16; ++j) a[j] = next[j];
+            if (k + 1 < fast_blocks) {
+                const unsigned char* p = data + (k + 1) * 64;
+                VC_UNROLL
+                for (int q = 0; q < 4; ++q) vc_load16(p + 16 * q, next + 4 * q);
+            }
             vc_u32 w[16];
             w[0] = vc_realign(prev, a[0]);
             VC_UNROLL
@@ -196,6 +208,16 @@ VC_FN void vc_leaf_hash(const unsigned char* data, vc_u64 len, unsigned char* ou
     }
     vc_sha256_tail(s, 0x00, data, len, k);
     vc_store_digest(s, out);
+}
+
+// SHA-256(0x00 || leaf `leaf`) of the nbytes buffer `data` into out[0:32]; the last leaf may
+// be shorter, a leaf past the end is empty.
+VC_FN void vc_leaf_hash_at(const unsigned char* data, vc_u64 nbytes, vc_u64 leaf_size,
+                           vc_u64 leaf, unsigned char* out) {
+    const vc_u64 start = leaf * leaf_size;
+    vc_u64 len = 0;
+    if (start < nbytes) len = nbytes - start < leaf_size ? nbytes - start : leaf_size;
+    vc_leaf_hash(data + start, len, out);
 }
 
 // SHA-256(0x01 || left || right) into out[0:32].
@@ -211,18 +233,30 @@ VC_FN void vc_node_hash(const unsigned char* left, const unsigned char* right, u
 
 // Leaf hashes of leaves first_leaf .. first_leaf+count of the nbytes buffer `data`:
 // out[32*i : 32*i+32] = SHA-256(0x00 || leaf first_leaf+i). One leaf per thread, grid-stride.
-extern "C" __global__ void vramcore_leaf_hashes(const unsigned char* __restrict__ data,
-                                                unsigned long long nbytes,
-                                                unsigned long long leaf_size,
-                                                unsigned long long first_leaf,
-                                                unsigned long long count,
-                                                unsigned char* __restrict__ out) {
+// At most VC_MAX_BLOCK threads per block: the launch bound caps the registers per thread at
+// 65536 / 768 = 85 so that a 768-thread block fits an SM's register file; larger blocks gain
+// no occupancy with this register use (see vramcore.kernels.MAX_BLOCK).
+extern "C" __global__ void __launch_bounds__(VC_MAX_BLOCK)
+    vramcore_leaf_hashes(const unsigned char* __restrict__ data, unsigned long long nbytes,
+                         unsigned long long leaf_size, unsigned long long first_leaf,
+                         unsigned long long count, unsigned char* __restrict__ out) {
     const vc_u64 stride = (vc_u64)blockDim.x * gridDim.x;
     for (vc_u64 i = (vc_u64)blockIdx.x * blockDim.x + threadIdx.x; i < count; i += stride) {
-        const vc_u64 start = (first_leaf + i) * leaf_size;
-        vc_u64 len = 0;
-        if (start < nbytes) len = nbytes - start < leaf_size ? nbytes - start : leaf_size;
-        vc_leaf_hash(data + start, len, out + 32 * i);
+        vc_leaf_hash_at(data, nbytes, leaf_size, first_leaf + i, out + 32 * i);
+    }
+}
+
+// Leaf hashes of the listed leaves (a sampled check in one launch):
+// out[32*i : 32*i+32] = SHA-256(0x00 || leaf indices[i]), i < count. The caller checks that
+// every index is a leaf of the buffer; one leaf per thread, grid-stride.
+extern "C" __global__ void __launch_bounds__(VC_MAX_BLOCK)
+    vramcore_leaf_hashes_at(const unsigned char* __restrict__ data, unsigned long long nbytes,
+                            unsigned long long leaf_size,
+                            const unsigned long long* __restrict__ indices,
+                            unsigned long long count, unsigned char* __restrict__ out) {
+    const vc_u64 stride = (vc_u64)blockDim.x * gridDim.x;
+    for (vc_u64 i = (vc_u64)blockIdx.x * blockDim.x + threadIdx.x; i < count; i += stride) {
+        vc_leaf_hash_at(data, nbytes, leaf_size, indices[i], out + 32 * i);
     }
 }
 

@@ -160,6 +160,10 @@ class BackendContract:
 
     #: Seconds any single call may block before the suite reports a hang.
     hang_timeout: float = 60.0
+    #: Bytes by which free memory may differ from its start value once everything is freed:
+    #: 0 (exact) by default; a suite on a real GPU sets a few MiB, since CUDA reports free
+    #: memory in pages and the driver keeps some of them.
+    free_memory_tolerance: int = 0
 
     # -- fixtures a subclass supplies or overrides ----------------------------------------
 
@@ -199,6 +203,14 @@ class BackendContract:
             yield buf
         finally:
             backend.free(buf)
+
+    def _assert_free_back(
+        self, backend: AllocatorBackend, device: int, start: int, what: str
+    ) -> None:
+        now = backend.mem_info(device)[0]
+        assert abs(now - start) <= self.free_memory_tolerance, (
+            f"{what}: {now - start:+d} bytes (tolerance {self.free_memory_tolerance})"
+        )
 
     def _free_bytes(self, backend: AllocatorBackend, device: int) -> int:
         """Free bytes after one allocation has come and gone (contexts and pools exist)."""
@@ -332,7 +344,7 @@ class BackendContract:
             with pytest.raises(InsufficientVram) as info:
                 backend.allocate(device, nbytes)
             assert info.value.needed == nbytes
-        assert backend.mem_info(device)[0] == start, "a refused allocation changed free memory"
+        self._assert_free_back(backend, device, start, "a refused allocation changed free memory")
 
     def test_memory_kind_is_device(self, backend: AllocatorBackend, device: int) -> None:
         """Allocations are plain device memory, the only kind the VRAM-only policy accepts."""
@@ -543,7 +555,7 @@ class BackendContract:
         backend.free(buf)
         with pytest.raises(VramError):
             backend.free(buf)
-        assert backend.mem_info(device)[0] == start, "free memory did not return to its start"
+        self._assert_free_back(backend, device, start, "free memory did not return to its start")
 
     def test_no_leak_after_injected_failures(
         self, backend: AllocatorBackend, device: int, fault_injector: FaultInjector | None
@@ -576,4 +588,4 @@ class BackendContract:
             backend.free(buf)
         with contextlib.suppress(VramError):  # released already, or released now
             backend.free(buf)
-        assert backend.mem_info(device)[0] == start, "free memory did not return to its start"
+        self._assert_free_back(backend, device, start, "free memory did not return to its start")

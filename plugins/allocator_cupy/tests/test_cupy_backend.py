@@ -26,11 +26,12 @@ from vramcore_allocator_cupy._cuda import (
 )
 from vramcore_allocator_cupy.testing import FakeCuda
 
-from vramcore import VramManager
+from vramcore import VramManager, kernels
 from vramcore.backend import DeviceBuffer, MemoryKind
 from vramcore.digest import hash_leaves, merkle_root
 from vramcore.errors import (
     AllocationFailed,
+    DeviceDigestUnavailable,
     InsufficientVram,
     InvalidInput,
     PolicyViolation,
@@ -366,12 +367,12 @@ def test_device_digest_through_the_hook(fake_cuda: FakeCuda, fake_backend: CupyB
     data = bytes(range(256)) * 1000 + b"tail"
     buf = fake_backend.allocate(0, len(data))
     fake_backend.copy_in(buf, 0, memoryview(data))
-    got = plugin.vramcore_device_digest(fake_backend, buf, LEAF, None)
+    got = plugin.vramcore_device_digest(fake_backend, buf, LEAF, None, None)
     assert got is not None
     leaves = hash_leaves(data, LEAF)
     assert got.root == merkle_root(leaves)
     assert bytes(got.leaves) == b"".join(leaves)
-    part = plugin.vramcore_device_digest(fake_backend, buf, LEAF, (1, 3))
+    part = plugin.vramcore_device_digest(fake_backend, buf, LEAF, (1, 3), None)
     assert part is not None
     assert (part.root, part.first_leaf, bytes(part.leaves)) == (None, 1, b"".join(leaves[1:3]))
     assert len(fake_cuda.mem) == 1, "digest scratch memory left allocated"
@@ -380,9 +381,9 @@ def test_device_digest_through_the_hook(fake_cuda: FakeCuda, fake_backend: CupyB
 
 def test_the_hook_defers_for_other_backends(fake_backend: CupyBackend, mock_backend: Any) -> None:
     buf = mock_backend.allocate(0, 10)
-    assert plugin.vramcore_device_digest(mock_backend, buf, LEAF, None) is None
+    assert plugin.vramcore_device_digest(mock_backend, buf, LEAF, None, None) is None
     foreign = DeviceBuffer(device=0, nbytes=10, backend="mock", native=None)
-    assert plugin.vramcore_device_digest(fake_backend, foreign, LEAF, None) is None
+    assert plugin.vramcore_device_digest(fake_backend, foreign, LEAF, None, None) is None
 
 
 @pytest.mark.parametrize("where", ["malloc", "launch:vramcore_leaf_hashes", "memcpy_d2h"])
@@ -521,16 +522,86 @@ def test_adapter_maps_the_missing_driver_to_cuda_errors() -> None:
         api.malloc(0, 4096)
 
 
-def test_no_room_for_digest_scratch_defers_to_the_host(
-    fake_cuda: FakeCuda, fake_backend: CupyBackend, caplog: pytest.LogCaptureFixture
+def test_no_room_for_digest_scratch_is_a_typed_unavailable_digest(
+    fake_cuda: FakeCuda, fake_backend: CupyBackend
 ) -> None:
     buf = fake_backend.allocate(0, fake_cuda.capacity - 100)  # the GPU is (nearly) full
-    with pytest.raises(InsufficientVram):
-        fake_backend.digest(buf, LEAF)
-    assert plugin.vramcore_device_digest(fake_backend, buf, LEAF, None) is None
-    assert "host hashes instead" in caplog.text
+    with pytest.raises(plugin.CupyDigestUnavailable, match="no room"):
+        plugin.vramcore_device_digest(fake_backend, buf, LEAF, None, None)
     assert len(fake_cuda.mem) == 1
     fake_backend.free(buf)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError("libnvrtc.so.13: cannot open shared object file"),
+        RuntimeError("NVRTC_ERROR_COMPILATION: catastrophic error: cannot open source file"),
+        ImportError("cupy_backends.cuda.libs.nvrtc"),
+    ],
+    ids=["no-libnvrtc", "no-headers", "no-binding"],
+)
+def test_a_compile_failure_of_any_kind_is_a_typed_unavailable_digest(
+    fake_cuda: FakeCuda, fake_backend: CupyBackend, error: Exception
+) -> None:
+    # The old fake raised only CudaError, so a compile failure of another kind (as CuPy's
+    # compiler raises them) escaped the backend bare and never showed here.
+    fake_cuda.compile_error = error
+    buf = fake_backend.allocate(0, 3 * LEAF)
+    with pytest.raises(plugin.CupyDigestUnavailable, match=type(error).__name__) as info:
+        plugin.vramcore_device_digest(fake_backend, buf, LEAF, None, None)
+    assert isinstance(info.value, DeviceDigestUnavailable)
+    fake_cuda.compile_error = None
+    assert plugin.vramcore_device_digest(fake_backend, buf, LEAF, None, None) is not None
+    fake_backend.free(buf)
+
+
+def test_a_launch_failure_of_any_kind_is_a_typed_unavailable_digest(
+    fake_cuda: FakeCuda, fake_backend: CupyBackend
+) -> None:
+    buf = fake_backend.allocate(0, 3 * LEAF)
+    fake_cuda.fail[f"launch:{kernels.LEAF_KERNEL}"] = RuntimeError("CUDA_ERROR_LAUNCH_FAILED")
+    with pytest.raises(plugin.CupyDigestUnavailable, match="CUDA_ERROR_LAUNCH_FAILED"):
+        plugin.vramcore_device_digest(fake_backend, buf, LEAF, None, None)
+    assert len(fake_cuda.mem) == 1, "scratch memory freed after the failed launch"
+    fake_backend.free(buf)
+
+
+def test_fake_launch_checks_what_the_driver_checks(fake_cuda: FakeCuda) -> None:
+    # The old fake launched anything: before a load, with any block, any argument count.
+    stream = fake_cuda.stream_create(0)
+    args = (0, 1, 0)
+    with pytest.raises(CudaError, match="InvalidResourceHandle"):
+        fake_cuda.launch(0, kernels.LEVEL_KERNEL, 1, 32, args, stream)
+    fake_cuda.load_kernels(0)
+    with pytest.raises(CudaError, match="LaunchOutOfResources"):
+        fake_cuda.launch(0, kernels.LEVEL_KERNEL, 1, kernels.MAX_BLOCK + 1, args, stream)
+    with pytest.raises(CudaError, match="argument count"):
+        fake_cuda.launch(0, kernels.LEVEL_KERNEL, 1, 32, args[:2], stream)
+    with pytest.raises(CudaError, match="InvalidConfiguration"):
+        fake_cuda.launch(0, kernels.LEVEL_KERNEL, 0, 32, args, stream)
+    fake_cuda.stream_destroy(0, stream)
+
+
+def test_sampled_leaves_in_one_launch(fake_cuda: FakeCuda, fake_backend: CupyBackend) -> None:
+    data = bytes(range(256)) * (9 * LEAF // 256) + b"tail"
+    leaves = hash_leaves(data, LEAF)
+    buf = fake_backend.allocate(0, len(data))
+    fake_backend.copy_in(buf, 0, memoryview(data))
+    plan = kernels.SampledPlan(method="indices", indices_seconds=0.0, full_seconds=0.0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernels, "sampled_plan", lambda n, k, size: plan)
+        fake_cuda.calls.clear()
+        got = plugin.vramcore_device_digest(fake_backend, buf, LEAF, None, [1, 5, 9])
+    assert got.leaf_indices == (1, 5, 9) and got.root is None
+    assert bytes(got.leaves) == leaves[1] + leaves[5] + leaves[9]
+    assert [c for c in fake_cuda.calls if c.startswith("launch:")] == [
+        f"launch:{kernels.INDEX_KERNEL}"
+    ]
+    with pytest.raises(InvalidInput):
+        plugin.vramcore_device_digest(fake_backend, buf, LEAF, None, [9, 1])
+    fake_backend.free(buf)
+    assert len(fake_cuda.mem) == 0
 
 
 def test_cli_without_cupy_names_what_to_install(
@@ -555,3 +626,17 @@ def test_cli_without_cupy_names_what_to_install(
     assert code == 2
     assert "CuPy is not installed" in err and "./plugins/allocator_cupy[cuda12x]" in err
     assert "Traceback" not in out + err
+
+
+def test_fake_free_memory_moves_in_pages_as_cuda_reports_it(fake_cuda: FakeCuda) -> None:
+    # The old fake took 4 KiB off free memory for a 4 KiB allocation; CUDA takes a page, so a
+    # test asserting byte-exact free memory passed here and failed on a GPU.
+    from vramcore_allocator_cupy.testing import PAGE
+
+    free, total = fake_cuda.mem_info(0)
+    ptr = fake_cuda.malloc(0, 4096)
+    assert free - fake_cuda.mem_info(0)[0] == PAGE
+    with pytest.raises(CudaError, match="MemoryAllocation"):
+        fake_cuda.malloc(0, free - 4096)  # fits byte-wise, not page-wise
+    fake_cuda.free(0, ptr)
+    assert fake_cuda.mem_info(0) == (free, total)

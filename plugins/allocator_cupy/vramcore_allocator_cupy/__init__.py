@@ -14,15 +14,13 @@ Environment: ``VRAMCORE_CUPY_NVML=0`` turns the NVML queries off (on by default 
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Sequence
 
 from vramcore import Setting
 from vramcore.backend import AllocatorBackend, BackendSpec, DeviceBuffer, DeviceDigest
-from vramcore.errors import InsufficientVram
 from vramcore.hookspecs import hookimpl
-from vramcore_allocator_cupy._backend import BackendClosed, CupyBackend
+from vramcore_allocator_cupy._backend import BackendClosed, CupyBackend, CupyDigestUnavailable
 from vramcore_allocator_cupy._memory import SAFETENSORS_DTYPES, DeviceMemory
 from vramcore_allocator_cupy._nvml import NvmlHealth, nvml_health
 from vramcore_allocator_cupy._probe import INSTALL_HINT, device_info, why_not
@@ -33,6 +31,7 @@ __all__ = [
     "SAFETENSORS_DTYPES",
     "BackendClosed",
     "CupyBackend",
+    "CupyDigestUnavailable",
     "DeviceMemory",
     "NvmlHealth",
     "device_info",
@@ -43,8 +42,6 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
-
-log = logging.getLogger(__name__)
 
 #: Above the mock (a real GPU wins whenever one is usable).
 PRIORITY = 100
@@ -75,16 +72,16 @@ def vramcore_device_digest(
     buffer: DeviceBuffer,
     leaf_size: int,
     leaf_range: tuple[int, int] | None,
+    leaf_indices: Sequence[int] | None,
 ) -> DeviceDigest | None:
-    """Digest a cupy buffer on its GPU; defer (``None``) for every other backend."""
+    """Digest a cupy buffer on its GPU; defer (``None``) for every other backend.
+
+    :raises CupyDigestUnavailable: the kernels cannot run on the GPU this time (the core
+        hashes on the host, with an audited warning).
+    """
     if not isinstance(backend, CupyBackend) or buffer.backend != backend.name:
         return None
-    try:
-        return backend.digest(buffer, leaf_size, leaf_range)
-    except InsufficientVram:
-        # A full GPU has no room for the scratch; hashing on the host is slower, not weaker.
-        log.warning("cupy: no VRAM for the device digest's scratch; the host hashes instead")
-        return None
+    return backend.digest(buffer, leaf_size, leaf_range, leaf_indices)
 
 
 @hookimpl

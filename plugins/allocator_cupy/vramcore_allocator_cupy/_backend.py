@@ -31,13 +31,16 @@ from vramcore.backend import (
     DeviceInfo,
     MemoryKind,
 )
+from vramcore.digest import leaf_count
 from vramcore.errors import (
     AllocationFailed,
+    DeviceDigestUnavailable,
     InsufficientVram,
     InvalidInput,
     PolicyViolation,
     VramError,
 )
+from vramcore.validation import check_leaf_size, scrub_text
 from vramcore_allocator_cupy._cuda import (
     ERROR_MEMORY_ALLOCATION,
     MEMORY_DEVICE,
@@ -51,7 +54,7 @@ from vramcore_allocator_cupy._memory import DeviceMemory
 from vramcore_allocator_cupy._probe import device_info
 from vramcore_allocator_cupy._tensors import CupyTensorSource
 
-__all__ = ["BackendClosed", "CupyBackend"]
+__all__ = ["BackendClosed", "CupyBackend", "CupyDigestUnavailable"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,12 @@ _KINDS = {
     MEMORY_HOST: MemoryKind.HOST_MAPPED,
     MEMORY_UNREGISTERED: MemoryKind.HOST,
 }
+
+
+class CupyDigestUnavailable(DeviceDigestUnavailable):
+    """The cupy backend cannot digest on the GPU this time: the kernels do not build or
+    load, a launch or a copy failed, or there is no scratch memory (the reason, without a
+    pointer, is the message). The core hashes on the host instead."""
 
 
 class BackendClosed(VramError):
@@ -161,6 +170,7 @@ class CupyBackend(AllocatorBackend):
         self._streams: dict[int, int] = {}
         self._idle_pinned: list[tuple[int, int]] = []  # (ptr, nbytes)
         self._lent_pinned: dict[int, int] = {}  # ptr -> nbytes
+        self._kernel_origin: dict[int, str] = {}
         try:
             self._count = api.device_count()
         except CudaError as exc:
@@ -424,19 +434,55 @@ class CupyBackend(AllocatorBackend):
     # -- device digest ------------------------------------------------------------------
 
     def digest(
-        self, buf: DeviceBuffer, leaf_size: int, leaf_range: tuple[int, int] | None = None
+        self,
+        buf: DeviceBuffer,
+        leaf_size: int,
+        leaf_range: tuple[int, int] | None = None,
+        leaf_indices: Sequence[int] | None = None,
     ) -> DeviceDigest:
-        """The ``rfc6962-sha256`` digest of ``buf`` computed on its GPU (see kernels).
+        """The ``rfc6962-sha256`` digest of ``buf`` computed on its GPU (see kernels), or the
+        hashes of the listed leaves (``leaf_indices``, by the kernels' cost model).
 
-        Raises :class:`~vramcore.errors.InsufficientVram` when the GPU has no room for the
-        digest's scratch memory (48 bytes per leaf); the plugin hook then defers to the host.
+        :raises InvalidInput: a bad leaf size, range or index list (before anything runs).
+        :raises CupyDigestUnavailable: the kernels do not build, load or launch, a copy
+            failed, or there is no room for the scratch memory (48 bytes per leaf): the core
+            then hashes on the host.
         """
         rec = self._record(buf)
+        check_leaf_size(leaf_size)
+        n = leaf_count(rec.nbytes, leaf_size)
+        if leaf_indices is not None:
+            kernels.check_leaf_indices(n, leaf_indices)
+        elif leaf_range is not None and not (
+            len(leaf_range) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in leaf_range)
+            and 0 <= leaf_range[0] < leaf_range[1] <= n
+        ):
+            raise InvalidInput(f"leaf range {leaf_range!r:.40} is not within the {n} leaves")
+        try:
+            origin = self._api.load_kernels(rec.device)
+        except Exception as exc:  # any kind: the compiler's, the loader's, the driver's
+            raise CupyDigestUnavailable(
+                f"cupy backend: the digest kernels do not load on GPU {rec.device}: "
+                f"{type(exc).__name__}: {scrub_text(str(exc))[:300]}"
+            ) from None
+        self._kernel_origin[rec.device] = origin
         ops = _KernelOps(self._api, rec, self._stream(rec.device))
         try:
+            if leaf_indices is not None:
+                return kernels.device_leaves_at(ops, rec.nbytes, leaf_size, leaf_indices)
             return kernels.device_merkle(ops, rec.nbytes, leaf_size, leaf_range)
-        except CudaError as exc:
-            raise VramError(f"device digest failed: {exc}") from None
+        except (InvalidInput, CupyDigestUnavailable):
+            raise
+        except Exception as exc:  # CudaError, or anything a launch raised
+            raise CupyDigestUnavailable(
+                f"cupy backend: device digest failed on GPU {rec.device}: "
+                f"{type(exc).__name__}: {scrub_text(str(exc))[:300]}"
+            ) from None
+
+    def kernel_origin(self, device: int) -> str | None:
+        """Where the loaded digest kernels of ``device`` came from, once loaded."""
+        return self._kernel_origin.get(device)
 
     # -- lifetime -----------------------------------------------------------------------
 
@@ -488,13 +534,17 @@ class _KernelOps:
         self._api = api
         self._rec = rec
         self._stream = stream
+        self._keep = bytearray()
 
     def alloc(self, nbytes: int) -> int:
         try:
             return self._api.malloc(self._rec.device, nbytes)
         except CudaError as exc:
             if exc.status == ERROR_MEMORY_ALLOCATION:
-                raise InsufficientVram(nbytes, 0, device=self._rec.device) from None
+                raise CupyDigestUnavailable(
+                    f"cupy backend: no room on GPU {self._rec.device} for the digest's "
+                    f"{nbytes}-byte scratch memory"
+                ) from None
             raise
 
     def free(self, scratch: int) -> None:
@@ -516,8 +566,27 @@ class _KernelOps:
         args = (self._rec.ptr, nbytes, leaf_size, first_leaf, count, out)
         self._launch(kernels.LEAF_KERNEL, geometry, args)
 
+    def leaf_hashes_at(
+        self,
+        nbytes: int,
+        leaf_size: int,
+        indices: int,
+        count: int,
+        out: int,
+        geometry: tuple[int, int],
+    ) -> None:
+        args = (self._rec.ptr, nbytes, leaf_size, indices, count, out)
+        self._launch(kernels.INDEX_KERNEL, geometry, args)
+
     def merkle_level(self, src: int, n: int, dst: int, geometry: tuple[int, int]) -> None:
         self._launch(kernels.LEVEL_KERNEL, geometry, (src, n, dst))
+
+    def write(self, scratch: int, data: bytes) -> None:
+        # A pageable source: cudaMemcpyAsync has read it when it returns, and the copy is
+        # ordered before every later launch on the stream. Kept alive until the read anyway.
+        self._keep = bytearray(data)
+        addr, _ = _address(memoryview(self._keep), writable=True)
+        self._api.memcpy_async(self._rec.device, scratch, addr, len(data), True, self._stream)
 
     def _launch(self, name: str, geometry: tuple[int, int], args: Sequence[int]) -> None:
         grid, block = geometry

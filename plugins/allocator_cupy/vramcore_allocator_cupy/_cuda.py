@@ -107,6 +107,15 @@ class CudaApi(Protocol):
     def event_destroy(self, event: int) -> None:
         """``cudaEventDestroy``."""
 
+    def load_kernels(self, device: int) -> str:
+        """Build and load the digest module on ``device`` (once; later calls return at once).
+
+        :return: where the image came from ("CuPy NVRTC", "NVRTC 12.9 sm_90", "shipped PTX
+            compute_80").
+        :raises Exception: whatever the compiler or the driver raised: the backend turns any
+            failure here into its typed :class:`~vramcore_allocator_cupy.CupyDigestUnavailable`.
+        """
+
     def launch(
         self,
         device: int,
@@ -116,7 +125,8 @@ class CudaApi(Protocol):
         args: Sequence[int],
         stream: int,
     ) -> None:
-        """Launch ``kernel`` of the digest module; every argument is a 64-bit integer."""
+        """Launch ``kernel`` of the digest module (loaded by :meth:`load_kernels`); every
+        argument is a 64-bit integer."""
 
 
 class CupyCuda:
@@ -133,6 +143,8 @@ class CupyCuda:
             cupy.cuda.compiler.CompileException,
         )
         self._functions: dict[tuple[int, str], Any] = {}
+        self._modules: dict[int, Any] = {}  # device -> loaded module (kept alive here)
+        self._origins: dict[int, str] = {}
         self._streams: dict[int, Any] = {}  # handle -> cupy.cuda.Stream (kept alive here)
         self._lock = threading.Lock()
 
@@ -247,20 +259,38 @@ class CupyCuda:
         with self._call("cudaEventDestroy"):
             self._rt.eventDestroy(event)
 
-    def _function(self, device: int, kernel: str) -> Any:
-        """``kernel`` compiled (NVRTC, CuPy's on-disk cache) and loaded on ``device``."""
-        with self._lock:
-            fn = self._functions.get((device, kernel))
-            if fn is None:
-                from vramcore import kernels
+    def load_kernels(self, device: int) -> str:
+        """CuPy's NVRTC (``RawModule``, cached on disk) first; if it fails in any way (no
+        ``libnvrtc`` for this CUDA, no headers), :func:`vramcore.kernels._nvrtc.kernel_image`:
+        the ``nvidia-cuda-nvrtc`` wheel's or the system's NVRTC, else the shipped PTX, loaded
+        with ``cuModuleLoadData``. No ``nvcc`` either way."""
+        from vramcore import kernels
+        from vramcore.kernels._nvrtc import kernel_image
 
-                module = self._cupy.RawModule(
-                    code=kernels.kernel_source(), options=kernels.NVRTC_OPTIONS
-                )
-                for name in kernels.KERNEL_NAMES:
-                    self._functions[(device, name)] = module.get_function(name)
-                fn = self._functions[(device, kernel)]
-            return fn
+        with self._lock:
+            origin = self._origins.get(device)
+            if origin is not None:
+                return origin
+            with self._cupy.cuda.Device(device):
+                try:
+                    module: Any = self._cupy.RawModule(
+                        code=kernels.kernel_source(), options=kernels.NVRTC_OPTIONS
+                    )
+                    functions = {n: module.get_function(n) for n in kernels.KERNEL_NAMES}
+                    origin = "CuPy NVRTC"
+                except Exception:  # any kind: CompileException, RuntimeError, OSError...
+                    props = self._rt.getDeviceProperties(device)
+                    arch = f"sm_{props['major']}{props['minor']}"
+                    image = kernel_image(kernels.kernel_source(), arch, kernels.NVRTC_OPTIONS)
+                    module = self._cupy.cuda.function.Module()
+                    module.load(image.data)
+                    functions = {n: module.get_function(n) for n in kernels.KERNEL_NAMES}
+                    origin = image.origin
+            self._modules[device] = module
+            for name, fn in functions.items():
+                self._functions[(device, name)] = fn
+            self._origins[device] = origin
+            return origin
 
     def launch(
         self,
@@ -275,7 +305,7 @@ class CupyCuda:
 
         with self._lock:
             cupy_stream = self._streams[stream]
+            fn = self._functions[(device, kernel)]
         with self._call(f"launch of {kernel}", device), cupy_stream:
-            fn = self._function(device, kernel)
             # Pointers go as 64-bit integers: the same bytes as a pointer parameter.
             fn((grid,), (block,), tuple(numpy.uint64(a) for a in args))

@@ -19,16 +19,15 @@ from __future__ import annotations
 import json
 import math
 import struct
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from vramcore.errors import IntegrityViolation, InvalidInput, NotSealed
 from vramcore.safetensors import MAX_HEADER_BYTES
 
 if TYPE_CHECKING:
     from vramcore.shard import SealedShard
-    from vramcore_allocator_cupy._backend import CupyBackend, _Alloc
 
-__all__ = ["SAFETENSORS_DTYPES", "DeviceMemory"]
+__all__ = ["SAFETENSORS_DTYPES", "AllocationRecord", "ByteReader", "DeviceMemory"]
 
 #: safetensors dtype -> NumPy/CuPy dtype. Types NumPy lacks (BF16, the 8-bit floats) are
 #: exposed as unsigned integers of the same width: reinterpret them in the consumer
@@ -56,12 +55,30 @@ SAFETENSORS_DTYPES: dict[str, str] = {
 _DLPACK_CUDA = 2  # kDLCUDA
 
 
+class AllocationRecord(Protocol):
+    """What a view needs of the backend's record of one allocation."""
+
+    device: int
+    nbytes: int
+    ptr: int
+    freed: bool
+
+
+class ByteReader(Protocol):
+    """What a view needs of the backend: a synchronous read of an allocation's bytes.
+
+    (A protocol rather than the backend class: ``_backend`` imports this module.)
+    """
+
+    def _read_bytes(self, rec: Any, offset: int, n: int) -> bytes: ...
+
+
 class DeviceMemory:
     """One cupy-backend allocation as inference code sees it (``DeviceBuffer.native``)."""
 
     __slots__ = ("_backend", "_rec")
 
-    def __init__(self, backend: CupyBackend, rec: _Alloc) -> None:
+    def __init__(self, backend: ByteReader, rec: AllocationRecord) -> None:
         self._backend = backend
         self._rec = rec
 

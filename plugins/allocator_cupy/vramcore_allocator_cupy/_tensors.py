@@ -8,14 +8,11 @@ export); this source tells it where the allocation is and makes the CuPy arrays
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from vramcore.backend import KDL_CUDA
 from vramcore.errors import NotSealed
-from vramcore_allocator_cupy._memory import DeviceMemory
-
-if TYPE_CHECKING:
-    from ._backend import CupyBackend, _Alloc
+from vramcore_allocator_cupy._memory import AllocationRecord, ByteReader, DeviceMemory
 
 __all__ = ["CupyTensorSource"]
 
@@ -25,7 +22,7 @@ class CupyTensorSource:
 
     __slots__ = ("_memory", "_rec")
 
-    def __init__(self, backend: CupyBackend, rec: _Alloc) -> None:
+    def __init__(self, backend: ByteReader, rec: AllocationRecord) -> None:
         self._rec = rec
         self._memory = DeviceMemory(backend, rec)
 

@@ -6,6 +6,14 @@ host (:func:`vramcore.kernels.build_host_library`), and streams are honest queue
 launch runs only when an event after it, or the stream, is synchronised. A backend that let
 the core reuse a staging buffer before its copy finished would therefore copy the wrong bytes
 here, as it would on a GPU.
+
+Stricter than a kind fake where CUDA bites: loading the kernels is a step of its own that can
+fail with any exception kind (``compile_error``: CuPy's ``CompileException``, an ``OSError``
+for a missing ``libnvrtc``...), as can any call (``fail`` takes any exception, not only
+:class:`CudaError`); a launch before the kernels are loaded, with a block over the kernels'
+launch bound (``cudaErrorLaunchOutOfResources``), an empty grid or the wrong number of
+arguments fails as the driver fails it; free memory moves in whole 2 MiB pages, as
+``cudaMemGetInfo`` reports it, not byte by byte.
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ __all__ = ["FakeCuda", "h100_properties", "host_kernels"]
 from vramcore import kernels
 
 GiB = 1 << 30
+#: Granularity of device memory as ``cudaMemGetInfo`` sees it: an allocation takes whole pages.
+PAGE = 2 << 20
 
 _HOST_LIB: list[ctypes.CDLL] = []
 
@@ -36,11 +46,7 @@ _HOST_LIB: list[ctypes.CDLL] = []
 def host_kernels(tmp: Path) -> ctypes.CDLL:
     """The digest kernels built for the host once per session."""
     if not _HOST_LIB:
-        lib = ctypes.CDLL(str(kernels.build_host_library(tmp)))
-        u, ull, ptr = ctypes.c_uint, ctypes.c_ulonglong, ctypes.c_void_p
-        lib.vc_host_leaf_hashes.argtypes = [u, u, ptr, ull, ull, ull, ull, ptr]
-        lib.vc_host_merkle_level.argtypes = [u, u, ptr, ull, ptr]
-        _HOST_LIB.append(lib)
+        _HOST_LIB.append(kernels.load_host_library(kernels.build_host_library(tmp)))
     return _HOST_LIB[0]
 
 
@@ -71,9 +77,10 @@ class FakeCuda(CudaApi):
     :param capacity: bytes per device.
     :param pointer_kind: cudaMemoryType reported for device allocations (2 = device).
 
-    Attributes tests poke: ``fail`` (operation name -> :class:`CudaError` raised by the next
-    such call, once: ``"malloc"``, ``"memcpy_h2d"``, ``"memcpy_d2h"``, ``"free"``,
-    ``"launch:<kernel>"``...), ``attrs`` (device attribute overrides), ``props``, ``mem``
+    Attributes tests poke: ``fail`` (operation name -> the exception raised by the next such
+    call, once: ``"malloc"``, ``"memcpy_h2d"``, ``"memcpy_d2h"``, ``"free"``,
+    ``"load_kernels"``, ``"launch:<kernel>"``...), ``compile_error`` (raised by every
+    ``load_kernels``), ``attrs`` (device attribute overrides), ``props``, ``mem``
     (address -> (device, ctypes buffer)), ``pinned``, ``calls`` (every call, in order).
     """
 
@@ -91,7 +98,9 @@ class FakeCuda(CudaApi):
         self.pointer_kind = pointer_kind
         self.props = [h100_properties(i) for i in range(devices)]
         self.attrs: dict[str, int | None] = {}
-        self.fail: dict[str, CudaError] = {}
+        self.fail: dict[str, BaseException] = {}
+        self.compile_error: BaseException | None = None
+        self.loaded: set[int] = set()
         self.calls: list[str] = []
         self.mem: dict[int, tuple[int, ctypes.Array[ctypes.c_char]]] = {}  # ptr -> (dev, buf)
         self.pinned: dict[int, ctypes.Array[ctypes.c_char]] = {}
@@ -148,14 +157,18 @@ class FakeCuda(CudaApi):
         self._enter("attribute")
         return self.attrs.get(name)
 
+    def pages(self, device: int = 0) -> int:
+        """Bytes of "device" memory taken on ``device``, each allocation in whole pages."""
+        return sum(-(-len(b) // PAGE) * PAGE for d, b in self.mem.values() if d == device)
+
     def mem_info(self, device: int) -> tuple[int, int]:
         self._enter("mem_info")
-        return self.capacity - self.used(device), self.capacity
+        return self.capacity - self.pages(device), self.capacity
 
     def malloc(self, device: int, nbytes: int) -> int:
         self._enter("malloc")
         with self._lock:
-            if self.used(device) + nbytes > self.capacity:
+            if self.pages(device) + -(-nbytes // PAGE) * PAGE > self.capacity:
                 raise CudaError(2, "cudaErrorMemoryAllocation", "cudaMalloc")
             buf = ctypes.create_string_buffer(nbytes)
             ptr = ctypes.addressof(buf)
@@ -232,6 +245,13 @@ class FakeCuda(CudaApi):
         self._enter("event_destroy")
         del self.events[event]
 
+    def load_kernels(self, device: int) -> str:
+        self._enter("load_kernels")
+        if self.compile_error is not None:
+            raise self.compile_error
+        self.loaded.add(device)
+        return "host build (fake)"
+
     def launch(
         self,
         device: int,
@@ -243,8 +263,18 @@ class FakeCuda(CudaApi):
     ) -> None:
         self._enter(f"launch:{kernel}")
         assert self.lib is not None, "this FakeCuda has no host kernels"
+        if device not in self.loaded:
+            raise CudaError(400, "cudaErrorInvalidResourceHandle", f"launch of {kernel}")
+        arity = {kernels.LEAF_KERNEL: 6, kernels.INDEX_KERNEL: 6, kernels.LEVEL_KERNEL: 3}
+        if len(args) != arity[kernel]:
+            raise CudaError(1, "cudaErrorInvalidValue", f"launch of {kernel} (argument count)")
+        if block > kernels.MAX_BLOCK:
+            raise CudaError(701, "cudaErrorLaunchOutOfResources", f"launch of {kernel}")
+        if grid < 1 or block < 1:
+            raise CudaError(9, "cudaErrorInvalidConfiguration", f"launch of {kernel}")
         fn = {
             kernels.LEAF_KERNEL: self.lib.vc_host_leaf_hashes,
+            kernels.INDEX_KERNEL: self.lib.vc_host_leaf_hashes_at,
             kernels.LEVEL_KERNEL: self.lib.vc_host_merkle_level,
         }[kernel]
         with self._lock:

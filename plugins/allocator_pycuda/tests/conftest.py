@@ -8,7 +8,16 @@ rules where they bite:
   context is not current and which did not create that context fails, as PyCUDA's
   "cannot activate out-of-thread context" does;
 * "device" memory is ctypes memory with real addresses, so the digest kernels built for the
-  host (:func:`vramcore.kernels.build_host_library`) run on it through ``SourceModule``;
+  host (:func:`vramcore.kernels.build_host_library`) run on it once a module is loaded;
+* ``module_from_buffer`` is as strict as ``cuModuleLoadData``: it takes only a cubin for the
+  device's architecture (the ELF flags) or NUL-terminated PTX, ``get_function`` finds only
+  kernels the image holds, and a load error can be injected (``compile_error``);
+* launches are checked as the driver checks them: a block over the kernels' launch bound
+  (``LaunchError``, too many resources), an empty grid, the wrong number of arguments, an
+  argument that is not a ``numpy`` scalar or an allocation;
+* free memory moves in whole 2 MiB pages, as ``cuMemGetInfo`` reports it;
+* errors are PyCUDA's kinds: ``MemoryError`` for allocations, ``LaunchError`` for copies
+  and completions (as after a fault on the device), ``LogicError`` for misuse;
 * streams are honest queues: an asynchronous copy reads its source only when an event
   recorded after it, or a synchronous call, drains the queue; a backend that let the core
   reuse a staging buffer too early copies the wrong bytes here, as on a GPU;
@@ -18,6 +27,7 @@ rules where they bite:
 from __future__ import annotations
 
 import ctypes
+import struct
 import threading
 import types
 from collections.abc import Callable, Iterator
@@ -33,17 +43,15 @@ from vramcore import kernels
 from vramcore.backend import MemoryKind
 
 MiB = 1 << 20
+#: Granularity of device memory as the driver reports it: an allocation takes whole pages.
+PAGE = 2 * MiB
 _HOST_LIB: list[ctypes.CDLL] = []
 
 
 def host_kernels(tmp: Path) -> ctypes.CDLL:
     """The shared digest kernels built for the host, once per session."""
     if not _HOST_LIB:
-        lib = ctypes.CDLL(str(kernels.build_host_library(tmp)))
-        u, ull, ptr = ctypes.c_uint, ctypes.c_ulonglong, ctypes.c_void_p
-        lib.vc_host_leaf_hashes.argtypes = [u, u, ptr, ull, ull, ull, ull, ptr]
-        lib.vc_host_merkle_level.argtypes = [u, u, ptr, ull, ptr]
-        _HOST_LIB.append(lib)
+        _HOST_LIB.append(kernels.load_host_library(kernels.build_host_library(tmp)))
     return _HOST_LIB[0]
 
 
@@ -57,6 +65,10 @@ class MemoryError_(Error):  # noqa: N801 - mirrors pycuda._driver.MemoryError
 
 class LogicError(Error):
     """pycuda._driver.LogicError."""
+
+
+class LaunchError(Error):
+    """pycuda._driver.LaunchError."""
 
 
 class FakeDevice:
@@ -209,6 +221,15 @@ class FakeEvent:
         return self
 
 
+#: Parameters of each kernel (the driver does not check; a wrong count reads garbage).
+_ARITY = {kernels.LEAF_KERNEL: 6, kernels.INDEX_KERNEL: 6, kernels.LEVEL_KERNEL: 3}
+_HOST_ENTRY = {
+    kernels.LEAF_KERNEL: "vc_host_leaf_hashes",
+    kernels.INDEX_KERNEL: "vc_host_leaf_hashes_at",
+    kernels.LEVEL_KERNEL: "vc_host_merkle_level",
+}
+
+
 class FakeFunction:
     def __init__(self, driver: FakeDriver, name: str) -> None:
         self.driver = driver
@@ -220,34 +241,53 @@ class FakeFunction:
             return int(arg)
         if isinstance(arg, np.uint64 | np.uintp):
             return int(arg)
-        raise TypeError(f"invalid kernel argument type {type(arg).__name__}")
+        raise TypeError(f"invalid type on parameter: {type(arg).__name__}")
 
     def __call__(self, *args: Any, block: tuple[int, int, int], grid: tuple[int, int]) -> None:
         self.driver.require_context("launch")
-        self.driver.synchronize_all()  # the default stream follows every blocking stream
+        if len(args) != _ARITY[self.name]:
+            raise LogicError(f"{self.name} takes {_ARITY[self.name]} arguments, got {len(args)}")
         values = [self._value(a) for a in args]
-        lib = self.driver.host_lib
-        assert 1 <= block[0] <= 1024 and block[1:] == (1, 1) and grid[1] == 1
-        if self.name == kernels.LEAF_KERNEL:
-            lib.vc_host_leaf_hashes(grid[0], block[0], *values)
-        else:
-            lib.vc_host_merkle_level(grid[0], block[0], *values)
+        threads = block[0] * block[1] * block[2]
+        if threads > kernels.MAX_BLOCK:
+            raise LaunchError("cuLaunchKernel failed: too many resources requested for launch")
+        if min(*block, *grid) < 1 or grid[0] > 2**31 - 1:
+            raise LogicError("cuLaunchKernel failed: invalid argument")
+        assert block[1:] == (1, 1) and grid[1] == 1
+        self.driver.fault("launch")
+        self.driver.synchronize_all()  # the default stream follows every blocking stream
+        getattr(self.driver.host_lib, _HOST_ENTRY[self.name])(grid[0], block[0], *values)
         self.driver.launches.append(self.name)
 
 
 class FakeModule:
-    def __init__(self, driver: FakeDriver, source: str, **kwargs: Any) -> None:
-        driver.require_context("SourceModule")
+    def __init__(self, driver: FakeDriver, image: bytes) -> None:
+        ctx = driver.require_context("cuModuleLoadData")
         if driver.compile_error is not None:
             raise driver.compile_error
-        assert kwargs.get("no_extern_c") is True, "the kernels are extern C already"
-        assert "vramcore_leaf_hashes" in source
+        if not isinstance(image, bytes):
+            raise TypeError("module_from_buffer wants a bytes-like image")
+        if image.startswith(b"\x7fELF"):
+            major, minor = FakeDevice(driver, ctx.ordinal).compute_capability()
+            (flags,) = struct.unpack_from("<I", image, 48)
+            if flags & 0xFF != 10 * major + minor:
+                raise LogicError(
+                    "cuModuleLoadData failed: no kernel image is available for execution "
+                    "on the device"
+                )
+            self.names = {n for n in kernels.KERNEL_NAMES if n.encode() + b"\0" in image}
+            driver.loaded.append("cubin")
+        elif image.endswith(b"\0") and b".version" in image:
+            text = image.decode("ascii")
+            self.names = {n for n in kernels.KERNEL_NAMES if f".entry {n}(" in text}
+            driver.loaded.append("ptx")
+        else:
+            raise LogicError("cuModuleLoadData failed: device kernel image is invalid")
         self.driver = driver
-        self.kwargs = kwargs
         driver.compiles += 1
 
     def get_function(self, name: str) -> FakeFunction:
-        if name not in kernels.KERNEL_NAMES:
+        if name not in self.names:
             raise LogicError(f"cuModuleGetFunction failed: named symbol not found ({name})")
         return FakeFunction(self.driver, name)
 
@@ -262,6 +302,7 @@ class FakeDriver:
         self.Error = Error
         self.MemoryError = MemoryError_
         self.LogicError = LogicError
+        self.LaunchError = LaunchError
         self.specs: list[dict[str, Any]] = [
             {
                 "name": "NVIDIA H100 80GB HBM3 (fake)",
@@ -282,6 +323,7 @@ class FakeDriver:
         self.host_lib = host_lib
         self.compile_error: Exception | None = None
         self.compiles = 0
+        self.loaded: list[str] = []
         self.events_made = 0
         self.out_of_thread_frees = 0
         self.pinned: list[PinnedMemory] = []
@@ -339,23 +381,35 @@ class FakeDriver:
             pending = self.faults.get(kind)
             reason = pending.pop(0) if pending else None
         if reason is not None:
-            raise Error(f"injected: {reason}")
+            kind_error = {"alloc": MemoryError_, "free": LogicError}.get(kind, LaunchError)
+            raise kind_error(f"injected: {reason}")
 
     # -- memory -------------------------------------------------------------------------
 
     def init(self) -> None:
         pass
 
+    def pages(self, ordinal: int) -> int:
+        """Device memory taken on ``ordinal``, each allocation in whole 2 MiB pages."""
+        return sum(
+            -(-a.nbytes // PAGE) * PAGE
+            for a in self.allocations.values()
+            if a.ctx.ordinal == ordinal
+        )
+
     def mem_get_info(self) -> tuple[int, int]:
         ctx = self.require_context("mem_get_info")
         total = int(self.specs[ctx.ordinal]["total"])
-        return total - self.used[ctx.ordinal], total
+        return total - self.pages(ctx.ordinal), total
 
     def mem_alloc(self, nbytes: int) -> FakeAllocation:
         ctx = self.require_context("mem_alloc")
         self.fault("alloc")
         with self.lock:
-            if self.used[ctx.ordinal] + nbytes > self.specs[ctx.ordinal]["total"]:
+            if (
+                self.pages(ctx.ordinal) + -(-nbytes // PAGE) * PAGE
+                > self.specs[ctx.ordinal]["total"]
+            ):
                 raise MemoryError_("cuMemAlloc failed: out of memory")
             self.used[ctx.ordinal] += nbytes
         alloc = FakeAllocation(self, ctx, nbytes)
@@ -425,8 +479,8 @@ class FakeDriver:
         self.pinned.append(base)
         return np.ndarray((shape,), dtype=dtype, buffer=base)
 
-    def SourceModule(self, source: str, **kwargs: Any) -> FakeModule:  # noqa: N802
-        return FakeModule(self, source, **kwargs)
+    def module_from_buffer(self, image: bytes) -> FakeModule:
+        return FakeModule(self, image)
 
 
 class FakeFaults:
@@ -484,7 +538,7 @@ def make_api(driver: FakeDriver, nvml: Any = None) -> DriverApi:
     """A :class:`DriverApi` over ``driver``."""
     return DriverApi(
         driver=driver,
-        source_module=driver.SourceModule,
+        module_from_buffer=driver.module_from_buffer,
         pointer_kind=driver.pointer_kind,
         device_uuid=lambda ordinal: f"GPU-fake-{ordinal:04d}",
         nvml=nvml,

@@ -9,7 +9,12 @@ from typing import Any
 
 import pytest
 import vramcore_allocator_pycuda
-from vramcore_allocator_pycuda import DriverApi, PyCudaBackend, PyCudaShard
+from vramcore_allocator_pycuda import (
+    DriverApi,
+    PyCudaBackend,
+    PyCudaDigestUnavailable,
+    PyCudaShard,
+)
 from vramcore_allocator_pycuda import _backend as backend_module
 from vramcore_allocator_pycuda._copies import EventHandle
 
@@ -18,6 +23,7 @@ from vramcore.backend import DeviceBuffer, MemoryKind
 from vramcore.digest import hash_leaves, merkle_root
 from vramcore.errors import (
     AllocationFailed,
+    DeviceDigestUnavailable,
     InsufficientVram,
     InvalidInput,
     PolicyViolation,
@@ -95,7 +101,7 @@ def test_every_call_from_a_worker_thread_leaves_no_context(backend: Any, fake_dr
     digest = on_thread(
         fake_driver,
         lambda: vramcore_allocator_pycuda.vramcore_device_digest(
-            backend=backend, buffer=buf, leaf_size=LEAF, leaf_range=None
+            backend=backend, buffer=buf, leaf_size=LEAF, leaf_range=None, leaf_indices=None
         ),
     )
     assert digest.root == merkle_root(hash_leaves(data, LEAF))
@@ -279,7 +285,7 @@ def test_the_kernels_compile_once_per_device(backend: Any, fake_driver: Any):
     backend.copy_in(buf, 0, memoryview(data))
     for leaf_range in (None, (1, 3), None):
         answer = vramcore_allocator_pycuda.vramcore_device_digest(
-            backend=backend, buffer=buf, leaf_size=LEAF, leaf_range=leaf_range
+            backend=backend, buffer=buf, leaf_size=LEAF, leaf_range=leaf_range, leaf_indices=None
         )
         assert answer is not None
     assert fake_driver.compiles == 1
@@ -288,19 +294,22 @@ def test_the_kernels_compile_once_per_device(backend: Any, fake_driver: Any):
     assert fake_driver.used == [0], "digest scratch memory leaked"
 
 
-def test_without_a_compiler_the_core_hashes_on_the_host(
+def test_a_module_that_does_not_load_is_a_typed_unavailable_digest(
     backend: Any, fake_driver: Any, caplog: pytest.LogCaptureFixture
 ):
-    fake_driver.compile_error = RuntimeError("nvcc: command not found")
+    fake_driver.compile_error = fake_driver.LogicError(
+        "cuModuleLoadData failed: a PTX JIT compilation failed"
+    )
     buf = backend.allocate(0, 100)
     with caplog.at_level(logging.WARNING, logger="vramcore.allocator_pycuda"):
         for _ in range(2):
-            answer = vramcore_allocator_pycuda.vramcore_device_digest(
-                backend=backend, buffer=buf, leaf_size=LEAF, leaf_range=None
-            )
-            assert answer is None
+            with pytest.raises(PyCudaDigestUnavailable, match="PTX JIT compilation failed"):
+                vramcore_allocator_pycuda.vramcore_device_digest(
+                    backend=backend, buffer=buf, leaf_size=LEAF, leaf_range=None, leaf_indices=None
+                )
     assert len(caplog.records) == 1, "the reason is logged once, not on every digest"
-    assert "nvcc: command not found" in caplog.text
+    assert "PTX JIT compilation failed" in caplog.text
+    assert fake_driver.compiles == 0
     backend.free(buf)
 
 
@@ -308,7 +317,7 @@ def test_the_digest_hook_defers_for_other_backends(mock_backend: Any):
     buf = mock_backend.allocate(0, 10)
     assert (
         vramcore_allocator_pycuda.vramcore_device_digest(
-            backend=mock_backend, buffer=buf, leaf_size=LEAF, leaf_range=None
+            backend=mock_backend, buffer=buf, leaf_size=LEAF, leaf_range=None, leaf_indices=None
         )
         is None
     )
@@ -324,7 +333,7 @@ def test_digest_scratch_is_freed_when_a_launch_fails(
         raise fake_driver.Error("cuMemcpyDtoH failed: an illegal memory access")
 
     monkeypatch.setattr(fake_driver, "memcpy_dtoh", broken_read)
-    with pytest.raises(AllocationFailed, match="illegal memory access"):
+    with pytest.raises(PyCudaDigestUnavailable, match="illegal memory access"):
         backend.device_digest(buf, LEAF, None)
     assert fake_driver.used == used
     monkeypatch.undo()
@@ -454,11 +463,15 @@ def test_gpuarray_views_are_bounded(backend: Any, fake_driver: Any):
 def test_bad_leaf_ranges_are_refused_even_without_a_compiler(
     backend: Any, fake_driver: Any, leaf_size: int, leaf_range: Any
 ):
-    fake_driver.compile_error = RuntimeError("nvcc: command not found")
+    fake_driver.compile_error = fake_driver.LogicError("cuModuleLoadData failed")
     buf = backend.allocate(0, 2 * LEAF)
     with pytest.raises(InvalidInput):
         vramcore_allocator_pycuda.vramcore_device_digest(
-            backend=backend, buffer=buf, leaf_size=leaf_size, leaf_range=leaf_range
+            backend=backend,
+            buffer=buf,
+            leaf_size=leaf_size,
+            leaf_range=leaf_range,
+            leaf_indices=None,
         )
     backend.free(buf)
 
@@ -499,3 +512,153 @@ def test_close_goes_on_past_a_dead_context_and_reports_it(
     assert fake_driver.used == [100, 0], "GPU 1 was not cleaned up after GPU 0 failed"
     assert dead.freed and alive.freed
     assert fake_driver.stack() == []
+
+
+# -- no nvcc at run time; the fake driver as strict as cuModuleLoadData and cuLaunchKernel -----
+
+
+def _digest(backend: Any, buf: Any, **kw: Any) -> Any:
+    args = {"leaf_range": None, "leaf_indices": None, **kw}
+    return vramcore_allocator_pycuda.vramcore_device_digest(
+        backend=backend, buffer=buf, leaf_size=LEAF, **args
+    )
+
+
+@pytest.mark.vramcore_gpu_fake
+@pytest.mark.parametrize("nvrtc", ["found", "missing"])
+def test_the_device_digest_needs_no_nvcc(
+    backend: Any,
+    fake_driver: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Any,
+    nvrtc: str,
+) -> None:
+    from vramcore.kernels import _nvrtc
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvcc (nor anything else) on PATH
+    for name in ("CUDA_HOME", "CUDA_PATH", "VRAMCORE_PYCUDA_NVCC"):
+        monkeypatch.delenv(name, raising=False)
+    if nvrtc == "missing":
+        monkeypatch.setattr(_nvrtc, "find_nvrtc", lambda: [])
+        monkeypatch.setattr(_nvrtc, "_LOADED", {})
+    elif not _nvrtc.find_nvrtc():
+        pytest.skip("NVRTC not installed here (nvidia-cuda-nvrtc-cu12 is in the dev group)")
+    data = bytes(range(256)) * (5 * LEAF // 256) + b"tail"
+    buf = backend.allocate(0, len(data))
+    backend.copy_in(buf, 0, memoryview(data))
+    answer = _digest(backend, buf)
+    assert answer is not None and answer.root == merkle_root(hash_leaves(data, LEAF))
+    assert fake_driver.loaded == (["cubin"] if nvrtc == "found" else ["ptx"])
+    backend.free(buf)
+
+
+@pytest.mark.vramcore_gpu_fake
+def test_sampled_leaves_come_back_for_exactly_the_indices_asked(
+    backend: Any, fake_driver: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vramcore import kernels
+
+    data = bytes(range(256)) * (9 * LEAF // 256) + b"x" * 100
+    leaves = hash_leaves(data, LEAF)
+    buf = backend.allocate(0, len(data))
+    backend.copy_in(buf, 0, memoryview(data))
+    for method in ("indices", "full"):
+        plan = kernels.SampledPlan(method=method, indices_seconds=0.0, full_seconds=0.0)  # type: ignore[arg-type]
+        monkeypatch.setattr(kernels, "sampled_plan", lambda n, k, size, p=plan: p)
+        fake_driver.launches.clear()
+        answer = _digest(backend, buf, leaf_indices=[0, 4, 9])
+        assert answer.leaf_indices == (0, 4, 9) and answer.root is None
+        assert bytes(answer.leaves) == leaves[0] + leaves[4] + leaves[9]
+        expected = kernels.INDEX_KERNEL if method == "indices" else kernels.LEAF_KERNEL
+        assert fake_driver.launches == [expected]
+    with pytest.raises(InvalidInput, match="strictly increasing"):
+        _digest(backend, buf, leaf_indices=[4, 0])
+    backend.free(buf)
+    assert fake_driver.used == [0], "digest scratch memory leaked"
+
+
+@pytest.mark.vramcore_gpu_fake
+def test_a_failed_launch_is_a_typed_unavailable_digest(backend: Any, fake_driver: Any) -> None:
+    buf = backend.allocate(0, 2 * LEAF)
+    fake_driver.inject("launch", "an illegal memory access was encountered")
+    with pytest.raises(PyCudaDigestUnavailable, match="illegal memory access") as info:
+        _digest(backend, buf)
+    assert isinstance(info.value, DeviceDigestUnavailable)
+    assert _digest(backend, buf) is not None, "the next digest runs on the device again"
+    backend.free(buf)
+    assert fake_driver.used == [0]
+
+
+def test_no_scratch_memory_is_a_typed_unavailable_digest(backend: Any, fake_driver: Any) -> None:
+    buf = backend.allocate(0, 2 * LEAF)
+    fake_driver.inject("alloc", "out of memory")
+    with pytest.raises(PyCudaDigestUnavailable, match="scratch allocation"):
+        _digest(backend, buf)
+    backend.free(buf)
+
+
+def test_fake_module_load_is_as_strict_as_the_driver(fake_driver: Any) -> None:
+    # The old fake "compiled" any source; the driver loads only an image for this GPU.
+    from vramcore import kernels
+    from vramcore.kernels import _nvrtc
+
+    fake_driver.primary_contexts[0].push()
+    try:
+        with pytest.raises(fake_driver.LogicError, match="image is invalid"):
+            fake_driver.module_from_buffer(kernels.kernel_source().encode())
+        text, _ = _nvrtc.shipped_ptx()
+        module = fake_driver.module_from_buffer(text.encode() + b"\0")
+        with pytest.raises(fake_driver.LogicError, match="named symbol not found"):
+            module.get_function("vramcore_leaf_hash")
+        if _nvrtc.find_nvrtc():
+            cubin, _log = _nvrtc.nvrtc_compile(kernels.kernel_source(), "sm_80")
+            with pytest.raises(fake_driver.LogicError, match="no kernel image is available"):
+                fake_driver.module_from_buffer(cubin)  # the fake device is sm_90
+    finally:
+        fake_driver.Context.pop()
+
+
+def test_fake_launch_checks_what_the_driver_checks(fake_driver: Any) -> None:
+    import numpy as np
+
+    from vramcore import kernels
+    from vramcore.kernels import _nvrtc
+
+    fake_driver.primary_contexts[0].push()
+    try:
+        text, _ = _nvrtc.shipped_ptx()
+        fn = fake_driver.module_from_buffer(text.encode() + b"\0").get_function(
+            kernels.LEVEL_KERNEL
+        )
+        src, dst = fake_driver.mem_alloc(64), fake_driver.mem_alloc(32)
+        ok = (src, np.uint64(2), dst)
+        with pytest.raises(fake_driver.LaunchError, match="too many resources"):
+            fn(*ok, block=(kernels.MAX_BLOCK + 1, 1, 1), grid=(1, 1))
+        with pytest.raises(fake_driver.LogicError, match="takes 3 arguments"):
+            fn(src, dst, block=(32, 1, 1), grid=(1, 1))
+        with pytest.raises(TypeError, match="invalid type"):
+            fn(src, 2, dst, block=(32, 1, 1), grid=(1, 1))
+        with pytest.raises(fake_driver.LogicError, match="invalid argument"):
+            fn(*ok, block=(32, 1, 1), grid=(0, 1))
+        fn(*ok, block=(32, 1, 1), grid=(1, 1))
+        src.free()
+        dst.free()
+    finally:
+        fake_driver.Context.pop()
+
+
+def test_fake_free_memory_moves_in_pages_as_the_driver_reports_it(fake_driver: Any) -> None:
+    # The old fake took 4 KiB off free memory for a 4 KiB allocation; the driver takes a page.
+    page = 2 << 20  # conftest.PAGE
+
+    fake_driver.primary_contexts[0].push()
+    try:
+        free, total = fake_driver.mem_get_info()
+        alloc = fake_driver.mem_alloc(4096)
+        assert free - fake_driver.mem_get_info()[0] == page
+        with pytest.raises(fake_driver.MemoryError, match="out of memory"):
+            fake_driver.mem_alloc(free - 4096)  # fits byte-wise, not page-wise
+        alloc.free()
+        assert fake_driver.mem_get_info() == (free, total)
+    finally:
+        fake_driver.Context.pop()

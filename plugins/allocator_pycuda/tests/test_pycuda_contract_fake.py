@@ -12,6 +12,7 @@ from vramcore_allocator_pycuda import DriverApi, PyCudaBackend
 from vramcore.testing import BackendContract
 
 
+@pytest.mark.vramcore_gpu_fake
 class TestPyCudaOnFakeDriver(BackendContract):
     """The pycuda backend keeps the contract over a driver with PyCUDA's thread rules."""
 

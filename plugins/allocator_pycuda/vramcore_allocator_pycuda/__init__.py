@@ -12,8 +12,10 @@ backend gives, proven by the same :class:`vramcore.testing.BackendContract` suit
 * **copies** -- pinned, portable staging buffers lent to the core and reused; a copy from
   them runs on a stream and returns an event as its completion handle; other host memory
   is copied synchronously;
-* **digest** -- the shared ``rfc6962-sha256`` kernels (:mod:`vramcore.kernels`) compiled
-  with ``SourceModule`` once per device context, giving the host's root and leaves;
+* **digest** -- the shared ``rfc6962-sha256`` kernels (:mod:`vramcore.kernels`), compiled by
+  NVRTC or taken from the shipped PTX (no ``nvcc``) and loaded with ``module_from_buffer``
+  once per device context, giving the host's root and leaves; a sampled check's leaves in
+  one launch; any failure is a :class:`PyCudaDigestUnavailable` (the core hashes on the host);
 * **probe** -- device attributes (integrated, managed, pageable access through HMM/ATS,
   ECC), UUID and PCI id, plus NVML's ECC error count with the ``nvml`` extra;
 * **inference** -- ``VramManager.verified(shard)`` yields a buffer whose ``native`` is a
@@ -34,12 +36,14 @@ from vramcore.hookspecs import hookimpl
 
 from ._api import INSTALL_HINT, DriverApi, unavailable_reason
 from ._backend import PyCudaBackend
+from ._kernels import PyCudaDigestUnavailable
 from ._native import PyCudaShard
 
 __all__ = [
     "PRIORITY",
     "DriverApi",
     "PyCudaBackend",
+    "PyCudaDigestUnavailable",
     "PyCudaShard",
     "make_backend",
     "unavailable_reason",
@@ -49,8 +53,8 @@ __all__ = [
 
 __version__ = "0.1.0"
 
-#: Selection priority when no backend is named: above the mock, below CuPy (CuPy needs no
-#: compiler at run time; PyCUDA compiles the digest kernels with nvcc).
+#: Selection priority when no backend is named: above the mock, below CuPy (which needs no
+#: PyCUDA of its own, and its digest kernels load the same way).
 PRIORITY = 50
 
 
@@ -72,7 +76,7 @@ def vramcore_allocator_backends() -> Sequence[BackendSpec]:
             probe=unavailable_reason,
             factory=make_backend,
             install_hint=INSTALL_HINT,
-            description="CUDA device memory through PyCUDA; digest on the GPU (SourceModule)",
+            description="CUDA device memory through PyCUDA; digest on the GPU (NVRTC, shipped PTX)",
         )
     ]
 
@@ -83,21 +87,26 @@ def vramcore_device_digest(
     buffer: DeviceBuffer,
     leaf_size: int,
     leaf_range: tuple[int, int] | None,
+    leaf_indices: Sequence[int] | None,
 ) -> DeviceDigest | None:
-    """Digest ``buffer`` on the GPU when ``backend`` is a :class:`PyCudaBackend`; else defer."""
+    """Digest ``buffer`` on the GPU when ``backend`` is a :class:`PyCudaBackend`; else defer.
+
+    :raises PyCudaDigestUnavailable: the kernels cannot run on the GPU this time.
+    """
     if not isinstance(backend, PyCudaBackend):
         return None
-    return backend.device_digest(buffer, leaf_size, leaf_range)
+    return backend.device_digest(buffer, leaf_size, leaf_range, leaf_indices)
 
 
 @hookimpl
 def vramcore_settings() -> Sequence[Setting]:
-    """``VRAMCORE_PYCUDA_NVCC``."""
+    """``VRAMCORE_NVRTC``."""
     return [
         Setting(
-            key="pycuda_nvcc",
-            help="nvcc used to compile the device digest kernel",
+            key="nvrtc",
+            help="libnvrtc.so that compiles the device digest kernels (both GPU backends; "
+            "no nvcc is used)",
             kind="path",
-            default="nvcc on PATH, then the CUDA toolkit's",
+            default="the nvidia-cuda-nvrtc wheel's, then the system's; else the shipped PTX",
         ),
     ]

@@ -121,7 +121,8 @@ class DriverApi:
     """What :class:`~vramcore_allocator_pycuda.PyCudaBackend` needs from PyCUDA and the driver.
 
     :attr driver: ``pycuda.driver`` (initialised).
-    :attr source_module: ``pycuda.compiler.SourceModule``.
+    :attr module_from_buffer: ``pycuda.driver.module_from_buffer`` (``cuModuleLoadData`` of a
+        cubin or PTX image; no compiler involved).
     :attr pointer_kind: asks the driver where a device address lives (context current).
     :attr device_uuid: the UUID of a device ordinal, or ``None``.
     :attr nvml: the ``pynvml`` module when the ``nvml`` extra is installed, else ``None``.
@@ -129,7 +130,7 @@ class DriverApi:
     """
 
     driver: Any
-    source_module: Callable[..., Any]
+    module_from_buffer: Callable[[bytes], Any]
     pointer_kind: Callable[[int], MemoryKind]
     device_uuid: Callable[[int], str | None]
     nvml: Any = None
@@ -163,7 +164,6 @@ def _load() -> tuple[DriverApi | None, str | None]:
         return None, f"PyCUDA is not installed; {INSTALL_HINT}"
     try:
         driver = importlib.import_module("pycuda.driver")
-        compiler = importlib.import_module("pycuda.compiler")
     except Exception as exc:  # ImportError, OSError from the loader: report, never raise
         return None, _describe_import_error(exc)
     try:
@@ -183,7 +183,7 @@ def _load() -> tuple[DriverApi | None, str | None]:
         gpuarray = None
     api = DriverApi(
         driver=driver,
-        source_module=compiler.SourceModule,
+        module_from_buffer=driver.module_from_buffer,
         pointer_kind=lib.pointer_kind,
         device_uuid=lib.device_uuid,
         nvml=_import_nvml(),

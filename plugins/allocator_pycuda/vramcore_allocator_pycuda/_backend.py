@@ -8,7 +8,9 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from vramcore.backend import AllocatorBackend, DeviceBuffer, DeviceDigest, DeviceInfo, MemoryKind
+from vramcore.digest import leaf_count
 from vramcore.errors import AllocationFailed, InsufficientVram, InvalidInput, VramError
+from vramcore.kernels import check_leaf_indices
 from vramcore.validation import scrub_text
 
 from ._api import DriverApi, load_api
@@ -269,16 +271,27 @@ class PyCudaBackend(AllocatorBackend):
     # -- digest ---------------------------------------------------------------------------
 
     def device_digest(
-        self, buf: DeviceBuffer, leaf_size: int, leaf_range: tuple[int, int] | None
-    ) -> DeviceDigest | None:
-        """The shared ``rfc6962-sha256`` kernels over ``buf``, or ``None`` if they cannot
-        be compiled here (the core then hashes on the host, and a warning says why)."""
+        self,
+        buf: DeviceBuffer,
+        leaf_size: int,
+        leaf_range: tuple[int, int] | None,
+        leaf_indices: Sequence[int] | None = None,
+    ) -> DeviceDigest:
+        """The shared ``rfc6962-sha256`` kernels over ``buf`` (or over the listed leaves).
+
+        :raises InvalidInput: a bad leaf size, range or index list (checked before anything
+            runs on the GPU).
+        :raises PyCudaDigestUnavailable: the kernels cannot run here this time (the core
+            then hashes on the host; the reason is logged once).
+        """
         live = self._get(buf)
         check_leaf_range(buf.nbytes, leaf_size, leaf_range)  # refused even without a compiler
+        if leaf_indices is not None:
+            check_leaf_indices(leaf_count(buf.nbytes, leaf_size), leaf_indices)
         with self._on(buf.device) as dev:
             return digest_allocation(
                 self._api, dev.kernels, buf.device, live.allocation, buf.nbytes, leaf_size,
-                leaf_range,
+                leaf_range, leaf_indices,
             )  # fmt: skip
 
     # -- closing --------------------------------------------------------------------------
