@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     )
     from vramcore.events import AuditEvent
     from vramcore.narration import Operation
-    from vramcore.seal import SecretKey, WorkerToken
+    from vramcore.seal import SecretKey
 
 PROJECT_NAME = "vramcore"
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
@@ -81,18 +81,24 @@ def vramcore_probe_devices(backend: AllocatorBackend) -> Sequence[DeviceInfo] | 
 
 
 @hookspec(firstresult=True)
-def vramcore_seal_key(token: WorkerToken, worker_id: str) -> SecretKey | None:
-    """Provide the key that signs and verifies seals.
+def vramcore_seal_key(worker_id: str) -> SecretKey | None:
+    """Provide the key that signs and verifies seals (a KMS or HSM, for example).
 
-    The core's default (``trylast``) derives it with HKDF-SHA256 from the worker token and
-    :data:`vramcore.seal.SEAL_KEY_INFO`. A plugin may fetch it from a KMS or HSM instead.
-    The manager wipes the returned key when it closes.
+    Asked only when the operator names this plugin as the seal key provider
+    (``VramManager(seal_key_provider="NAME")`` or ``VRAMCORE_SEAL_KEY_PROVIDER=NAME``, where
+    NAME is the plugin's entry-point name or ``distribution:entry-point``). The core then
+    calls this plugin's implementation directly, not through the hook loop: no hook wrapper
+    runs around it and no other plugin sees the key. Without a named provider the core
+    derives the key from the worker token itself (HKDF-SHA256,
+    :data:`vramcore.seal.SEAL_KEY_INFO`) and asks no plugin. A provider is never handed the
+    worker token (an implementation asking for a ``token`` argument is refused when it is
+    registered). The manager wipes the returned key when it closes.
 
-    :param token: the worker token (its repr is a fingerprint).
     :param worker_id: the worker's public id.
-    :return: a :class:`~vramcore.seal.SecretKey`, or ``None`` to defer.
+    :return: a :class:`~vramcore.seal.SecretKey`; anything else stops the manager with a
+        :class:`~vramcore.errors.ConfigError` naming the plugin.
 
-    firstresult. Called once when a manager starts.
+    firstresult (only the named plugin is called). Called once when a manager starts.
     """
     raise NotImplementedError
 

@@ -92,7 +92,10 @@ def bench_mode(
     sink = ChainSink(
         cfg,
         SinkContext.from_token(
-            WorkerToken(_TOKEN), worker_id="bench", device=0, scope="audit_chain"
+            WorkerToken(_TOKEN),
+            worker_id="bench",
+            device=0,
+            scope="vramcore-audit-chain:audit_chain",
         ),
         witnesses=witnesses,
     )
@@ -173,7 +176,7 @@ def bench_verify_large(records: int, root: Path) -> dict[str, Any]:
     """Write a log of ``records`` records with a file witness; verify it in fresh processes."""
     directory, witness = root / "large", root / "witness.ndjson"
     context = SinkContext.from_token(
-        WorkerToken(_TOKEN), worker_id="bench", device=0, scope="audit_chain"
+        WorkerToken(_TOKEN), worker_id="bench", device=0, scope="vramcore-audit-chain:audit_chain"
     )
     sink = ChainSink(
         ChainConfig(directory=directory, durability="batched"),
