@@ -64,6 +64,7 @@ __all__ = [
     "dlpack_export",
     "dlpack_live_exports",
     "host_memory_findings",
+    "log_host_memory",
 ]
 
 #: What every command and the manager's log say, once, when the weights live in host memory.
@@ -373,11 +374,15 @@ class BackendSpec:
     host_memory: bool = False
 
     def why_not(self) -> str | None:
-        """Run the probe; a probe that raises counts as not viable, with the error as reason."""
+        """Run the probe; a probe that raises, or answers something other than ``None`` or a
+        reason, counts as not viable, with what went wrong as the reason."""
         try:
-            return self.probe()
+            reason: object = self.probe()
         except Exception as exc:  # a probe must never take the manager down
             return f"viability probe failed: {type(exc).__name__}: {exc}"
+        if reason is None or isinstance(reason, str):
+            return reason
+        return f"viability probe answered {type(reason).__name__}, not a reason or None"
 
 
 def host_memory_findings(backend: AllocatorBackend, policy: Any) -> list[Any]:
@@ -390,8 +395,18 @@ def host_memory_findings(backend: AllocatorBackend, policy: Any) -> list[Any]:
         return []
     from vramcore.policy import Finding  # the policy imports this module
 
-    notice = HOST_MEMORY_NOTICE.format(backend=backend.name)
-    logging.getLogger("vramcore").warning("%s", notice)
+    log_host_memory(backend.name)
     if not policy.strict_host_isolation:
         return []
+    notice = HOST_MEMORY_NOTICE.format(backend=backend.name)
     return [Finding("host_memory", f"{notice}: refused (strict_host_isolation)")]
+
+
+def log_host_memory(backend: str) -> None:
+    """Warn (logger ``vramcore.host_memory``) that ``backend`` keeps weights in host memory.
+
+    The CLI shows this logger's message once per command, however many managers it makes.
+    """
+    logging.getLogger("vramcore.host_memory").warning(
+        "%s", HOST_MEMORY_NOTICE.format(backend=backend)
+    )

@@ -170,8 +170,10 @@ def vramcore_audit_sinks(context: SinkContext) -> Sequence[AuditSink]:
     Every sink receives every event; the manager flushes and closes them when it closes.
 
     :param context: the worker id and device, and :meth:`~vramcore.audit.SinkContext.derive_key`
-        for keys of the sink's own. A sink never sees the worker token or anything that can
-        sign a seal.
+        for keys of the sink's own. It holds only this plugin's key, derived by the core from
+        the plugin's identity (distribution and entry-point name): a sink never sees the
+        worker token, anything that can sign a seal, or another plugin's keys. Each plugin is
+        called on its own, with a context of its own.
     :return: the sinks this plugin provides (may be empty, e.g. when not configured).
 
     Not firstresult: all sinks are collected. Called once when a manager starts.

@@ -44,8 +44,8 @@ import attrs
 import pluggy
 
 from vramcore import _builtin, hookspecs
-from vramcore._hookutil import BUILTIN_PLUGIN
-from vramcore.backend import BackendSpec
+from vramcore._hookutil import BUILTIN_PLUGIN, implementers
+from vramcore.backend import AllocatorBackend, BackendSpec, DeviceInfo
 from vramcore.errors import BackendUnavailable, ConfigError
 from vramcore.validation import escape_text, safe_repr
 
@@ -55,9 +55,11 @@ __all__ = [
     "PluginFailure",
     "PluginInfo",
     "VramcorePluginManager",
+    "built_backend",
     "collect_backends",
     "get_plugin_manager",
     "plugin_identity",
+    "probe_devices",
     "select_backend",
 ]
 
@@ -432,15 +434,44 @@ def select_backend(
         reasons.append(f"{spec.name}: {escape_text(reason)}")
     named_only = sorted(s.name for s in backends.values() if s.host_memory)
     if named_only:
+        first = named_only[0]
         reasons.append(
             f"{', '.join(named_only)}: host memory, never chosen unless named "
-            f"({source} {named_only[0]} or VRAMCORE_ALLOCATOR={named_only[0]})"
+            f"(--allocator {first}, allocator={first!r} or VRAMCORE_ALLOCATOR={first})"
         )
     detail = "; ".join(reasons) if reasons else "no allocator plugin is installed"
     raise BackendUnavailable(
         f"no GPU allocator backend can run here ({detail}){_install_advice(backends)}",
         choices=choices,
     )
+
+
+def built_backend(spec: BackendSpec) -> AllocatorBackend:
+    """``spec.factory()``, checked: a plugin's factory that builds something else is a
+    :class:`ConfigError` naming the backend (never an ``AttributeError`` later)."""
+    backend = spec.factory()
+    if not isinstance(backend, AllocatorBackend):
+        raise ConfigError(
+            f"the plugin offering backend {escape_text(spec.name)} built a "
+            f"{type(backend).__name__}, not an AllocatorBackend"
+        )
+    return backend
+
+
+def probe_devices(pm: pluggy.PluginManager, backend: AllocatorBackend) -> list[DeviceInfo]:
+    """The devices of ``backend`` as the probe hook describes them, checked.
+
+    :raises ConfigError: the hook (or the backend itself) answered something that is not a
+        list of :class:`~vramcore.backend.DeviceInfo`; the message names the plugins.
+    """
+    devices = pm.hook.vramcore_probe_devices(backend=backend)
+    if not isinstance(devices, list | tuple) or not all(isinstance(d, DeviceInfo) for d in devices):
+        raise ConfigError(
+            f"the device probe ({implementers(pm.hook.vramcore_probe_devices)}, backend "
+            f"{escape_text(str(backend.name))}) returned {type(devices).__name__}, "
+            "not a list of DeviceInfo"
+        )
+    return list(devices)
 
 
 #: Where backends come from, said without naming a package index entry this project does
