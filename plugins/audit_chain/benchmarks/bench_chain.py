@@ -213,7 +213,10 @@ def _fleet_worker(root: Path, witness: Path, index: int, seconds: float) -> None
     sink = ChainSink(
         ChainConfig(directory=root / f"worker-{index}", durability="immediate"),
         SinkContext.from_token(
-            WorkerToken(f"{_TOKEN}-{index}"), worker_id=f"w{index}", device=0, scope="audit_chain"
+            WorkerToken(f"{_TOKEN}-{index}"),
+            worker_id=f"w{index}",
+            device=0,
+            scope="vramcore-audit-chain:audit_chain",
         ),
         witnesses=[FileWitness(witness)],
     )
