@@ -18,8 +18,9 @@ is read, so no traceback that captures local variables shows it:
 Setting more than one is refused. The seal key is derived from the token by the core
 (HKDF-SHA256, :data:`~vramcore.seal.SEAL_KEY_INFO`) unless the operator names a key-provider
 plugin (``VramManager(seal_key_provider=...)`` or ``VRAMCORE_SEAL_KEY_PROVIDER``): only that
-plugin's :func:`~vramcore.hookspecs.vramcore_seal_key` is then asked, called directly (no
-hook wrapper runs around it, no other plugin sees the key), and never with the token.
+plugin's :func:`~vramcore.hookspecs.vramcore_seal_key` is then asked, through a hook caller
+holding that plugin alone (no other plugin's wrapper runs around it or sees the key), and
+never with the token.
 """
 
 from __future__ import annotations
@@ -184,8 +185,11 @@ def seal_key(
     if name is None:
         return token.derive(SEAL_KEY_INFO)
     impl = _provider(pm, name)
+    # Only the named plugin's implementations run: no other plugin's wrapper sees the key.
+    others = [p for p in pm.get_plugins() if p is not impl.plugin]
+    only_provider = pm.subset_hook_caller("vramcore_seal_key", remove_plugins=others)
     try:
-        key = impl.function(**{arg: worker_id for arg in impl.argnames})
+        key = only_provider(worker_id=worker_id)
     except Exception as exc:
         raise ConfigError(
             f"seal key provider {escape_text(name)} failed: {type(exc).__name__}: "

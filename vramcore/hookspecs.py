@@ -87,8 +87,8 @@ def vramcore_seal_key(worker_id: str) -> SecretKey | None:
     Asked only when the operator names this plugin as the seal key provider
     (``VramManager(seal_key_provider="NAME")`` or ``VRAMCORE_SEAL_KEY_PROVIDER=NAME``, where
     NAME is the plugin's entry-point name or ``distribution:entry-point``). The core then
-    calls this plugin's implementation directly, not through the hook loop: no hook wrapper
-    runs around it and no other plugin sees the key. Without a named provider the core
+    calls it through a hook caller that holds this plugin alone: no other plugin's wrapper
+    runs around it or sees the key. Without a named provider the core
     derives the key from the worker token itself (HKDF-SHA256,
     :data:`vramcore.seal.SEAL_KEY_INFO`) and asks no plugin. A provider is never handed the
     worker token (an implementation asking for a ``token`` argument is refused when it is
