@@ -107,5 +107,5 @@ def test_without_the_keyring_package_it_says_what_to_install(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setitem(sys.modules, "keyring", None)  # import fails
-    with pytest.raises(ConfigError, match=r"vramcore\[keyring\]"):
+    with pytest.raises(ConfigError, match=r"\./\[keyring\]"):
         read_worker_token({"VRAMCORE_WORKER_TOKEN_KEYRING": "vramcore"})

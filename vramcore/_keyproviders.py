@@ -12,8 +12,9 @@ is read, so no traceback that captures local variables shows it:
     nobody else (``chmod 600``); anything else is refused, saying why.
 ``VRAMCORE_WORKER_TOKEN_KEYRING``
     ``SERVICE`` or ``SERVICE:USERNAME`` (default user name ``worker-token``): the token is read
-    from the system keyring (the optional ``keyring`` package: ``pip install
-    'vramcore[keyring]'``), e.g. stored with ``keyring set SERVICE worker-token``.
+    from the system keyring (the optional ``keyring`` package: the ``keyring`` extra,
+    ``pip install './[keyring]'`` from a clone), e.g. stored with
+    ``keyring set SERVICE worker-token``.
 
 Setting more than one is refused. The seal key is derived from the token by the core
 (HKDF-SHA256, :data:`~vramcore.seal.SEAL_KEY_INFO`) unless the operator names a key-provider
@@ -147,7 +148,8 @@ def _read_keyring(spec: str) -> SecretValue:
     except ImportError:
         raise ConfigError(
             f"{TOKEN_KEYRING_ENV} is set but the keyring package is not installed: "
-            "pip install 'vramcore[keyring]' (or pip install keyring)"
+            "from a clone of the vramcore repository, pip install './[keyring]' "
+            "(or pip install keyring)"
         ) from None
     try:
         value = SecretValue(keyring.get_password(service, username))

@@ -40,8 +40,6 @@ from concurrent import futures
 from concurrent.futures import Future
 from typing import Any, Literal, NoReturn, get_args
 
-import attrs
-
 from vramcore.errors import AuditError, ConfigError, InvalidInput
 from vramcore.events import AuditEvent
 from vramcore.seal import SecretKey, WorkerToken
