@@ -7,6 +7,7 @@ plugin master key, not the seal key, not the worker token.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from types import ModuleType
 from typing import Any
@@ -367,3 +368,68 @@ def test_a_key_provider_is_never_handed_the_worker_token(
     with pytest.raises(ConfigError, match="greedy"):
         start()
     assert received == []
+
+
+# -- what a narration wrapper is handed ---------------------------------------------------
+
+
+def _reachable_secrets(obj: object, depth: int = 6) -> list[str]:
+    """Paths to every key or token reachable from ``obj`` through attributes (private ones
+    too), closures, bound methods and containers: what a hostile wrapper could walk."""
+    found: list[str] = []
+    seen: set[int] = set()
+
+    def walk(value: object, left: int, path: str) -> None:
+        if id(value) in seen or left < 0:
+            return
+        seen.add(id(value))
+        if isinstance(value, SecretKey | WorkerToken):
+            found.append(path)
+            return
+        if isinstance(value, str | bytes | int | float | type | ModuleType | type(None)):
+            return
+        children: list[tuple[str, object]] = []
+        with contextlib.suppress(TypeError):
+            children += list(vars(value).items())
+        for klass in type(value).__mro__:
+            for slot in getattr(klass, "__slots__", ()):
+                name = f"_{klass.__name__.lstrip('_')}{slot}" if slot.startswith("__") else slot
+                with contextlib.suppress(AttributeError):
+                    children.append((name, object.__getattribute__(value, name)))
+        for name in ("__self__", "__func__", "__wrapped__"):
+            if hasattr(value, name):
+                children.append((name, getattr(value, name)))
+        for index, cell in enumerate(getattr(value, "__closure__", None) or ()):
+            with contextlib.suppress(ValueError):
+                children.append((f"<closure {index}>", cell.cell_contents))
+        if isinstance(value, list | tuple | set | frozenset):
+            children += [(f"[{i}]", v) for i, v in enumerate(value)]
+        if isinstance(value, dict):
+            children += [(f"[{k!r}]", v) for k, v in value.items()]
+        for name, child in children:
+            walk(child, left - 1, f"{path}.{name}")
+
+    walk(obj, depth, "op")
+    return found
+
+
+def test_a_narration_wrapper_reaches_no_key_through_the_operation_it_is_handed(
+    new_manager: Any, mock_backend: Any
+) -> None:
+    reached: list[str] = []
+
+    class Walker:
+        __name__ = "walker"
+
+        @hookimpl(wrapper=True)
+        def vramcore_operation(self, op: Any) -> Any:
+            reached.extend(_reachable_secrets(op))
+            result = yield
+            reached.extend(_reachable_secrets(op))
+            return result
+
+    manager = _start(new_manager, mock_backend, Walker(), Victim())
+    shard = manager.shards()[0]
+    manager.verify_sealed(shard)
+    manager.deallocate(shard)
+    assert reached == []

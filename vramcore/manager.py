@@ -30,6 +30,7 @@ from typing import Any, Literal
 from vramcore._core import CLOSED, Core, enforce
 from vramcore._digests import DigestSource
 from vramcore._emitter import Emitter
+from vramcore._keyproviders import seal_key
 from vramcore._loading import (
     MemorySource,
     Source,
@@ -41,7 +42,6 @@ from vramcore._loading import (
 from vramcore._residency import Residency
 from vramcore._sealdir import SealDir, SealedModel
 from vramcore._sealing import CROSS_CHECKS, Sealing, open_file
-from vramcore._keyproviders import seal_key
 from vramcore._startup import make_backend, probe
 from vramcore._verification import ScrubTarget, Verification, check_sample, refuse_absent
 from vramcore.audit import DEFAULT_SINK_TIMEOUT, AuditSink, AuditTrail, PluginKeys
