@@ -26,7 +26,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from vramcore import __version__
 from vramcore._cli.benchmark import tensor_count
