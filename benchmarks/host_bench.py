@@ -39,7 +39,7 @@ from vramcore.errors import VramError
 from vramcore.plugins import get_plugin_manager
 
 UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-_TOKEN = "benchmark-token-" + "xy" * 12
+_TOKEN = "L-fmS0T5762X2-dGXiq8c-wF4dqrOaamw_4OvBTkcoY"  # a throwaway random token
 
 
 def size(text: str) -> int:

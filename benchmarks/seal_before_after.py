@@ -40,7 +40,8 @@ sha = best(lambda: hashlib.sha256(data).digest(), "sha256")
 del data
 backend = m.MockBackend(devices=1, capacity=4 << 30, cache_bytes=4 << 30)
 pm = get_plugin_manager(env={"VRAMCORE_PLUGINS": "mock"})
-with VramManager("before-after-" + "k3Xq" * 6, allocator=backend, plugin_manager=pm,
+token = "XILflINRpUyaGAT4DdnjpTq17hbCNOgOWMxMj2TXPEo"
+with VramManager(token, allocator=backend, plugin_manager=pm,
                  audit="disabled") as vram:
     held = []
     def seal():

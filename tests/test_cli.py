@@ -15,7 +15,7 @@ import pytest
 from vramcore._cli.cli import main
 from vramcore.safetensors import write_safetensors
 
-TOKEN = "cli-test-token-do-not-print-7f3a9c"
+TOKEN = "khbCyG6BzWHsNBpH1TJFDmUWDUTwQLB1tmEqB7B1HUU"
 
 
 @pytest.fixture(autouse=True)
@@ -23,7 +23,7 @@ def _env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("VRAMCORE_WORKER_TOKEN", TOKEN)
     monkeypatch.setenv("VRAMCORE_AUDIT_LOG", str(tmp_path / "audit"))
     monkeypatch.setenv("VRAMCORE_MOCK_VRAM", "1GiB")
-    monkeypatch.delenv("VRAMCORE_ALLOCATOR", raising=False)
+    monkeypatch.setenv("VRAMCORE_ALLOCATOR", "mock")  # the mock is used only when named
     monkeypatch.delenv("VRAMCORE_PLUGINS", raising=False)
     monkeypatch.delenv("VRAMCORE_DISABLE_PLUGINS", raising=False)
 

@@ -26,7 +26,7 @@ from vramcore._cli.cli import main
 from vramcore.plugins import get_plugin_manager
 from vramcore.safetensors import write_safetensors
 
-TOKEN = "cli-errors-token-never-printed-4d1e"
+TOKEN = "yvoA-d1ALCA0axPrw0XNgX8W1Lmzy7H7pbOSG6WGghY"
 
 
 @pytest.fixture(autouse=True)
@@ -34,7 +34,8 @@ def _env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("VRAMCORE_WORKER_TOKEN", TOKEN)
     monkeypatch.setenv("VRAMCORE_AUDIT_LOG", str(tmp_path / "audit"))
     monkeypatch.setenv("VRAMCORE_MOCK_VRAM", "1GiB")
-    for name in ("VRAMCORE_ALLOCATOR", "VRAMCORE_PLUGINS", "VRAMCORE_DISABLE_PLUGINS"):
+    monkeypatch.setenv("VRAMCORE_ALLOCATOR", "mock")  # the mock is used only when named
+    for name in ("VRAMCORE_PLUGINS", "VRAMCORE_DISABLE_PLUGINS"):
         monkeypatch.delenv(name, raising=False)
 
 

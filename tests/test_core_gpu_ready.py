@@ -354,8 +354,8 @@ class Garbage:
     def vramcore_probe_devices(self, backend: Any) -> Any:
         return self.value if self.hook == "probe" else None
 
-    @hookimpl(tryfirst=True)
-    def vramcore_seal_key(self, token: WorkerToken, worker_id: str) -> Any:
+    @hookimpl
+    def vramcore_seal_key(self, worker_id: str) -> Any:
         return self.value if self.hook == "seal_key" else None
 
     @hookimpl
@@ -380,8 +380,15 @@ def test_a_hook_returning_garbage_is_a_typed_error_naming_the_plugin_and_wipes_s
     plugin = Garbage(hook, value)
     pm = make_plugin_manager(plugin)
     token = WorkerToken(TEST_TOKEN)
+    provider = pm.get_name(plugin) if hook == "seal_key" else None  # asked only when named
     with pytest.raises(ConfigError, match=match) as info:
-        VramManager(token, allocator=mock_backend, plugin_manager=pm, worker_id="w")
+        VramManager(
+            token,
+            allocator=mock_backend,
+            plugin_manager=pm,
+            worker_id="w",
+            seal_key_provider=provider,
+        )
     assert TEST_TOKEN not in str(info.value)
     if hook != "sinks":
         assert "Garbage" in str(info.value)  # the implementing plugin is named

@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
-from attrs import fields as attrs_fields
 
 from vramcore import Commands, Console, hookimpl, hookspecs
 from vramcore.audit import AuditSink, AuditWitness, SinkContext
@@ -121,22 +120,25 @@ def test_probe_devices_hook_feeds_the_policy(new_manager: Any, mock_backend: Any
 class KmsKey:
     """A key provider standing in for a KMS: the same key whatever the worker token."""
 
+    __name__ = "kms"
+
     def __init__(self) -> None:
         self.calls: list[str] = []
 
     @hookimpl
-    def vramcore_seal_key(self, token: WorkerToken, worker_id: str) -> SecretKey:
+    def vramcore_seal_key(self, worker_id: str) -> SecretKey:
         self.calls.append(worker_id)
         return SecretKey(bytearray(b"k" * 32), label=b"kms")
 
 
 def test_seal_key_hook_replaces_the_token_derivation(new_manager: Any, mock_backend: Any) -> None:
     kms = KmsKey()
-    other_token = "another-token-of-32-bytes...."
-    a = new_manager(mock_backend, kms, audit="disabled", worker_id="a")
-    b = new_manager(mock_backend, kms, audit="disabled", worker_id="b", token=other_token)
-    c = new_manager(mock_backend, audit="disabled", worker_id="c", token=other_token)
-    assert kms.calls == ["a", "b"]
+    other_token = "5opWABk6Gu_E2d4EQxcVJ8efuXsJTakqLDTWhA_uFD8"
+    named = {"audit": "disabled", "seal_key_provider": "kms"}
+    a = new_manager(mock_backend, kms, worker_id="a", **named)
+    b = new_manager(mock_backend, kms, worker_id="b", token=other_token, **named)
+    c = new_manager(mock_backend, kms, audit="disabled", worker_id="c", token=other_token)
+    assert kms.calls == ["a", "b"]  # c did not name it: never asked
     shard = a.seal_model(b"weights" * 1000, shard_id="s")
     # Different tokens, same KMS key: b accepts a's signature (the shard is just not resident
     # there), while c, whose key comes from its token, rejects it.
@@ -153,13 +155,21 @@ def test_seal_key_hook_returning_garbage_is_a_config_error(
     from vramcore import VramManager
 
     class Bad:
+        __name__ = "bad"
+
         @hookimpl
-        def vramcore_seal_key(self, token: WorkerToken, worker_id: str) -> object:
+        def vramcore_seal_key(self, worker_id: str) -> object:
             return b"raw bytes are not a SecretKey"
 
     pm = make_plugin_manager(Bad())
-    with pytest.raises(ConfigError):
-        VramManager(TEST_TOKEN, allocator=mock_backend, plugin_manager=pm, audit="disabled")
+    with pytest.raises(ConfigError, match="bad returned bytes"):
+        VramManager(
+            TEST_TOKEN,
+            allocator=mock_backend,
+            plugin_manager=pm,
+            audit="disabled",
+            seal_key_provider="bad",
+        )
 
 
 class DeviceDigest:
@@ -270,7 +280,7 @@ def test_sink_context_gives_plugin_keys_never_the_token_or_seal_key(
     plugin = CapturePlugin(CapturingSink())
     manager = new_manager(mock_backend, plugin)
     (context,) = plugin.contexts
-    names = {f.name for f in attrs_fields(type(context))}
+    names = set(type(context).__slots__)
     assert not any("token" in n for n in names - {"token_fingerprint"})
     assert context.token_fingerprint == manager.token_fingerprint
     seal_key = WorkerToken(TEST_TOKEN).derive(SEAL_KEY_INFO).export()
@@ -516,7 +526,9 @@ def test_allocator_backends_hook_offers_the_mock(make_plugin_manager: Any) -> No
 
 
 def test_default_seal_key_is_the_token_derivation(make_plugin_manager: Any) -> None:
-    pm = make_plugin_manager()
-    token = WorkerToken(TEST_TOKEN)
-    key = pm.hook.vramcore_seal_key(token=token, worker_id="w")
+    from vramcore._keyproviders import seal_key
+
+    pm = make_plugin_manager(KmsKey())  # installed but not named: not asked
+    key = seal_key(pm, WorkerToken(TEST_TOKEN), "w", env={})
     assert key.export() == WorkerToken(TEST_TOKEN).derive(SEAL_KEY_INFO).export()
+    assert seal_key(pm, WorkerToken(TEST_TOKEN), "w", "kms").export() == b"k" * 32

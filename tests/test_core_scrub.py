@@ -52,7 +52,7 @@ def test_closing_the_manager_stops_the_scrubber_without_leaks_or_hangs(
     make_plugin_manager: Any, mock_backend: Any, pattern: Any
 ) -> None:
     manager = VramManager(
-        "scrub-token-0123456789abcdef",
+        "b1B2QBTc3OsGQsJHexAZ5FzLGTQVjFLJShMr0tgoiq8",
         allocator=mock_backend,
         plugin_manager=make_plugin_manager(),
         audit="disabled",

@@ -22,7 +22,7 @@ from vramcore.seal import (
 )
 from vramcore.testing import TEST_TOKEN, CapturingSink
 
-OTHER_TOKEN = "a-completely-different-worker-token"
+OTHER_TOKEN = "geLR2tlN6L0VWqU2fh8SVqniYYdEewbf-Wv-5xvnG3w"
 
 
 # -- keys -----------------------------------------------------------------------------------

@@ -94,7 +94,9 @@ def test_no_secret_leaks_through_the_failure_paths(
     failing = FailingSink(["vram.sealed"])
     failing.event_types = set()  # armed later
     manager = new_manager(mock_backend, recorder, CapturePlugin(capture, failing))
-    other = new_manager(mock_backend, token="another-worker-token-0123456789", audit="disabled")
+    other = new_manager(
+        mock_backend, token="CWFKHQQGXuRnjJ3k24tUKlVBtaK1-3tSf2KelkAIrao", audit="disabled"
+    )
     shard = manager.seal_file(safetensors_file)
     foreign = other.seal_model(b"f" * 100, shard_id="model.safetensors")
     signatures = [shard.signature, foreign.signature]

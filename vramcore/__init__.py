@@ -21,6 +21,7 @@ from vramcore._cli.commands import (
 )
 from vramcore._config import Setting
 from vramcore._context import correlate
+from vramcore._keyproviders import read_worker_token
 from vramcore._sealdir import Publisher, SealedModel
 from vramcore._tensors import TensorView
 from vramcore.audit import AuditSink, AuditWitness, SinkContext
@@ -80,4 +81,5 @@ __all__ = [
     "get_plugin_manager",
     "hookimpl",
     "hookspec",
+    "read_worker_token",
 ]

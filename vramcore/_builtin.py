@@ -11,19 +11,12 @@ from vramcore._config import Setting, core_settings
 from vramcore.backend import AllocatorBackend, DeviceInfo
 from vramcore.hookspecs import hookimpl
 from vramcore.narration import Operation
-from vramcore.seal import SEAL_KEY_INFO, SecretKey, WorkerToken
 
 
 @hookimpl(trylast=True)
 def vramcore_probe_devices(backend: AllocatorBackend) -> Sequence[DeviceInfo]:
     """Ask the backend itself."""
     return backend.devices()
-
-
-@hookimpl(trylast=True)
-def vramcore_seal_key(token: WorkerToken, worker_id: str) -> SecretKey:
-    """Derive the seal key from the worker token (HKDF-SHA256, :data:`SEAL_KEY_INFO`)."""
-    return token.derive(SEAL_KEY_INFO)
 
 
 @hookimpl(trylast=True)

@@ -388,13 +388,34 @@ def core_settings() -> list[Setting]:
     return [
         Setting(
             key="worker_token",
-            help="the worker's secret (at least 16 bytes, random); shown as a fingerprint only",
+            help="the worker's secret: at least 16 bytes and an estimated 128 bits (patterns, "
+            "common words refused; make one with `secrets.token_urlsafe(32)`); shown as a "
+            "fingerprint only",
             default="the CLI makes an ephemeral one unless an audit log is configured",
             secret=True,
         ),
+        # From here: sec's token sources and seal key provider (vramcore/_keyproviders.py).
+        Setting(
+            key="worker_token_file",
+            help="instead of the variable: a file holding the token, a regular file of this "
+            "user with mode 600 (anything else refused)",
+            kind="path",
+        ),
+        Setting(
+            key="worker_token_keyring",
+            help="instead of the variable: SERVICE or SERVICE:USERNAME in the system keyring "
+            "(user name worker-token by default; pip install './[keyring]')",
+        ),
+        Setting(
+            key="seal_key_provider",
+            help="the plugin (entry point or distribution:entry-point) that provides the seal "
+            "key, e.g. from a KMS",
+            default="unset: the key is derived from the token, no plugin is asked",
+        ),
         Setting(
             key="allocator",
-            help="the backend to use when the caller names none",
+            help="the backend to use when the caller names none; the mock (host memory) only "
+            "when named, and with no viable GPU backend a seal fails naming each backend and why",
             default="the highest-priority viable backend (never the mock)",
         ),
         Setting(

@@ -1,4 +1,5 @@
-"""What a manager does once, when it starts: choose the backend, probe it, get the seal key.
+"""What a manager does once, when it starts: choose the backend and probe it (the seal key
+comes from :mod:`vramcore._keyproviders`).
 
 Each answer a plugin gives here is checked before it is used; a wrong one is a
 :class:`~vramcore.errors.ConfigError` naming the plugins that implement the hook.
@@ -12,10 +13,9 @@ from vramcore._hookutil import implementers
 from vramcore.backend import AllocatorBackend, DeviceInfo
 from vramcore.errors import ConfigError, InvalidInput
 from vramcore.plugins import select_backend
-from vramcore.seal import SecretKey, WorkerToken
 from vramcore.validation import check_device_index
 
-__all__ = ["make_backend", "probe", "seal_key"]
+__all__ = ["make_backend", "probe"]
 
 
 def make_backend(pm: Any, allocator: str | AllocatorBackend | None) -> AllocatorBackend:
@@ -52,17 +52,3 @@ def probe(hook: Any, backend: AllocatorBackend, device: int) -> tuple[int, Devic
         )
     index = check_device_index(device, len(devices))
     return index, devices[index]
-
-
-def seal_key(hook: Any, token: WorkerToken, worker_id: str) -> SecretKey:
-    """The seal key, from the key provider.
-
-    :raises ConfigError: the provider returned something that is not a ``SecretKey``.
-    """
-    key = hook.vramcore_seal_key(token=token, worker_id=worker_id)
-    if not isinstance(key, SecretKey):
-        raise ConfigError(
-            f"the seal key provider ({implementers(hook.vramcore_seal_key)}) returned "
-            f"{type(key).__name__}, not a SecretKey; the manager did not start"
-        )
-    return key

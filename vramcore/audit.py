@@ -38,9 +38,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent import futures
 from concurrent.futures import Future
-from typing import Any, Literal, get_args
-
-import attrs
+from typing import Any, Literal, NoReturn, get_args
 
 from vramcore.errors import AuditError, ConfigError, InvalidInput
 from vramcore.events import AuditEvent
@@ -51,10 +49,12 @@ __all__ = [
     "DEFAULT_SINK_TIMEOUT",
     "PLUGIN_KEY_INFO_PREFIX",
     "PLUGIN_MASTER_INFO",
+    "PLUGIN_PURPOSE_INFO_PREFIX",
     "AuditMode",
     "AuditSink",
     "AuditTrail",
     "AuditWitness",
+    "PluginKeys",
     "SinkContext",
     "SinkTimeout",
     "deliver",
@@ -71,71 +71,100 @@ AUDIT_MODES: tuple[str, ...] = get_args(AuditMode)
 
 #: HKDF ``info`` of the plugin master key, derived from the worker token. Plugin keys are
 #: derived from this master key, never from the token, so no purpose a plugin names can ever
-#: produce the seal key (HKDF is one-way), and a context holds nothing that could.
+#: produce the seal key (HKDF is one-way). The master key stays in the core.
 PLUGIN_MASTER_INFO = b"vramcore/v1/plugin-master-key"
-#: HKDF ``info`` prefix of every key a plugin derives through :meth:`SinkContext.derive_key`.
-PLUGIN_KEY_INFO_PREFIX = b"vramcore/v1/plugin-key/"
+#: HKDF ``info`` prefix of a plugin's own key: followed by the length and text of the
+#: plugin's identity (``distribution:entry-point``).
+PLUGIN_KEY_INFO_PREFIX = b"vramcore/v2/plugin-key/"
+#: HKDF ``info`` prefix of each key a plugin derives from its own key
+#: (:meth:`SinkContext.derive_key`).
+PLUGIN_PURPOSE_INFO_PREFIX = b"vramcore/v2/plugin-purpose/"
 _PURPOSE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
 
 
-@attrs.frozen(kw_only=True)
+def _plugin_key(master: SecretKey, identity: str) -> SecretKey:
+    raw = identity.encode("utf-8")
+    return master.derive(PLUGIN_KEY_INFO_PREFIX + len(raw).to_bytes(4, "big") + raw)
+
+
 class SinkContext:
-    """What a sink or witness factory may know about the manager it serves.
+    """What a sink or witness factory may know about the manager it serves: a capability.
 
-    It holds no worker token and nothing that can sign a seal: keys of a plugin's own come
-    from :meth:`derive_key`, derived from a plugin master key that is itself derived one way
-    from the token (``HKDF(HKDF(token, PLUGIN_MASTER_INFO), PLUGIN_KEY_INFO_PREFIX ‖
-    len(scope) ‖ scope ‖ purpose)``). Each plugin gets a context scoped to its own name (its
-    entry-point name), so through this API one plugin cannot derive another's keys. The
-    manager wipes the master key when it closes.
+    It holds the worker id, the device, the token's public fingerprint and one secret: the
+    plugin's own key, derived by the core from a plugin master key (itself derived one way
+    from the token) and the plugin's identity, its distribution and entry-point name
+    (``HKDF(HKDF(token, PLUGIN_MASTER_INFO), PLUGIN_KEY_INFO_PREFIX ‖ len ‖ identity)``).
+    There is no field to re-point: a context made for one plugin can derive that plugin's
+    keys and no other's, whatever a plugin changes or reads on it, and :meth:`wipe` wipes
+    only this context's copy. The manager wipes every plugin key when it closes.
 
-    :attr worker_id: the worker's public id.
-    :attr device: the device index the manager runs on.
-    :attr token_fingerprint: the worker token's fingerprint (public; tells logs of different
-        tokens apart).
-    :attr scope: the plugin this context was made for (its entry-point name); part of every
-        key :meth:`derive_key` gives.
+    Made by the core for each plugin; an auditor or a test re-derives a plugin's keys offline
+    with :meth:`from_token`.
+
+    :param worker_id: the worker's public id.
+    :param device: the device index the manager runs on.
+    :param token_fingerprint: the worker token's public fingerprint.
+    :param scope: the plugin's identity (``distribution:entry-point``).
+    :param key: the plugin's own key (taken over), or ``None`` for a context without keys.
     """
 
-    worker_id: str
-    device: int
-    token_fingerprint: str = ""
-    scope: str = ""
-    _master: SecretKey | None = attrs.field(default=None, repr=False, eq=False, alias="master")
+    __slots__ = ("__key", "device", "scope", "token_fingerprint", "worker_id")
+
+    def __init__(
+        self,
+        *,
+        worker_id: str,
+        device: int,
+        token_fingerprint: str = "",
+        scope: str = "",
+        key: SecretKey | None = None,
+    ) -> None:
+        self.worker_id = worker_id
+        self.device = device
+        self.token_fingerprint = token_fingerprint
+        self.scope = scope
+        self.__key = key
 
     @classmethod
     def from_token(
         cls, token: WorkerToken, *, worker_id: str, device: int, scope: str = ""
     ) -> SinkContext:
-        """A context whose :meth:`derive_key` derives from ``token`` for plugin ``scope``.
+        """A context holding the key of the plugin whose identity is ``scope``.
 
-        The manager makes one per plugin; an auditor or a test re-derives a plugin's key
-        offline with the same token and the plugin's entry-point name as ``scope``.
+        An auditor or a test re-derives a plugin's keys offline this way, with the worker's
+        token and the plugin's identity
+        (:func:`vramcore.plugins.plugin_identity`, e.g. ``"vramcore-audit-chain:audit_chain"``).
         """
+        master = token.derive(PLUGIN_MASTER_INFO)
+        try:
+            key = _plugin_key(master, scope)
+        finally:
+            master.wipe()
         return cls(
             worker_id=worker_id,
             device=device,
             token_fingerprint=token.fingerprint,
             scope=scope,
-            master=token.derive(PLUGIN_MASTER_INFO),
+            key=key,
         )
 
     def wipe(self) -> None:
-        """Wipe the plugin master key; :meth:`derive_key` fails afterwards."""
-        if self._master is not None:
-            self._master.wipe()
+        """Wipe this context's key; :meth:`derive_key` fails afterwards. Other plugins'
+        contexts are untouched."""
+        if self.__key is not None:
+            self.__key.wipe()
 
     def derive_key(self, purpose: str, length: int = 32) -> SecretKey:
-        """A key of the plugin's own, derived (HKDF-SHA256) from the worker token.
+        """A key of the plugin's own for ``purpose``, derived (HKDF-SHA256) from its key.
 
-        The HKDF ``info`` is :data:`PLUGIN_KEY_INFO_PREFIX` followed by ``purpose``, so a key
-        derived here is independent of the seal key and of every other purpose. Name the
-        purpose after your plugin (``"audit_chain/state"``); the same purpose gives the same
-        key for the same token, across restarts.
+        The HKDF ``info`` is :data:`PLUGIN_PURPOSE_INFO_PREFIX` followed by ``purpose``, so a
+        key derived here is independent of the seal key, of every other purpose and of every
+        other plugin's keys. Name the purpose after your plugin (``"audit_chain/state"``); the
+        same purpose gives the same key for the same token and plugin, across restarts.
 
         :param purpose: 1-128 characters of ``[A-Za-z0-9._:/-]``.
         :param length: key length in bytes (16-64).
-        :raises InvalidInput: a malformed purpose or length.
+        :raises InvalidInput: a malformed purpose or length, or the key was wiped.
         :raises ConfigError: the context carries no key material (made without a token).
         """
         if not isinstance(purpose, str) or not _PURPOSE.fullmatch(purpose):
@@ -145,11 +174,57 @@ class SinkContext:
             )
         if isinstance(length, bool) or not isinstance(length, int) or not 16 <= length <= 64:
             raise InvalidInput("a plugin key length must be an integer from 16 to 64 bytes")
-        if self._master is None:
+        if self.__key is None:
             raise ConfigError("this SinkContext carries no key material (no worker token)")
-        scope = self.scope.encode("utf-8")
-        info = PLUGIN_KEY_INFO_PREFIX + len(scope).to_bytes(4, "big") + scope
-        return self._master.derive(info + purpose.encode("ascii"), length)
+        return self.__key.derive(PLUGIN_PURPOSE_INFO_PREFIX + purpose.encode("ascii"), length)
+
+    def __repr__(self) -> str:
+        return (
+            f"SinkContext(worker_id={self.worker_id!r}, device={self.device!r}, "
+            f"token_fingerprint={self.token_fingerprint!r}, scope={self.scope!r})"
+        )
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("a SinkContext cannot be pickled")
+
+
+class PluginKeys:
+    """The core's plugin master key: it mints one :class:`SinkContext` per plugin.
+
+    Kept by the manager, never handed to a plugin. :meth:`wipe` wipes the master key and
+    every plugin key it gave out.
+    """
+
+    __slots__ = ("_device", "_fingerprint", "_issued", "_master", "_worker_id")
+
+    def __init__(self, token: WorkerToken, *, worker_id: str, device: int) -> None:
+        self._master = token.derive(PLUGIN_MASTER_INFO)
+        self._fingerprint = token.fingerprint
+        self._worker_id = worker_id
+        self._device = device
+        self._issued: list[SecretKey] = []
+
+    def context_for(self, identity: str) -> SinkContext:
+        """A fresh context holding only the key of the plugin ``identity``."""
+        key = _plugin_key(self._master, identity)
+        self._issued.append(key)
+        return SinkContext(
+            worker_id=self._worker_id,
+            device=self._device,
+            token_fingerprint=self._fingerprint,
+            scope=identity,
+            key=key,
+        )
+
+    def wipe(self) -> None:
+        """Wipe the master key and every plugin key made from it."""
+        self._master.wipe()
+        for key in self._issued:
+            key.wipe()
+        self._issued.clear()
+
+    def __repr__(self) -> str:
+        return f"<PluginKeys worker={self._worker_id} issued={len(self._issued)}>"
 
 
 class AuditSink:
@@ -383,41 +458,43 @@ class AuditTrail:
         """Whether sinks are collected at all (every mode but ``disabled``)."""
         return self.mode != "disabled"
 
-    def start(self, context: SinkContext) -> None:
+    def start(self, keys: PluginKeys) -> None:
         """Collect the sinks and witnesses as the mode asks (none when ``disabled``).
 
+        :param keys: the core's plugin keys: each plugin gets a context holding its own key.
         :raises AuditError: ``required`` and no durable sink (see :meth:`require_durable`).
         :raises ConfigError: see :meth:`collect`.
         """
         if not self.enabled:
             return
-        self.collect(context)
+        self.collect(keys)
         if self.mode == "required":
             self.require_durable()
 
-    def collect(self, context: SinkContext) -> None:
+    def collect(self, keys: PluginKeys) -> None:
         """Ask every plugin for its witnesses and sinks, and give the sinks the witnesses.
 
-        Each plugin is called on its own, with ``context`` scoped to its name, so the keys it
-        derives are its own.
+        Each plugin is called on its own, with a context of its own from ``keys`` holding only
+        the key of its identity (distribution and entry-point name).
 
         :raises ConfigError: a plugin returned something that is not a sink or a witness.
         """
-        for answer in self._call_each("vramcore_audit_witnesses", context):
+        for answer in self._call_each("vramcore_audit_witnesses", keys):
             self._witnesses.extend(_checked(answer, AuditWitness, "vramcore_audit_witnesses"))
-        for answer in self._call_each("vramcore_audit_sinks", context):
+        for answer in self._call_each("vramcore_audit_sinks", keys):
             self._sinks.extend(_checked(answer, AuditSink, "vramcore_audit_sinks"))
         for sink in self._sinks:
             sink.attach_witnesses(self.witnesses)
             self._lanes[id(sink)] = _Lane(sink, self._timeout)
 
-    def _call_each(self, hook_name: str, context: SinkContext) -> list[object]:
+    def _call_each(self, hook_name: str, keys: PluginKeys) -> list[object]:
         impls = getattr(self._hook, hook_name).get_hookimpls()
+        identity = getattr(self._pm, "identity", lambda name: f":{name}")
         answers: list[object] = []
         for impl in reversed(impls):  # pluggy's own calling order
             others = [i.plugin for i in impls if i is not impl]
             caller = self._pm.subset_hook_caller(hook_name, remove_plugins=others)
-            answers += caller(context=attrs.evolve(context, scope=impl.plugin_name))
+            answers += caller(context=keys.context_for(identity(impl.plugin_name)))
         return answers
 
     def require_durable(self) -> None:

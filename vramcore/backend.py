@@ -37,6 +37,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import enum
+import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -48,6 +49,7 @@ from vramcore._dlpack import live_exports as dlpack_live_exports
 from vramcore.errors import InvalidInput, NotSealed
 
 __all__ = [
+    "HOST_MEMORY_NOTICE",
     "KDL_CPU",
     "KDL_CUDA",
     "AllocatorBackend",
@@ -61,7 +63,15 @@ __all__ = [
     "TensorSource",
     "dlpack_export",
     "dlpack_live_exports",
+    "host_memory_findings",
+    "log_host_memory",
 ]
+
+#: What every command and the manager's log say, once, when the weights live in host memory.
+HOST_MEMORY_NOTICE = (
+    "the {backend} backend keeps the weights in HOST memory, not in GPU memory (VRAM): "
+    "for tests and demos only"
+)
 
 
 @runtime_checkable
@@ -261,6 +271,9 @@ class AllocatorBackend(abc.ABC):
 
     #: The name the backend is registered under ("mock", "cupy"...).
     name: str = "abstract"
+    #: Whether the weights this backend holds live in host memory (the mock): the manager says
+    #: so once, in plain words, and ``strict_host_isolation`` refuses such a backend.
+    host_memory: bool = False
 
     @abc.abstractmethod
     def devices(self) -> Sequence[DeviceInfo]:
@@ -348,6 +361,8 @@ class BackendSpec:
     :attr install_hint: what to install to make it usable, said so that it works as printed
         (never a package-index name this project does not publish).
     :attr description: one line for ``vramcore plugins``.
+    :attr host_memory: the backend's "device" memory is host RAM (the mock): it is chosen
+        only when named, never in place of a GPU backend that cannot run.
     """
 
     name: str
@@ -356,10 +371,42 @@ class BackendSpec:
     factory: Callable[[], AllocatorBackend]
     install_hint: str = ""
     description: str = ""
+    host_memory: bool = False
 
     def why_not(self) -> str | None:
-        """Run the probe; a probe that raises counts as not viable, with the error as reason."""
+        """Run the probe; a probe that raises, or answers something other than ``None`` or a
+        reason, counts as not viable, with what went wrong as the reason."""
         try:
-            return self.probe()
+            reason: object = self.probe()
         except Exception as exc:  # a probe must never take the manager down
             return f"viability probe failed: {type(exc).__name__}: {exc}"
+        if reason is None or isinstance(reason, str):
+            return reason
+        return f"viability probe answered {type(reason).__name__}, not a reason or None"
+
+
+def host_memory_findings(backend: AllocatorBackend, policy: Any) -> list[Any]:
+    """Say once (a log warning) that ``backend`` keeps weights in host memory, if it does;
+    under ``strict_host_isolation`` return the finding that refuses it.
+
+    :param policy: a :class:`vramcore.policy.VramPolicy`.
+    """
+    if not backend.host_memory:
+        return []
+    from vramcore.policy import Finding  # the policy imports this module
+
+    log_host_memory(backend.name)
+    if not policy.strict_host_isolation:
+        return []
+    notice = HOST_MEMORY_NOTICE.format(backend=backend.name)
+    return [Finding("host_memory", f"{notice}: refused (strict_host_isolation)")]
+
+
+def log_host_memory(backend: str) -> None:
+    """Warn (logger ``vramcore.host_memory``) that ``backend`` keeps weights in host memory.
+
+    The CLI shows this logger's message once per command, however many managers it makes.
+    """
+    logging.getLogger("vramcore.host_memory").warning(
+        "%s", HOST_MEMORY_NOTICE.format(backend=backend)
+    )

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     )
     from vramcore.events import AuditEvent
     from vramcore.narration import Operation
-    from vramcore.seal import SecretKey, WorkerToken
+    from vramcore.seal import SecretKey
 
 PROJECT_NAME = "vramcore"
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
@@ -81,18 +81,24 @@ def vramcore_probe_devices(backend: AllocatorBackend) -> Sequence[DeviceInfo] | 
 
 
 @hookspec(firstresult=True)
-def vramcore_seal_key(token: WorkerToken, worker_id: str) -> SecretKey | None:
-    """Provide the key that signs and verifies seals.
+def vramcore_seal_key(worker_id: str) -> SecretKey | None:
+    """Provide the key that signs and verifies seals (a KMS or HSM, for example).
 
-    The core's default (``trylast``) derives it with HKDF-SHA256 from the worker token and
-    :data:`vramcore.seal.SEAL_KEY_INFO`. A plugin may fetch it from a KMS or HSM instead.
-    The manager wipes the returned key when it closes.
+    Asked only when the operator names this plugin as the seal key provider
+    (``VramManager(seal_key_provider="NAME")`` or ``VRAMCORE_SEAL_KEY_PROVIDER=NAME``, where
+    NAME is the plugin's entry-point name or ``distribution:entry-point``). The core then
+    calls it through a hook caller that holds this plugin alone: no other plugin's wrapper
+    runs around it or sees the key. Without a named provider the core
+    derives the key from the worker token itself (HKDF-SHA256,
+    :data:`vramcore.seal.SEAL_KEY_INFO`) and asks no plugin. A provider is never handed the
+    worker token (an implementation asking for a ``token`` argument is refused when it is
+    registered). The manager wipes the returned key when it closes.
 
-    :param token: the worker token (its repr is a fingerprint).
     :param worker_id: the worker's public id.
-    :return: a :class:`~vramcore.seal.SecretKey`, or ``None`` to defer.
+    :return: a :class:`~vramcore.seal.SecretKey`; anything else stops the manager with a
+        :class:`~vramcore.errors.ConfigError` naming the plugin.
 
-    firstresult. Called once when a manager starts.
+    firstresult (only the named plugin is called). Called once when a manager starts.
     """
     raise NotImplementedError
 
@@ -164,8 +170,10 @@ def vramcore_audit_sinks(context: SinkContext) -> Sequence[AuditSink]:
     Every sink receives every event; the manager flushes and closes them when it closes.
 
     :param context: the worker id and device, and :meth:`~vramcore.audit.SinkContext.derive_key`
-        for keys of the sink's own. A sink never sees the worker token or anything that can
-        sign a seal.
+        for keys of the sink's own. It holds only this plugin's key, derived by the core from
+        the plugin's identity (distribution and entry-point name): a sink never sees the
+        worker token, anything that can sign a seal, or another plugin's keys. Each plugin is
+        called on its own, with a context of its own.
     :return: the sinks this plugin provides (may be empty, e.g. when not configured).
 
     Not firstresult: all sinks are collected. Called once when a manager starts.

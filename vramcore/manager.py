@@ -30,6 +30,7 @@ from typing import Any, Literal
 from vramcore._core import CLOSED, Core, enforce
 from vramcore._digests import DigestSource
 from vramcore._emitter import Emitter
+from vramcore._keyproviders import seal_key
 from vramcore._loading import (
     MemorySource,
     Source,
@@ -41,10 +42,10 @@ from vramcore._loading import (
 from vramcore._residency import Residency
 from vramcore._sealdir import SealDir, SealedModel
 from vramcore._sealing import CROSS_CHECKS, Sealing, open_file
-from vramcore._startup import make_backend, probe, seal_key
+from vramcore._startup import make_backend, probe
 from vramcore._verification import ScrubTarget, Verification, check_sample, refuse_absent
-from vramcore.audit import DEFAULT_SINK_TIMEOUT, AuditSink, AuditTrail, SinkContext
-from vramcore.backend import AllocatorBackend, DeviceBuffer
+from vramcore.audit import DEFAULT_SINK_TIMEOUT, AuditSink, AuditTrail, PluginKeys
+from vramcore.backend import AllocatorBackend, DeviceBuffer, host_memory_findings
 from vramcore.digest import DEFAULT_LEAF_SIZE, default_workers
 from vramcore.errors import (
     AuditError,
@@ -54,7 +55,7 @@ from vramcore.errors import (
 from vramcore.plugins import get_plugin_manager
 from vramcore.policy import VramPolicy, check_policy
 from vramcore.scrub import Scrubber, ScrubberSlot
-from vramcore.seal import SecretKey, WorkerToken
+from vramcore.seal import SecretKey, SecretValue, WorkerToken
 from vramcore.shard import SealedShard
 from vramcore.validation import (
     check_flag,
@@ -101,6 +102,9 @@ class VramManager:
     :param close_timeout: seconds :meth:`close` waits for operations in progress.
     :param audit_timeout: seconds an audit sink may take to record one event; a sink that
         takes longer counts as failed (fail closed for critical events).
+    :param seal_key_provider: the plugin that provides the seal key (default
+        ``VRAMCORE_SEAL_KEY_PROVIDER``; none: the key is derived from the token and no plugin
+        is asked; see :func:`~vramcore.hookspecs.vramcore_seal_key`).
 
     :raises InvalidInput: an argument of the wrong type or value.
     :raises AuditError: ``audit="required"`` and no plugin provided a durable sink.
@@ -125,7 +129,10 @@ class VramManager:
         read_threads: int | None = None,
         close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
         audit_timeout: float = DEFAULT_SINK_TIMEOUT,
+        seal_key_provider: str | None = None,
     ) -> None:
+        secret = SecretValue(worker_token)  # from here on no frame holds the raw token
+        del worker_token
         if audit not in ("required", "disabled"):
             raise InvalidInput(f"audit must be 'required' or 'disabled', got {audit!r:.40}")
         self.leaf_size = check_leaf_size(leaf_size)
@@ -133,9 +140,8 @@ class VramManager:
         workers = default_workers() if hash_workers is None else check_workers(hash_workers)
         self._readers = default_readers() if read_threads is None else check_readers(read_threads)
         self._close_timeout = check_seconds(close_timeout, field="close_timeout")
-        self._token = (
-            worker_token if isinstance(worker_token, WorkerToken) else WorkerToken(worker_token)
-        )
+        self._token = WorkerToken.adopt(secret)
+        self._key_provider = seal_key_provider
         self.worker_id = clean_text(
             worker_id if worker_id is not None else f"{socket.gethostname()}:{os.getpid()}",
             field="worker_id",
@@ -148,7 +154,7 @@ class VramManager:
         self._closed = False
         self._audit = AuditTrail(self._pm, check_seconds(audit_timeout, field="audit_timeout"))
         self._key: SecretKey | None = None
-        self._sink_context: SinkContext | None = None
+        self._plugin_keys: PluginKeys | None = None
         self._owns_backend = not isinstance(allocator, AllocatorBackend)
         self._backend: AllocatorBackend | None = None
         self._scrubber = ScrubberSlot()
@@ -164,16 +170,17 @@ class VramManager:
         hook = self._pm.hook
         self.device, self.device_info = probe(hook, backend, device)
         if audit == "required":
-            self._sink_context = SinkContext.from_token(
+            self._plugin_keys = PluginKeys(
                 self._token, worker_id=self.worker_id, device=self.device
             )
-            self._audit.collect(self._sink_context)
+            self._audit.collect(self._plugin_keys)
             self._audit.require_durable()
         emitter = Emitter(
             self._audit, worker_id=self.worker_id, device=self.device, backend=backend.name
         )
         enforce(emitter, self.policy.check_device(self.device_info))
-        self._key = seal_key(hook, self._token, self.worker_id)
+        enforce(emitter, host_memory_findings(backend, self.policy))
+        self._key = seal_key(self._pm, self._token, self.worker_id, self._key_provider)
         log.info(
             "vramcore manager started: backend=%s GPU %d (%s), worker=%s, token %s, %d sink(s)",
             backend.name,
@@ -448,7 +455,7 @@ class VramManager:
                 self._backend.close()
             except Exception as exc:
                 errors.append(exc)
-        for secret in (self._key, self._sink_context, self._token):
+        for secret in (self._key, self._plugin_keys, self._token):
             if secret is not None:
                 secret.wipe()
         return errors
@@ -475,6 +482,8 @@ class VramManager:
         self.close()
 
     def __repr__(self) -> str:
+        if not hasattr(self, "_residency"):  # __init__ failed early (a traceback shows it)
+            return "<VramManager not started>"
         state = "closed" if self._closed else f"{len(self._residency)} shard(s)"
         return (
             f"<VramManager {self.backend_name} GPU{getattr(self, 'device', '?')} "

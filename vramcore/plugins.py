@@ -20,6 +20,13 @@ Environment:
     Comma-separated plugins never to load, in the same syntax (applied after the allowlist).
 ``VRAMCORE_ALLOCATOR``
     Backend name used when the caller names none.
+
+Identity: a plugin loaded from an entry point is known by its distribution and entry-point
+name together (``vramcore-audit-chain:audit_chain``, see :meth:`VramcorePluginManager.identity`);
+the core derives the plugin's keys from that identity, so a plugin of another distribution
+cannot take a name over. One plugin object reachable through several entry points (an alias
+another distribution registers for an installed plugin) is loaded under none of them and
+reported: loading it under the alias would rename its key scope.
 """
 
 from __future__ import annotations
@@ -37,7 +44,8 @@ import attrs
 import pluggy
 
 from vramcore import _builtin, hookspecs
-from vramcore.backend import BackendSpec
+from vramcore._hookutil import BUILTIN_PLUGIN, implementers
+from vramcore.backend import AllocatorBackend, BackendSpec, DeviceInfo
 from vramcore.errors import BackendUnavailable, ConfigError
 from vramcore.validation import escape_text, safe_repr
 
@@ -47,8 +55,11 @@ __all__ = [
     "PluginFailure",
     "PluginInfo",
     "VramcorePluginManager",
+    "built_backend",
     "collect_backends",
     "get_plugin_manager",
+    "plugin_identity",
+    "probe_devices",
     "select_backend",
 ]
 
@@ -81,6 +92,15 @@ class VramcorePluginManager(pluggy.PluginManager):
         super().__init__(hookspecs.PROJECT_NAME)
         self.failures: list[PluginFailure] = []
         self.loaded: list[PluginInfo] = []
+        self._identities: dict[str, str] = {}
+
+    def identity(self, name: str) -> str:
+        """The identity of the plugin registered as ``name``: ``distribution:entry-point``.
+
+        The core derives a plugin's keys from it. For a plugin object passed directly that no
+        installed entry point names, the distribution part is empty (``:name``).
+        """
+        return self._identities.get(name, f":{name}")
 
     def parse_hookimpl_opts(self, plugin: object, name: str) -> Any:
         """Treat every ``vramcore_*`` function as a hook implementation, marked or not.
@@ -117,6 +137,7 @@ class VramcorePluginManager(pluggy.PluginManager):
             ) from None
         hooks = tuple(sorted(c.name for c in self.get_hookcallers(plugin) or ()))
         self.loaded.append(PluginInfo(registered, distribution, version, hooks))
+        self._identities[registered] = plugin_identity(distribution, registered)
         return registered
 
 
@@ -128,6 +149,17 @@ def _suggest(hook: str) -> str:
     close = difflib.get_close_matches(hook, _known_hooks(), n=1)
     shown = escape_text(hook)
     return f"{shown} (did you mean {close[0]}?)" if close else shown
+
+
+def plugin_identity(distribution: str, entry_point: str) -> str:
+    """A plugin's identity: its normalised distribution name and entry-point name.
+
+    ``plugin_identity("Vramcore_Audit.Chain", "audit_chain")`` is
+    ``"vramcore-audit-chain:audit_chain"``.
+    An auditor re-derives a plugin's keys offline with it
+    (:meth:`vramcore.audit.SinkContext.from_token`).
+    """
+    return f"{_normalise(distribution)}:{entry_point}"
 
 
 def _names(value: str | None) -> set[str] | None:
@@ -153,6 +185,21 @@ def _selected(names: set[str], entry_point: str, distribution: str) -> bool:
     )
 
 
+#: The environment variables plugin loading and backend selection read (and no others: a
+#: frame holding this snapshot shows no secret, as one holding ``os.environ`` would).
+_PLUGIN_ENV = (
+    "VRAMCORE_PLUGINS",
+    "VRAMCORE_DISABLE_PLUGINS",
+    "VRAMCORE_STRICT_PLUGINS",
+    "VRAMCORE_ALLOCATOR",
+)
+
+
+def _plugin_env(env: Mapping[str, str] | None) -> dict[str, str]:
+    source = os.environ if env is None else env
+    return {k: source[k] for k in _PLUGIN_ENV if k in source}
+
+
 def get_plugin_manager(
     plugins: Iterable[object] = (),
     *,
@@ -163,39 +210,41 @@ def get_plugin_manager(
     """Build a plugin manager.
 
     :param plugins: plugin objects to register directly (tests compose mocks this way). An
-        unknown hook in one of these always raises :class:`ConfigError`.
+        unknown hook in one of these always raises :class:`ConfigError`. An installed plugin
+        module passed this way keeps its identity (distribution and entry-point name), so
+        tests and production derive the same keys.
     :param load_entrypoints: load plugins installed under the ``vramcore`` entry-point group.
     :param strict: make a broken installed plugin fatal; default from
         ``VRAMCORE_STRICT_PLUGINS``.
     :param env: environment to read (default ``os.environ``).
     """
-    env = os.environ if env is None else env
+    settings = _plugin_env(env)
     if strict is None:
-        strict = env.get("VRAMCORE_STRICT_PLUGINS", "") not in ("", "0", "false")
+        strict = settings.get("VRAMCORE_STRICT_PLUGINS", "") not in ("", "0", "false")
     pm = VramcorePluginManager()
     pm.add_hookspecs(hookspecs)
-    pm.register(_builtin, name="vramcore.builtin")
+    pm.register(_builtin, name=BUILTIN_PLUGIN)
     installed = _entry_point_modules() if any(isinstance(p, ModuleType) for p in plugins) else {}
     for plugin in plugins:
-        # An installed plugin module passed directly keeps its entry-point name: its name is
-        # the scope of its keys (SinkContext.derive_key), the same in tests and in production.
-        name = installed.get(plugin.__name__) if isinstance(plugin, ModuleType) else None
-        name = (
-            name or getattr(plugin, "__name__", None) or f"{type(plugin).__name__}-{id(plugin):x}"
-        )
+        found = installed.get(plugin.__name__) if isinstance(plugin, ModuleType) else None
+        if found is not None:
+            pm.register_checked(plugin, name=found[1], distribution=found[0])
+            continue
+        name = getattr(plugin, "__name__", None) or f"{type(plugin).__name__}-{id(plugin):x}"
         pm.register_checked(plugin, name=name)
     if load_entrypoints:
-        _load_entrypoints(pm, env, strict=strict)
+        _load_entrypoints(pm, settings, strict=strict)
     return pm
 
 
-def _entry_point_modules() -> dict[str, str]:
-    """Module name -> entry-point name, for installed plugins whose entry point is a module."""
-    found: dict[str, str] = {}
+def _entry_point_modules() -> dict[str, tuple[str, str]]:
+    """Module name -> (distribution, entry-point name), for installed plugins whose entry
+    point is a module and is the only entry point naming that module."""
+    found: dict[str, set[tuple[str, str]]] = {}
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         if ":" not in ep.value:
-            found.setdefault(ep.value.strip(), ep.name)
-    return found
+            found.setdefault(ep.value.strip(), set()).add((_dist_of(ep)[0], ep.name))
+    return {module: next(iter(eps)) for module, eps in found.items() if len(eps) == 1}
 
 
 def _dist_of(ep: Any) -> tuple[str, str]:
@@ -221,12 +270,52 @@ def _load_entrypoints(pm: VramcorePluginManager, env: Mapping[str, str], *, stri
         if _selected(deny, ep.name, dist):
             continue
         by_name.setdefault(ep.name, []).append(ep)
+    loaded: list[tuple[Any, object]] = []
     for name in sorted(by_name):
         candidates = by_name[name]
         if len(candidates) > 1:
             _report_collision(pm, name, candidates, strict=strict)
             continue
-        _load_one(pm, candidates[0], strict=strict)
+        if pm.has_plugin(name):
+            continue
+        plugin = _import_one(pm, candidates[0], strict=strict)
+        if plugin is not None:
+            loaded.append((candidates[0], plugin))
+    for ep, plugin in _without_aliases(pm, loaded, strict=strict):
+        _register_one(pm, ep, plugin, strict=strict)
+
+
+def _without_aliases(
+    pm: VramcorePluginManager, loaded: list[tuple[Any, object]], *, strict: bool
+) -> list[tuple[Any, object]]:
+    """The loaded entry points whose plugin object no other entry point also names.
+
+    A plugin reachable through two entry points has no single identity: registering it under
+    the first name found would let another distribution's alias rename (or take) its key
+    scope. Each such plugin is loaded under none of its names and reported.
+    """
+    by_object: dict[int, list[Any]] = {}
+    for ep, plugin in loaded:
+        by_object.setdefault(id(plugin), []).append(ep)
+    kept = []
+    for ep, plugin in loaded:
+        names = by_object[id(plugin)]
+        if len(names) == 1 or pm.is_registered(plugin):
+            kept.append((ep, plugin))
+            continue
+        if ep is not names[0]:
+            continue  # reported once, with the first
+        shown = ", ".join(f"{_normalise(_dist_of(e)[0])}:{e.name}" for e in names)
+        error = (
+            f"one plugin is registered under {len(names)} entry points ({shown}); none was "
+            "loaded, since an alias would rename its key scope: uninstall the alias or disable "
+            f"it with VRAMCORE_DISABLE_PLUGINS=distribution:name"
+        )
+        if strict:
+            raise ConfigError(f"plugin {escape_text(error)}")
+        pm.failures.append(PluginFailure(ep.name, shown, escape_text(error)))
+        warnings.warn(f"vramcore plugin {escape_text(error)}", RuntimeWarning, stacklevel=4)
+    return kept
 
 
 def _report_collision(
@@ -244,30 +333,39 @@ def _report_collision(
     warnings.warn(f"vramcore plugin {escape_text(error)}", RuntimeWarning, stacklevel=3)
 
 
-def _load_one(pm: VramcorePluginManager, ep: Any, *, strict: bool) -> None:
-    if pm.has_plugin(ep.name):
-        return
-    dist, version = _dist_of(ep)
+def _import_one(pm: VramcorePluginManager, ep: Any, *, strict: bool) -> object | None:
     try:
-        plugin = ep.load()
-        if pm.is_registered(plugin):  # also passed directly (tests compose this way)
-            return
-        pm.register_checked(plugin, name=ep.name, distribution=dist, version=version)
+        plugin: object = ep.load()
     except BaseException as exc:
         # SystemExit or KeyboardInterrupt raised while a plugin imports is the plugin's
         # failure, not a request to stop: the plugin is skipped, the process goes on.
-        text = escape_text(str(exc))[:300]
-        failure = PluginFailure(ep.name, dist, f"{type(exc).__name__}: {text}")
-        if strict:
-            raise ConfigError(
-                f"plugin {ep.name} ({dist}) failed to load: {failure.error}"
-            ) from None
-        pm.failures.append(failure)
-        warnings.warn(
-            f"vramcore plugin {ep.name!r} ({dist}) was skipped: {failure.error}",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+        _skip(pm, ep, exc, strict=strict)
+        return None
+    return plugin
+
+
+def _register_one(pm: VramcorePluginManager, ep: Any, plugin: object, *, strict: bool) -> None:
+    if pm.is_registered(plugin):  # also passed directly (tests compose this way)
+        return
+    dist, version = _dist_of(ep)
+    try:
+        pm.register_checked(plugin, name=ep.name, distribution=dist, version=version)
+    except BaseException as exc:
+        _skip(pm, ep, exc, strict=strict)
+
+
+def _skip(pm: VramcorePluginManager, ep: Any, exc: BaseException, *, strict: bool) -> None:
+    dist, _version = _dist_of(ep)
+    text = escape_text(str(exc))[:300]
+    failure = PluginFailure(ep.name, dist, f"{type(exc).__name__}: {text}")
+    if strict:
+        raise ConfigError(f"plugin {ep.name} ({dist}) failed to load: {failure.error}") from None
+    pm.failures.append(failure)
+    warnings.warn(
+        f"vramcore plugin {ep.name!r} ({dist}) was skipped: {failure.error}",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 def collect_backends(pm: pluggy.PluginManager) -> dict[str, BackendSpec]:
@@ -296,15 +394,19 @@ def select_backend(
 ) -> BackendSpec:
     """Choose a backend: ``name`` > ``VRAMCORE_ALLOCATOR`` > the highest-priority viable one.
 
+    A backend whose memory is host RAM (:attr:`BackendSpec.host_memory`: the mock) is chosen
+    only when named; it never stands in for a GPU backend that cannot run.
+
     :param source: what the caller called ``name`` (``"--allocator"`` in the CLI), for messages.
 
     :raises BackendUnavailable: the name is unknown (the message lists the choices), the named
-        backend cannot run here (the message says why and what to install), or none is viable.
+        backend cannot run here (the message says why and what to install), or no GPU
+        backend is viable (the message names each backend tried and why it cannot run).
     """
-    env = os.environ if env is None else env
+    settings = _plugin_env(env)
     backends = collect_backends(pm)
     choices = sorted(backends)
-    wanted = name or env.get("VRAMCORE_ALLOCATOR") or None
+    wanted = name or settings.get("VRAMCORE_ALLOCATOR") or None
     if wanted is not None:
         source = source if name else "VRAMCORE_ALLOCATOR"
         spec = backends.get(wanted)
@@ -324,14 +426,52 @@ def select_backend(
         return spec
     reasons: list[str] = []
     for spec in sorted(backends.values(), key=lambda s: (-s.priority, s.name)):
+        if spec.host_memory:
+            continue
         reason = spec.why_not()
         if reason is None:
             return spec
-        reasons.append(f"{spec.name}: {reason}")
+        reasons.append(f"{spec.name}: {escape_text(reason)}")
+    named_only = sorted(s.name for s in backends.values() if s.host_memory)
+    if named_only:
+        first = named_only[0]
+        reasons.append(
+            f"{', '.join(named_only)}: host memory, never chosen unless named "
+            f"(--allocator {first}, allocator={first!r} or VRAMCORE_ALLOCATOR={first})"
+        )
     detail = "; ".join(reasons) if reasons else "no allocator plugin is installed"
     raise BackendUnavailable(
-        f"no viable allocator backend ({detail}){_install_advice(backends)}", choices=choices
+        f"no GPU allocator backend can run here ({detail}){_install_advice(backends)}",
+        choices=choices,
     )
+
+
+def built_backend(spec: BackendSpec) -> AllocatorBackend:
+    """``spec.factory()``, checked: a plugin's factory that builds something else is a
+    :class:`ConfigError` naming the backend (never an ``AttributeError`` later)."""
+    backend = spec.factory()
+    if not isinstance(backend, AllocatorBackend):
+        raise ConfigError(
+            f"the plugin offering backend {escape_text(spec.name)} built a "
+            f"{type(backend).__name__}, not an AllocatorBackend"
+        )
+    return backend
+
+
+def probe_devices(pm: pluggy.PluginManager, backend: AllocatorBackend) -> list[DeviceInfo]:
+    """The devices of ``backend`` as the probe hook describes them, checked.
+
+    :raises ConfigError: the hook (or the backend itself) answered something that is not a
+        list of :class:`~vramcore.backend.DeviceInfo`; the message names the plugins.
+    """
+    devices = pm.hook.vramcore_probe_devices(backend=backend)
+    if not isinstance(devices, list | tuple) or not all(isinstance(d, DeviceInfo) for d in devices):
+        raise ConfigError(
+            f"the device probe ({implementers(pm.hook.vramcore_probe_devices)}, backend "
+            f"{escape_text(str(backend.name))}) returned {type(devices).__name__}, "
+            "not a list of DeviceInfo"
+        )
+    return list(devices)
 
 
 #: Where backends come from, said without naming a package index entry this project does

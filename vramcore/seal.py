@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import struct
 import sys
 from array import array
@@ -34,16 +35,19 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from vramcore.errors import InvalidInput
 
 __all__ = [
+    "MIN_TOKEN_BITS",
     "MIN_TOKEN_BYTES",
     "SEAL_FORMAT_VERSION",
     "SEAL_KEY_INFO",
     "TOKEN_ADVICE",
     "SecretKey",
+    "SecretValue",
     "WorkerToken",
     "canonical_seal_message",
     "derive_key",
     "tensor_map_digest",
     "token_problem",
+    "token_strength_bits",
 ]
 
 #: Version of the signed encoding; bumped on any change to :func:`canonical_seal_message`.
@@ -55,21 +59,145 @@ SEAL_KEY_INFO = b"vramcore/v1/seal-key"
 _HKDF_SALT = b"vramcore/v1/hkdf-salt"
 #: A shorter token is refused: it could be guessed from a fingerprint or a signature.
 MIN_TOKEN_BYTES = 16
+#: A token whose estimated strength (:func:`token_strength_bits`) is lower is refused.
+MIN_TOKEN_BITS = 128
 #: How to make a good token; appended to every refusal.
 TOKEN_ADVICE = (
     "make one with `python3 -c 'import secrets; print(secrets.token_urlsafe(32))'` "  # noqa: S105
-    "and keep it like any other service secret"
+    "(256 random bits) and keep it like any other service secret"
 )
 _MAGIC = b"vramcore-seal"
 _WHITESPACE = frozenset(b" \t\n\r\x0b\x0c")
+#: What a guesser tries first: words and fragments people put in tokens. A token made of
+#: these (in any case) is priced as a few dictionary picks, not as random characters.
+_COMMON_WORDS_TEXT = """
+    password passwd secret token worker vramcore test testing demo example sample default
+    admin root user guest login changeme letmein welcome qwerty asdf zxcv abc abcd iloveyou
+    dragon monkey master shadow sunshine princess football baseball hello world prod
+    production staging dev develop development local key api private public service server
+    cluster node model weights gpu cuda nvidia seal audit chain change this that with your
+    here please replace insert random value correct horse battery staple do not never print
+    copy paste my our the and for from
+"""
+_COMMON_WORDS = frozenset(_COMMON_WORDS_TEXT.split())
+_LONGEST_WORD = max(len(word) for word in _COMMON_WORDS)
+#: Bits charged for a stretch of letters of one case: the log2 of a generous dictionary.
+_WORD_BITS = 16.0
+#: Only this many leading bytes are estimated (enough for any real token; bounds the cost).
+_ESTIMATE_BYTES = 256
+#: Bits charged for a common word, a repeat of earlier text or a run ("abcd", "1234").
+_PATTERN_BITS = 8.0
+
+
+def _pool_bits(raw: bytes) -> float:
+    """log2 of the alphabet ``raw`` seems drawn from (lower, upper, digits, symbols, bytes)."""
+    if any(b >= 0x7F or b < 0x20 for b in raw):
+        return 8.0
+    pool = 0
+    if any(0x61 <= b <= 0x7A for b in raw):
+        pool += 26
+    if any(0x41 <= b <= 0x5A for b in raw):
+        pool += 26
+    if any(0x30 <= b <= 0x39 for b in raw):
+        pool += 10
+    if any(not chr(b).isalnum() for b in raw):
+        pool += 33
+    return math.log2(max(pool, 2))
+
+
+def _run_length(raw: bytes, i: int) -> int:
+    """Length of the arithmetic run (step -1, 0 or 1: "aaa", "abc", "321") starting at ``i``."""
+    if i + 2 >= len(raw):
+        return 0
+    step = raw[i + 1] - raw[i]
+    if step not in (-1, 0, 1):
+        return 0
+    j = i + 1
+    while j < len(raw) and raw[j] - raw[j - 1] == step:
+        j += 1
+    return j - i if j - i >= 3 else 0
+
+
+def _repeat_length(raw: bytes, i: int) -> int:
+    """Length of the longest earlier text (at least 3 bytes) that repeats at ``i``."""
+    best = 0
+    start = raw.find(raw[i : i + 3], 0, i + 2)
+    while 0 <= start < i:
+        n = 3
+        while i + n < len(raw) and raw[start + n] == raw[i + n]:
+            n += 1
+        best = max(best, n)
+        start = raw.find(raw[i : i + 3], start + 1, i + 2)
+    return best if i + 3 <= len(raw) else 0
+
+
+def _word_length(raw: bytes, i: int) -> int:
+    """Length of a common word (any case) starting at ``i``, the longest one."""
+    text = raw[i : i + _LONGEST_WORD].decode("ascii", "replace").lower()
+    return max((n for n in range(3, len(text) + 1) if text[:n] in _COMMON_WORDS), default=0)
+
+
+def token_strength_bits(raw: bytes | bytearray) -> float:
+    """A conservative estimate of how many bits of guessing ``raw`` takes.
+
+    Read left to right, each character costs the log2 of the alphabet the token draws from
+    (lower case, upper case, digits, symbols: about 6 bits for ``secrets.token_urlsafe``),
+    except what a guesser tries first, priced as one pick each: a common word (``password``,
+    ``token``...: :data:`_PATTERN_BITS`), a repeat of earlier text (``abab...``) or a run
+    (``abcd``, ``1234``, ``aaaa``) (:data:`_PATTERN_BITS`), a stretch of 3 or more letters of
+    one case (one word of a large dictionary: at most :data:`_WORD_BITS`), and a separator
+    used before (1 bit). Random tokens lose a few bits to chance patterns; tokens made by
+    people lose most of theirs.
+    """
+    data = bytes(raw[:_ESTIMATE_BYTES])
+    per_char = _pool_bits(data)
+    text = per_char < 8.0  # printable: words, letter stretches and separators apply
+    bits = 0.0
+    separators: set[int] = set()
+    i = 0
+    while i < len(data):
+        pattern = max(_run_length(data, i), _repeat_length(data, i))
+        word = _word_length(data, i) if text else 0
+        letters = _letters_length(data, i) if text else 0
+        if word >= 3 and word >= pattern:
+            bits += min(_PATTERN_BITS, per_char * word)
+            i += word
+        elif pattern:
+            bits += min(_PATTERN_BITS, per_char * pattern)
+            i += pattern
+        elif letters >= 3:
+            bits += min(_WORD_BITS, per_char * letters)
+            i += letters
+        elif text and not chr(data[i]).isalnum() and data[i] in separators:
+            bits += 1.0
+            i += 1
+        else:
+            if text and not chr(data[i]).isalnum():
+                separators.add(data[i])
+            bits += per_char
+            i += 1
+    return bits
+
+
+def _letters_length(raw: bytes, i: int) -> int:
+    """Length of the stretch of ASCII letters of one case (or one capital, then lower case)
+    starting at ``i``, at most 12: what a dictionary word looks like."""
+    j = i
+    while j < len(raw) and j - i < 12 and 0x61 <= (raw[j] | 0x20) <= 0x7A:
+        j += 1
+    text = raw[i:j].decode("ascii", "replace")
+    while text and not (text.islower() or text.isupper() or text.istitle()):
+        text = text[:-1]
+    return len(text)
 
 
 def token_problem(raw: bytes | bytearray) -> str | None:
     """Why ``raw`` cannot be a worker token, or ``None`` when it can.
 
-    Refuses what obviously holds no entropy: fewer than :data:`MIN_TOKEN_BYTES` bytes, only
-    whitespace, or one character repeated (whitespace aside). This cannot prove a token is
-    random; it catches placeholders and typos such as an unset variable padded with spaces.
+    Refuses fewer than :data:`MIN_TOKEN_BYTES` bytes, only whitespace, one character
+    repeated, and anything whose estimated strength (:func:`token_strength_bits`) is under
+    :data:`MIN_TOKEN_BITS`: patterns (``abab...``, ``0123...``), common words, names. This
+    cannot prove a token random; it refuses what a guesser would find.
     """
     if len(raw) < MIN_TOKEN_BYTES:
         return f"is too short ({len(raw)} bytes; at least {MIN_TOKEN_BYTES} random bytes)"
@@ -78,7 +206,35 @@ def token_problem(raw: bytes | bytearray) -> str | None:
         return "is only whitespace"
     if len(meaningful) == 1:
         return "is one character repeated: it holds no secret"
+    bits = token_strength_bits(raw)
+    if bits < MIN_TOKEN_BITS:
+        return (
+            f"is too easy to guess (about {int(bits)} bits by a pattern and dictionary "
+            f"estimate; at least {MIN_TOKEN_BITS} needed)"
+        )
     return None
+
+
+class SecretValue:
+    """A secret as read (a token from the environment or a file), before it is checked.
+
+    Wrap a secret the moment it is read, so that nothing (a repr, a traceback that captures
+    local variables, as error reporters do) ever shows it; :class:`WorkerToken` takes it.
+    Wrapping never fails, whatever the value.
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: object) -> None:
+        self._value = value
+
+    def __repr__(self) -> str:
+        return "<SecretValue hidden>"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("a SecretValue cannot be pickled")
 
 
 def _fingerprint(material: bytes | bytearray, label: bytes) -> str:
@@ -88,22 +244,24 @@ def _fingerprint(material: bytes | bytearray, label: bytes) -> str:
 class WorkerToken:
     """The worker's secret token. Its repr, str and every message show a fingerprint only.
 
-    :param token: at least :data:`MIN_TOKEN_BYTES` bytes (a ``str`` is UTF-8 encoded), not
-        only whitespace, not one character repeated (see :func:`token_problem`).
+    :param token: at least :data:`MIN_TOKEN_BYTES` bytes (a ``str`` is UTF-8 encoded) with an
+        estimated strength of :data:`MIN_TOKEN_BITS` bits (see :func:`token_problem`),
+        preferably wrapped in a :class:`SecretValue` as soon as it is read.
     :param source: what the user called the token (``"VRAMCORE_WORKER_TOKEN"`` in the CLI),
         named in error messages.
     """
 
     __slots__ = ("_fingerprint", "_token")
 
-    def __init__(self, token: str | bytes | bytearray, *, source: str = "worker_token") -> None:
-        if isinstance(token, str):
-            raw = bytearray(token.encode("utf-8", "surrogatepass"))
-        elif isinstance(token, bytes | bytearray):
-            raw = bytearray(token)
-        else:
+    def __init__(
+        self, token: str | bytes | bytearray | SecretValue, *, source: str = "worker_token"
+    ) -> None:
+        if not isinstance(token, SecretValue):
+            token = SecretValue(token)
+        raw = _token_bytes(token)
+        if raw is None:
             raise InvalidInput(
-                f"{source} must be str or bytes, got {type(token).__name__}; {TOKEN_ADVICE}"
+                f"{source} must be str or bytes, got {type(token._value).__name__}; {TOKEN_ADVICE}"
             )
         problem = token_problem(raw)
         if problem is not None:
@@ -111,6 +269,13 @@ class WorkerToken:
             raise InvalidInput(f"{source} {problem}; {TOKEN_ADVICE}")
         self._token = raw
         self._fingerprint = _fingerprint(raw, b"vramcore/v1/token-fingerprint\x00")
+
+    @classmethod
+    def adopt(cls, secret: SecretValue, *, source: str = "worker_token") -> WorkerToken:
+        """The :class:`WorkerToken` ``secret`` holds, or a new one made from what it holds."""
+        if isinstance(secret._value, WorkerToken):  # no local holds the raw value
+            return secret._value
+        return cls(secret, source=source)
 
     @property
     def fingerprint(self) -> str:
@@ -129,12 +294,22 @@ class WorkerToken:
         self._token = bytearray()
 
     def __repr__(self) -> str:
-        return f"<WorkerToken fingerprint={self._fingerprint}>"
+        # getattr: a traceback that captures locals shows a token whose __init__ refused it.
+        return f"<WorkerToken fingerprint={getattr(self, '_fingerprint', 'none')}>"
 
     __str__ = __repr__
 
     def __reduce__(self) -> NoReturn:
         raise TypeError("a WorkerToken cannot be pickled")
+
+
+def _token_bytes(secret: SecretValue) -> bytearray | None:
+    value = secret._value
+    if isinstance(value, str):
+        return bytearray(value.encode("utf-8", "surrogatepass"))
+    if isinstance(value, bytes | bytearray):
+        return bytearray(value)
+    return None
 
 
 def derive_key(material: bytes | bytearray, info: bytes, length: int = 32) -> SecretKey:

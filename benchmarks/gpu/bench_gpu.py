@@ -43,7 +43,7 @@ from vramcore.errors import DeviceDigestUnavailable
 
 MiB, GiB = 1 << 20, 1 << 30
 LEAF = DEFAULT_LEAF_SIZE
-TOKEN = "vramcore-gpu-benchmark-token-0123456789"  # a throwaway bench token
+TOKEN = "jYnIFRF9t3GPTa-UNhnozy5GkMISoVu2JaUv0d1nWTw"  # a throwaway bench token
 PLUGINS = {"cupy": "vramcore_allocator_cupy", "pycuda": "vramcore_allocator_pycuda"}
 TARGETS = {
     "verify_gbps_at_4GiB_or_more": 300.0,

@@ -26,7 +26,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from vramcore import __version__
 from vramcore._cli.benchmark import tensor_count
@@ -37,7 +37,9 @@ from vramcore._cli.commands import (
     EXIT_USAGE,
     Commands,
     Console,
+    SafeParser,
     UsageError,
+    add_plugin_commands,
 )
 from vramcore._cli.config import ConfigReport, Doctor
 from vramcore._cli.demo import cmd_bench, cmd_demo
@@ -55,8 +57,10 @@ from vramcore._cli.support import (
     sink_reports,
 )
 from vramcore._config import Configuration, declared_settings
+from vramcore.backend import log_host_memory
 from vramcore.errors import (
     AuditError,
+    BackendUnavailable,
     ConfigError,
     IntegrityViolation,
     InvalidInput,
@@ -64,7 +68,13 @@ from vramcore.errors import (
     SealVerificationFailed,
     VramError,
 )
-from vramcore.plugins import VramcorePluginManager, collect_backends, get_plugin_manager
+from vramcore.plugins import (
+    VramcorePluginManager,
+    built_backend,
+    collect_backends,
+    get_plugin_manager,
+    probe_devices,
+)
 from vramcore.validation import check_path, check_sha256_hex, check_shard_id, escape_text
 
 __all__ = ["build_parser", "main", "version_text"]
@@ -85,6 +95,7 @@ def cmd_plugins(args: argparse.Namespace, console: Console, pm: VramcorePluginMa
                 "reason": reason,
                 "install_hint": spec.install_hint,
                 "description": spec.description,
+                "host_memory": spec.host_memory,
             }
         )
     data = {
@@ -106,6 +117,8 @@ def cmd_plugins(args: argparse.Namespace, console: Console, pm: VramcorePluginMa
     lines.append("Allocator backends:")
     for b in backends:
         state = "viable" if b["viable"] else f"not viable: {b['reason']}"
+        if b["host_memory"]:
+            state += " (host memory: used only when named)"
         lines.append(f"  {b['name']:<16} priority {b['priority']:>4}  {state}")
     if pm.failures:
         lines.append("Failed plugins (skipped):")
@@ -120,9 +133,11 @@ def cmd_devices(args: argparse.Namespace, console: Console, pm: VramcorePluginMa
     from vramcore.policy import VramPolicy
 
     spec = select_backend(pm, args.allocator, source="--allocator")
-    backend = spec.factory()
+    if spec.host_memory:
+        log_host_memory(spec.name)
+    backend = built_backend(spec)
     try:
-        devices = list(pm.hook.vramcore_probe_devices(backend=backend) or ())
+        devices = probe_devices(pm, backend)
     finally:
         backend.close()
     policy = VramPolicy(strict_host_isolation=args.strict_host_isolation)
@@ -252,14 +267,17 @@ def _progress_printer(console: Console, total: int) -> Any:
 
 
 def build_parser(
-    pm: VramcorePluginManager, config: Configuration | None = None
+    pm: VramcorePluginManager,
+    config: Configuration | None = None,
+    console: Console | None = None,
 ) -> argparse.ArgumentParser:
-    """The full parser: core commands plus the plugins' ones.
+    """The full parser: core commands plus the plugins' ones (a plugin whose
+    ``vramcore_add_commands`` fails loses its own commands; ``console`` says so).
 
     :param config: the configuration files read (``config`` and ``doctor`` show them).
     """
     config = Configuration() if config is None else config
-    parser = _Parser(
+    parser = SafeParser(
         prog="vramcore",
         description="Keep model weights resident in GPU memory, and prove it.",
     )
@@ -269,7 +287,7 @@ def build_parser(
         version=version_text(pm),
         help="the versions of vramcore and of each loaded plugin",
     )
-    sub = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=SafeParser)
     commands = Commands(sub)
 
     def core(handler: Any) -> Any:
@@ -351,7 +369,7 @@ def build_parser(
         help="for each backend, audit sink and witness: active or why not, and the fix",
         handler=Doctor(pm, config).run,
     )
-    pm.hook.vramcore_add_commands(commands=commands)
+    add_plugin_commands(pm, commands, console or Console(json_mode=False))
     return parser
 
 
@@ -372,13 +390,6 @@ class _Version(argparse.Action):
     def __call__(self, parser: argparse.ArgumentParser, *_args: Any, **_kwargs: Any) -> None:
         print(self.version, flush=True)
         parser.exit()
-
-
-class _Parser(argparse.ArgumentParser):
-    """An argparse parser whose mistakes are one line (through :class:`UsageError`)."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
 _QUIET_LOGGERS = ("vramcore.narration", "vramcore.events")
@@ -417,6 +428,35 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(doc, ensure_ascii=True, sort_keys=True)
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is when a record is emitted: the handler outlives
+    this ``main()`` call (a library manager made later in the process logs through it), and
+    the stream it started with may be gone by then (a test's captured stderr)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+class _Once(logging.Filter):
+    """Let each message of one logger through once (the host-memory notice, however many
+    managers a command makes)."""
+
+    def __init__(self, logger: str) -> None:
+        super().__init__()
+        self._logger = logger
+        self._seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != self._logger:
+            return True
+        message = record.getMessage()
+        if message in self._seen:
+            return False
+        self._seen.add(message)
+        return True
+
+
 class _OursOnly(logging.Filter):
     """Records of vramcore and its plugins; narration and events only when verbose."""
 
@@ -447,10 +487,11 @@ def _configure_logging(verbose: bool) -> None:
         for old in [h for h in logger.handlers if getattr(h, "_vramcore_cli", False)]:
             logger.removeHandler(old)
     level = logging.INFO if verbose else logging.WARNING
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(_JsonFormatter() if fmt == "json" else _OneLineFormatter())
     handler.setLevel(level)
     handler.addFilter(_OursOnly(verbose))
+    handler.addFilter(_Once("vramcore.host_memory"))
     handler._vramcore_cli = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     logging.getLogger("vramcore").setLevel(level)
@@ -477,6 +518,7 @@ _KINDS: tuple[tuple[type[BaseException], str, int], ...] = (
     (UsageError, "usage", EXIT_USAGE),
     (InvalidInput, "invalid_input", EXIT_USAGE),
     (ConfigError, "configuration", EXIT_USAGE),
+    (BackendUnavailable, "configuration", EXIT_USAGE),
     (PolicyViolation, "policy", EXIT_FAILURE),
     (IntegrityViolation, "integrity", EXIT_FAILURE),
     (SealVerificationFailed, "integrity", EXIT_FAILURE),
@@ -522,7 +564,7 @@ def _run(argv: list[str], console: Console, config: Configuration) -> int:
     """Load the plugins, check the configuration files, parse ``argv`` and run the command."""
     pm = _load_plugins(console)
     config.check(declared_settings(pm))
-    parser = build_parser(pm, config)
+    parser = build_parser(pm, config, console)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help and --version

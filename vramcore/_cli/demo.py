@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import os
 import secrets
+import shlex
 import shutil
 import tempfile
 import time
@@ -101,6 +102,12 @@ def cmd_demo(args: argparse.Namespace, console: Console, pm: VramcorePluginManag
             return _demo_run(args, console, pm, backend, model, published, temp_log)
 
 
+def _named_backend(args: argparse.Namespace) -> str:
+    """`` --allocator NAME`` when the command line named the backend: a hint runs as printed
+    (a host-memory backend such as the mock is used only when named)."""
+    return f" --allocator {shlex.quote(args.allocator)}" if args.allocator else ""
+
+
 def _demo_run(
     args: argparse.Namespace,
     console: Console,
@@ -151,7 +158,8 @@ def _demo_run(
     if temp_log is not None and not args.keep_audit_log:
         lines.append(
             "         (temporary log, removed now; "
-            f"`{cli_command()} demo --keep-audit-log` keeps it to verify it yourself)"
+            f"`{cli_command()} demo{_named_backend(args)} --keep-audit-log` keeps it to "
+            "verify it yourself)"
         )
     audit_ok = all(r.get("verified", True) for r in reports)
     steps["audit"] = reports

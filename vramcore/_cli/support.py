@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from vramcore._cli.commands import Console, UsageError
+from vramcore._keyproviders import read_worker_token
 from vramcore.backend import AllocatorBackend
 from vramcore.errors import AuditError, ConfigError, InvalidInput
 from vramcore.plugins import VramcorePluginManager
@@ -120,20 +121,24 @@ def device_index(text: str) -> int:
 
 
 def worker_token(console: Console, *, audit: bool) -> WorkerToken:
-    """``VRAMCORE_WORKER_TOKEN``, or an ephemeral random token (and a note saying so).
+    """The worker token from ``VRAMCORE_WORKER_TOKEN``, ``VRAMCORE_WORKER_TOKEN_FILE`` or
+    ``VRAMCORE_WORKER_TOKEN_KEYRING`` (wrapped as it is read: see
+    :func:`vramcore._keyproviders.read_worker_token`), or an ephemeral random token (and a
+    note saying so).
 
-    :raises InvalidInput: the variable holds no usable secret (the message names it).
-    :raises UsageError: it is unset while ``VRAMCORE_AUDIT_LOG`` is set: the log would be
+    :raises InvalidInput: the token is no usable secret (the message names its source).
+    :raises ConfigError: the token file or keyring cannot give it (the message says why).
+    :raises UsageError: no token is set while ``VRAMCORE_AUDIT_LOG`` is set: the log would be
         bound to a random token and the next run could not continue it.
     """
-    token = os.environ.get("VRAMCORE_WORKER_TOKEN")
+    token = read_worker_token()
     if token is not None:
-        return WorkerToken(token, source="VRAMCORE_WORKER_TOKEN")
+        return token
     if audit and os.environ.get("VRAMCORE_AUDIT_LOG"):
         raise UsageError(
             "VRAMCORE_AUDIT_LOG is set but VRAMCORE_WORKER_TOKEN is not: an audit log is bound "
-            f"to the worker token, so set VRAMCORE_WORKER_TOKEN ({TOKEN_ADVICE}), or pass "
-            "--no-audit"
+            f"to the worker token, so set VRAMCORE_WORKER_TOKEN ({TOKEN_ADVICE}) or "
+            "VRAMCORE_WORKER_TOKEN_FILE, or pass --no-audit"
         )
     console.progress("VRAMCORE_WORKER_TOKEN is unset: using an ephemeral random token")
     return WorkerToken(secrets.token_urlsafe(32))

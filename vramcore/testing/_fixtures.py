@@ -23,7 +23,7 @@ __all__ = [
 ]
 
 #: A worker token for tests; never use a fixed token in production.
-TEST_TOKEN = "vramcore-test-token-0123456789abcdef"  # noqa: S105 - a fixed test token
+TEST_TOKEN = "TG4Yzm8JpEirVrM0Go0HPsK_8bDf9JqirISehN7dWQc"  # noqa: S105 - a fixed test token (random, as tokens must be)
 
 
 @functools.cache

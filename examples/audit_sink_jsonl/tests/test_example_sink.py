@@ -13,6 +13,7 @@ import vramcore_example_jsonl as example
 
 from vramcore import SinkContext, VramManager, WorkerToken
 from vramcore.errors import IntegrityViolation
+from vramcore.plugins import plugin_identity
 from vramcore.testing import TEST_TOKEN, undocumented_public_names
 
 
@@ -24,9 +25,13 @@ def log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _key() -> bytes:
-    # The sink's key is scoped to the plugin's entry-point name: re-derive it the same way.
+    # The sink's key is scoped to the plugin's identity (distribution and entry-point name):
+    # re-derive it the same way.
     context = SinkContext.from_token(
-        WorkerToken(TEST_TOKEN), worker_id="test", device=0, scope="example_jsonl"
+        WorkerToken(TEST_TOKEN),
+        worker_id="test",
+        device=0,
+        scope=plugin_identity("vramcore-example-jsonl", "example_jsonl"),
     )
     return context.derive_key(example.KEY_PURPOSE).export()
 

@@ -10,7 +10,13 @@ import vramcore_allocator_mock
 from vramcore_allocator_mock import MockBackend, parse_vram
 
 from vramcore.backend import AllocatorBackend, BackendSpec, DeviceBuffer, MemoryKind
-from vramcore.errors import AllocationFailed, ConfigError, InsufficientVram, InvalidInput
+from vramcore.errors import (
+    AllocationFailed,
+    BackendUnavailable,
+    ConfigError,
+    InsufficientVram,
+    InvalidInput,
+)
 from vramcore.plugins import get_plugin_manager, select_backend
 
 GIB = 1 << 30
@@ -338,7 +344,9 @@ def test_entry_point_hook_offers_the_mock_at_the_lowest_priority(
 def test_installed_entry_point_is_named_mock() -> None:
     pm = get_plugin_manager(env={"VRAMCORE_PLUGINS": "mock"})
     assert [p.name for p in pm.loaded] == ["mock"]
-    assert select_backend(pm, env={}).name == "mock"
+    assert select_backend(pm, "mock", env={}).name == "mock"
+    with pytest.raises(BackendUnavailable, match="host memory, never chosen unless named"):
+        select_backend(pm, env={})  # host memory: used only when named
 
 
 def test_any_other_backend_outranks_the_mock() -> None:

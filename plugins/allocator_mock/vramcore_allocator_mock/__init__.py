@@ -66,7 +66,7 @@ __version__ = "0.1.0"
 
 @hookimpl
 def vramcore_allocator_backends() -> Sequence[BackendSpec]:
-    """Offer the ``mock`` backend at the lowest priority, so any real GPU backend wins."""
+    """Offer the ``mock`` backend: host memory, so it is used only when named."""
     return [
         BackendSpec(
             name="mock",
@@ -77,6 +77,7 @@ def vramcore_allocator_backends() -> Sequence[BackendSpec]:
                 "from a clone of the vramcore repository: pip install ./plugins/allocator_mock"
             ),
             description="host memory standing in for VRAM (tests, demos); fault injection",
+            host_memory=True,
         )
     ]
 

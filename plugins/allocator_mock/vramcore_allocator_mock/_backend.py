@@ -107,6 +107,7 @@ class MockBackend(AllocatorBackend):
     """
 
     name = "mock"
+    host_memory = True
 
     def __init__(
         self,

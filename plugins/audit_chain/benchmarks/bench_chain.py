@@ -92,7 +92,10 @@ def bench_mode(
     sink = ChainSink(
         cfg,
         SinkContext.from_token(
-            WorkerToken(_TOKEN), worker_id="bench", device=0, scope="audit_chain"
+            WorkerToken(_TOKEN),
+            worker_id="bench",
+            device=0,
+            scope="vramcore-audit-chain:audit_chain",
         ),
         witnesses=witnesses,
     )
@@ -173,7 +176,7 @@ def bench_verify_large(records: int, root: Path) -> dict[str, Any]:
     """Write a log of ``records`` records with a file witness; verify it in fresh processes."""
     directory, witness = root / "large", root / "witness.ndjson"
     context = SinkContext.from_token(
-        WorkerToken(_TOKEN), worker_id="bench", device=0, scope="audit_chain"
+        WorkerToken(_TOKEN), worker_id="bench", device=0, scope="vramcore-audit-chain:audit_chain"
     )
     sink = ChainSink(
         ChainConfig(directory=directory, durability="batched"),
@@ -210,7 +213,10 @@ def _fleet_worker(root: Path, witness: Path, index: int, seconds: float) -> None
     sink = ChainSink(
         ChainConfig(directory=root / f"worker-{index}", durability="immediate"),
         SinkContext.from_token(
-            WorkerToken(f"{_TOKEN}-{index}"), worker_id=f"w{index}", device=0, scope="audit_chain"
+            WorkerToken(f"{_TOKEN}-{index}"),
+            worker_id=f"w{index}",
+            device=0,
+            scope="vramcore-audit-chain:audit_chain",
         ),
         witnesses=[FileWitness(witness)],
     )

@@ -13,11 +13,13 @@ from vramcore.audit import SinkContext
 from vramcore.seal import WorkerToken
 from vramcore.testing import sample_events
 
-TOKEN = "chain-test-token-" + "x" * 24
+TOKEN = "IJVcA61tsmUz68lHOFiu8zOYL-x4pK2R8Hq1zuWrGEQ"
 
 
 def context(token: str = TOKEN) -> SinkContext:
-    return SinkContext.from_token(WorkerToken(token), worker_id="w1", device=0, scope="audit_chain")
+    return SinkContext.from_token(
+        WorkerToken(token), worker_id="w1", device=0, scope="vramcore-audit-chain:audit_chain"
+    )
 
 
 def write_log(directory: Path, n: int = 40, token: str = TOKEN, **settings: Any) -> ChainSink:

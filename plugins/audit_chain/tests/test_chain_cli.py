@@ -15,7 +15,7 @@ from vramcore._cli.cli import main
 from vramcore.manager import VramManager
 from vramcore.plugins import get_plugin_manager
 
-TOKEN = "chain-cli-token-never-printed-" + "q" * 8
+TOKEN = "7HQzeqZvHs5rugGpTjbMQKqL1KLnSt_tipi5F5vk10o"
 
 
 @pytest.fixture(autouse=True)
@@ -25,7 +25,7 @@ def _env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VRAMCORE_MOCK_VRAM", "256MiB")
     monkeypatch.delenv("VRAMCORE_AUDIT_KEY_FILE", raising=False)
     monkeypatch.delenv("VRAMCORE_AUDIT_LOG", raising=False)
-    monkeypatch.delenv("VRAMCORE_ALLOCATOR", raising=False)
+    monkeypatch.setenv("VRAMCORE_ALLOCATOR", "mock")  # the mock is used only when named
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

@@ -31,7 +31,9 @@ def _writer(directory: Path, witness: Path, chain: Any, index: int) -> dict[str,
     """One worker: immediate mode (a head per commit) for SECONDS, then a clean close."""
     sink = ChainSink(
         ChainConfig(directory=directory, durability="immediate", checkpoint_records=50),
-        chain.context(f"fleet-worker-{index:02d}-token-" + "y" * 24),  # a key per worker
+        chain.context(
+            f"PS_k6bEvr_WmRwRpqLHhzpCqdE1h2TPsOeiPqH79iLc-{index:02d}"
+        ),  # a key per worker
         witnesses=[FileWitness(witness)],
     )
     sent = 0

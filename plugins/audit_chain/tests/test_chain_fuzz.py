@@ -29,7 +29,10 @@ edits = st.lists(
 def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("pristine") / "log"
     context = SinkContext.from_token(
-        WorkerToken("fuzz-token-" + "y" * 24), worker_id="w1", device=0, scope="audit_chain"
+        WorkerToken("KjkgZa6lRWzDANHnBssSqDORT-JYdZXAae-2c5-qnd0"),
+        worker_id="w1",
+        device=0,
+        scope="vramcore-audit-chain:audit_chain",
     )
     sink = ChainSink(
         ChainConfig(directory=directory, durability="batched", checkpoint_records=8), context

@@ -282,7 +282,7 @@ def test_the_wrong_key_file_is_named(log: Path, make_log: Callable[..., Path]) -
 def test_public_key_of_another_worker_is_refused(
     log: Path, make_log: Callable[..., Path], chain: Any
 ) -> None:
-    other = make_log(5, token="another-token-" + "y" * 20)
+    other = make_log(5, token="Ytc0jvpOnSRU9BouS99gGV1gtfaeitg4L4cOLMzFLuc")
     result = verify_log([log], public_key=load_public_key(str(other / "checkpoint.pub")))
     assert result.reason == "wrong_key"
     assert verify_log([log], public_key=load_public_key(str(log / "checkpoint.pub"))).ok

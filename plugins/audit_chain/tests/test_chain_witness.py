@@ -530,7 +530,7 @@ def test_manager_publishes_heads_to_both_witnesses(
     pm = get_plugin_manager(
         [vramcore_audit_chain, vramcore_allocator_mock, tracing], load_entrypoints=False
     )
-    token = "manager-witness-token-" + "m" * 16
+    token = "3I9q1wKuafHUJ9cs1ZbxDgeWIwWS4pqLE33ykqgzyfs"
     with VramManager(token, device=0, allocator="mock", plugin_manager=pm) as manager:
         shard = manager.seal_model(b"weights" * 1000, shard_id="layer-0")
         manager.verify_sealed(shard)

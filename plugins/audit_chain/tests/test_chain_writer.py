@@ -293,7 +293,10 @@ def test_log_shorter_than_the_state_says_is_refused(chain_dir: Path, chain: Any)
 def test_another_token_cannot_continue_the_log(chain_dir: Path, chain: Any) -> None:
     chain.write_log(chain_dir, 3)
     with pytest.raises(ConfigError, match="another worker token"):
-        ChainSink(ChainConfig(directory=chain_dir), chain.context("other-token-" + "z" * 20))
+        ChainSink(
+            ChainConfig(directory=chain_dir),
+            chain.context("lZffb8tX9oUj363DCgjgwxi1pCc5d-6_Vl_9jaiAg4Y"),
+        )
 
 
 def test_second_writer_is_refused(chain_dir: Path, chain: Any) -> None:

@@ -11,10 +11,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from vramcore import EXIT_FAILURE, EXIT_INTERNAL, EXIT_OK, Commands, Console, UsageError
+from vramcore import (
+    EXIT_FAILURE,
+    EXIT_INTERNAL,
+    EXIT_OK,
+    Commands,
+    Console,
+    UsageError,
+    read_worker_token,
+)
 from vramcore.audit import SinkContext
 from vramcore.errors import AuditError, ConfigError, InvalidInput
-from vramcore.seal import WorkerToken
 from vramcore_audit_chain import _format as fmt
 from vramcore_audit_chain._head import load_anchors
 from vramcore_audit_chain._keys import load_key_file, load_public_key, public_key_hex, signing_key
@@ -253,10 +260,11 @@ def cmd_show(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_public_key(args: argparse.Namespace, console: Console) -> int:
     """Print the public key that checks this worker's checkpoints."""
-    raw = os.environ.get("VRAMCORE_WORKER_TOKEN", "")
-    if not raw:
-        raise UsageError("set VRAMCORE_WORKER_TOKEN to the worker's token")
-    token = WorkerToken(raw)
+    token = read_worker_token()  # wrapped as it is read: no frame holds the raw token
+    if token is None:
+        raise UsageError(
+            "set VRAMCORE_WORKER_TOKEN (or VRAMCORE_WORKER_TOKEN_FILE) to the worker's token"
+        )
     try:
         public = public_key_hex(
             signing_key(SinkContext.from_token(token, worker_id="", device=-1, scope=fmt.KEY_SCOPE))

@@ -67,9 +67,9 @@ __all__ = [
 #: Format tag written into the genesis record.
 FORMAT = "vramcore-audit-chain/2"
 #: HKDF info of the token-derived base of the chain key (never the seal key's info).
-#: The scope the manager gives this plugin's keys (its entry-point name): the CLI re-derives
-#: the checkpoint signing key under it (``vramcore audit public-key``).
-KEY_SCOPE = "audit_chain"
+#: The identity the manager derives this plugin's keys from (distribution:entry-point): the
+#: CLI re-derives the checkpoint signing key under it (``vramcore audit public-key``).
+KEY_SCOPE = "vramcore-audit-chain:audit_chain"
 CHAIN_KEY_PURPOSE = "audit_chain/chain-key"
 #: HKDF info that turns base key + setup nonce into the epoch-0 key.
 INITIAL_KEY_INFO = b"vramcore/v1/audit-chain/epoch-0"

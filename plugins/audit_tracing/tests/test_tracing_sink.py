@@ -13,7 +13,7 @@ from vramcore.audit import AuditSink, SinkContext
 from vramcore.events import SealVerificationFailed, VramAllocated, VramSealed
 from vramcore.seal import WorkerToken
 
-TOKEN = "tracing-test-token-0123456789abcdef"
+TOKEN = "Z6wAaVZ3oziYULV1vRoCP1YKkpgVUjCArMtGVlOPhU8"
 
 
 def make_sink(pm: Any, **kwargs: Any) -> AuditSink:
