@@ -277,9 +277,12 @@ class IndexedDigest:
         if leaf_indices is None:
             return backend.digest(buffer, leaf_size, leaf_range)
         self.asked.append(tuple(leaf_indices))
-        every = backend.digest(buffer, leaf_size, None).leaves
-        picked = b"".join(every[i * 32 : (i + 1) * 32] for i in leaf_indices)
-        return DeviceDigest(root=None, leaves=picked, leaf_indices=tuple(leaf_indices))
+        return self.answer(backend.digest(buffer, leaf_size, None).leaves, tuple(leaf_indices))
+
+    def answer(self, every: bytes, indices: tuple[int, ...]) -> DeviceDigest:
+        """The answer to an index request, from every leaf's hash."""
+        picked = b"".join(every[i * 32 : (i + 1) * 32] for i in indices)
+        return DeviceDigest(root=None, leaves=picked, leaf_indices=indices)
 
 
 def test_a_sampled_verification_asks_the_device_once_for_the_sorted_indices(
@@ -323,18 +326,8 @@ def test_a_malformed_answer_to_an_index_request_fails_the_verification(
     new_manager: Any,
 ) -> None:
     class WrongIndices(IndexedDigest):
-        @hookimpl(tryfirst=True)
-        def vramcore_device_digest(
-            self,
-            backend: Any,
-            buffer: DeviceBuffer,
-            leaf_size: int,
-            leaf_range: Any,
-            leaf_indices: Any,
-        ) -> Any:
-            if leaf_indices is None:
-                return backend.digest(buffer, leaf_size, leaf_range)
-            wrong = tuple(i + 1 for i in leaf_indices)
+        def answer(self, every: bytes, indices: tuple[int, ...]) -> DeviceDigest:
+            wrong = tuple(i + 1 for i in indices)
             return DeviceDigest(root=None, leaves=b"\0" * 32 * len(wrong), leaf_indices=wrong)
 
     sink = CapturingSink()

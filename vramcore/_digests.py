@@ -41,6 +41,7 @@ from vramcore.digest import (
     corrupted_ranges,
     hash_leaves_packed,
     host_leaves,
+    leaf_byte_ranges,
     leaf_count,
     merkle_root,
 )
@@ -362,14 +363,10 @@ def differing_ranges(
 ) -> list[tuple[int, int]]:
     """Byte ranges ``(start, end)`` of the leaves ``indices`` whose packed hashes differ
     between ``expected`` and ``actual`` (one hash per index, in order); adjacent ones merged."""
-    ranges: list[tuple[int, int]] = []
-    for n, leaf in enumerate(indices):
-        at = slice(n * HASH_SIZE, (n + 1) * HASH_SIZE)
-        if expected[at] == actual[at]:
-            continue
-        start, end = leaf * leaf_size, min((leaf + 1) * leaf_size, nbytes)
-        if ranges and ranges[-1][1] == start:
-            ranges[-1] = (ranges[-1][0], end)
-        else:
-            ranges.append((start, end))
-    return ranges
+    differing = [
+        leaf
+        for n, leaf in enumerate(indices)
+        if expected[n * HASH_SIZE : (n + 1) * HASH_SIZE]
+        != actual[n * HASH_SIZE : (n + 1) * HASH_SIZE]
+    ]
+    return leaf_byte_ranges(differing, leaf_size, nbytes)

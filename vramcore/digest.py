@@ -24,7 +24,7 @@ import contextlib
 import functools
 import hashlib
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import attrs
@@ -44,6 +44,7 @@ __all__ = [
     "hash_leaves",
     "hash_leaves_packed",
     "host_leaves",
+    "leaf_byte_ranges",
     "leaf_count",
     "merkle_root",
 ]
@@ -230,21 +231,30 @@ def corrupted_ranges(
     act = _packed(actual)
     if len(exp) != len(act):
         return [(first_leaf * leaf_size, nbytes)]
-    ranges: list[tuple[int, int]] = []
+    differing: list[int] = []
     # Compare big blocks first: a clean shard of a million leaves costs a few memcmp calls.
     block = 4096 * HASH_SIZE
     for b in range(0, len(exp), block):
         if exp[b : b + block] == act[b : b + block]:
             continue
-        for i in range(b, min(b + block, len(exp)), HASH_SIZE):
-            if exp[i : i + HASH_SIZE] == act[i : i + HASH_SIZE]:
-                continue
-            leaf = first_leaf + i // HASH_SIZE
-            start, end = leaf * leaf_size, min((leaf + 1) * leaf_size, nbytes)
-            if ranges and ranges[-1][1] == start:
-                ranges[-1] = (ranges[-1][0], end)
-            else:
-                ranges.append((start, end))
+        differing += [
+            first_leaf + i // HASH_SIZE
+            for i in range(b, min(b + block, len(exp)), HASH_SIZE)
+            if exp[i : i + HASH_SIZE] != act[i : i + HASH_SIZE]
+        ]
+    return leaf_byte_ranges(differing, leaf_size, nbytes)
+
+
+def leaf_byte_ranges(leaves: Iterable[int], leaf_size: int, nbytes: int) -> list[tuple[int, int]]:
+    """The byte ranges ``(start, end)`` (end exclusive) of sorted ``leaves``, adjacent ones
+    merged; the last leaf ends at ``nbytes``."""
+    ranges: list[tuple[int, int]] = []
+    for leaf in leaves:
+        start, end = leaf * leaf_size, min((leaf + 1) * leaf_size, nbytes)
+        if ranges and ranges[-1][1] == start:
+            ranges[-1] = (ranges[-1][0], end)
+        else:
+            ranges.append((start, end))
     return ranges
 
 
