@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from vramcore import hookimpl
-from vramcore.audit import AUDIT_MODES, AuditSink, AuditTrail, SinkContext
+from vramcore.audit import AUDIT_MODES, AuditSink, AuditTrail, PluginKeys
 from vramcore.errors import AuditError, InvalidInput
 from vramcore.events import AuditEvent, VramDeallocated, VramSealed
 from vramcore.seal import WorkerToken
@@ -41,8 +41,8 @@ class FailureRecorder:
         self.reports.append((sink_name, event.event_type))
 
 
-def _context() -> SinkContext:
-    return SinkContext.from_token(WorkerToken(TEST_TOKEN), worker_id="w", device=0)
+def _context() -> PluginKeys:
+    return PluginKeys(WorkerToken(TEST_TOKEN), worker_id="w", device=0)
 
 
 def _sealed() -> VramSealed:
