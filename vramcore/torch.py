@@ -1,6 +1,7 @@
 """PyTorch on the sealed bytes: bind a module's weights to VRAM and verify before each forward.
 
-Install with the extra: ``pip install 'vramcore[torch]'``. Two functions::
+Needs PyTorch: the core's ``torch`` extra (``./[torch]`` from a clone) or any PyTorch build
+the machine needs. Two functions::
 
     from vramcore.torch import bind, verify_before_forward
 
@@ -39,7 +40,8 @@ try:
     import torch.utils.dlpack
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError(
-        "vramcore.torch needs PyTorch: install the extra, pip install 'vramcore[torch]'"
+        "vramcore.torch needs PyTorch: install the PyTorch build this machine needs, or the "
+        "core's torch extra from a clone (./[torch])"
     ) from exc
 
 from vramcore.errors import InvalidInput
