@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from vramcore import VramManager
 from vramcore.safetensors import write_safetensors
 
-_TOKEN = "bench-token-" + "5f2a9c1e7b3d4a60"
+_TOKEN = "Bn4Qw8Ez2Rt6Yu0Io3Pa7Sd1Fg5Hj9KlXc"
 
 
 def make_model(root: Path, mib: int) -> None:

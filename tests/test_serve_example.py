@@ -27,7 +27,7 @@ def test_the_serving_loop_serves_and_quarantines(
 ) -> None:
     monkeypatch.setenv("VRAMCORE_ALLOCATOR", "mock")
     monkeypatch.setenv("VRAMCORE_AUDIT_LOG", str(tmp_path / "audit"))
-    monkeypatch.setenv("VRAMCORE_WORKER_TOKEN", "serving-example-token-3f9a2c7e")
+    monkeypatch.setenv("VRAMCORE_WORKER_TOKEN", "Xe7Rk2Wq9Lz4Tn8Vb3Hy6Mc1Pd5Js0GfUa")
     serving = _example()
     assert serving.main(["--budget-ms", "100000", "--requests", "2", "--json"]) == 0
     served = json.loads(capsys.readouterr().out)

@@ -511,7 +511,7 @@ def test_seal_dir_unsigned_is_audited_without_a_publisher(
 
 # -- vramcore seal DIR ----------------------------------------------------------------------
 
-CLI_TOKEN = "serve-cli-token-never-printed-8c1d"
+CLI_TOKEN = "Zq3x9Lr0pT7vK2mN8bW4yC6uH1sA5dFgJ7eQ"
 
 
 @pytest.fixture
