@@ -20,7 +20,7 @@ from vramcore._cli.cli import main
 from vramcore._config import Configuration, declared_settings
 from vramcore.errors import ConfigError
 
-TOKEN = "p9Rk2VwXq7LmZ4sT1bN8cJ6yH3fD0gAeUiOuK5rWz2E"  # noqa: S105 - a random test token
+TOKEN = "p9Rk2VwXq7LmZ4sT1bN8cJ6yH3fD0gAeUiOuK5rWz2E"
 SETTINGS = {
     "allocator": (Setting(key="allocator", help="backend"), "vramcore"),
     "hash_workers": (

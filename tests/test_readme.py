@@ -20,7 +20,7 @@ from vramcore.safetensors import write_safetensors
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
-TOKEN = "XFD0WhKBKLs1YV3vGiniD6x7bbu0pWpptZgy2yt8VOo"  # noqa: S105 - random, as the README says to make one
+TOKEN = "XFD0WhKBKLs1YV3vGiniD6x7bbu0pWpptZgy2yt8VOo"
 
 
 def _section(title: str) -> str:
