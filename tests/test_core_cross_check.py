@@ -337,3 +337,28 @@ def test_a_malformed_answer_to_an_index_request_fails_the_verification(
         manager.verify_sealed(shard, sample=2)
     assert info.value.reason == "digest_failed"
     assert "ConfigError" in str(info.value)
+
+
+def test_a_device_root_that_is_not_the_tree_of_its_own_leaves_refuses_a_sampled_seal(
+    new_manager: Any,
+) -> None:
+    class WrongRoot(VramDigest):
+        lie = False
+
+        @hookimpl(tryfirst=True)
+        def vramcore_device_digest(
+            self, backend: Any, buffer: DeviceBuffer, leaf_size: int, leaf_range: Any
+        ) -> Any:
+            answer = backend.digest(buffer, leaf_size, leaf_range)
+            if answer.root is None or not self.lie:
+                return answer
+            root = bytes([answer.root[0] ^ 1]) + answer.root[1:]  # every leaf right, root wrong
+            return DeviceDigest(root=root, leaves=answer.leaves, first_leaf=answer.first_leaf)
+
+    backend = LosingBackend(device_digest=True)
+    sink = CapturingSink()
+    digest = WrongRoot()
+    manager = _manager(new_manager, backend, digest, sink=sink)
+    manager.verify_sealed(manager.seal_model(os.urandom(SIZE), shard_id="first"))
+    digest.lie = True  # from the second seal on, when only a sample of leaves is compared
+    _assert_refused(manager, backend, sink, os.urandom(SIZE), "root")
