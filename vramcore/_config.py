@@ -437,6 +437,14 @@ def core_settings() -> list[Setting]:
             default="false",
         ),
         Setting(
+            key="audit_mode",
+            help="how CLI commands audit: required (a durable sink, fail closed) or best_effort "
+            "(every sink, never fatal); --no-audit disables auditing",
+            kind="choice",
+            choices=("required", "best_effort"),
+            default="required",
+        ),
+        Setting(
             key="hash_workers",
             help="host threads hashing leaves",
             kind="int",

@@ -44,7 +44,7 @@ from vramcore._sealdir import SealDir, SealedModel
 from vramcore._sealing import CROSS_CHECKS, Sealing, open_file
 from vramcore._startup import make_backend, probe
 from vramcore._verification import ScrubTarget, Verification, check_sample, refuse_absent
-from vramcore.audit import DEFAULT_SINK_TIMEOUT, AuditSink, AuditTrail, PluginKeys
+from vramcore.audit import DEFAULT_SINK_TIMEOUT, AuditMode, AuditSink, AuditTrail, PluginKeys
 from vramcore.backend import AllocatorBackend, DeviceBuffer, host_memory_findings
 from vramcore.digest import DEFAULT_LEAF_SIZE, default_workers
 from vramcore.errors import (
@@ -90,7 +90,9 @@ class VramManager:
     :param worker_id: public id put on every audit event (default ``host:pid``).
     :param plugin_manager: plugins to use (default: installed ones, see
         :func:`vramcore.plugins.get_plugin_manager`).
-    :param audit: ``"required"`` (refuse to start with no durable audit sink) or
+    :param audit: ``"required"`` (refuse to start with no durable audit sink; a sink that
+        cannot record a critical event fails the operation), ``"best_effort"`` (every sink
+        gets every event, none can stop an operation: telemetry-only deployments) or
         ``"disabled"`` (no sinks are created, explicitly).
     :param policy: the VRAM-only policy (default: :class:`~vramcore.policy.VramPolicy()`).
     :param leaf_size: Merkle leaf size (a multiple of 4096; default 65536).
@@ -121,7 +123,7 @@ class VramManager:
         allocator: str | AllocatorBackend | None = None,
         worker_id: str | None = None,
         plugin_manager: Any = None,
-        audit: Literal["required", "disabled"] = "required",
+        audit: AuditMode = "required",
         policy: VramPolicy | None = None,
         leaf_size: int = DEFAULT_LEAF_SIZE,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
@@ -133,8 +135,6 @@ class VramManager:
     ) -> None:
         secret = SecretValue(worker_token)  # from here on no frame holds the raw token
         del worker_token
-        if audit not in ("required", "disabled"):
-            raise InvalidInput(f"audit must be 'required' or 'disabled', got {audit!r:.40}")
         self.leaf_size = check_leaf_size(leaf_size)
         check_size(chunk_bytes, field="chunk_bytes")
         workers = default_workers() if hash_workers is None else check_workers(hash_workers)
@@ -152,7 +152,9 @@ class VramManager:
         self._pm = plugin_manager if plugin_manager is not None else get_plugin_manager()
         self._residency = Residency()
         self._closed = False
-        self._audit = AuditTrail(self._pm, check_seconds(audit_timeout, field="audit_timeout"))
+        self._audit = AuditTrail(
+            self._pm, check_seconds(audit_timeout, field="audit_timeout"), mode=audit
+        )
         self._key: SecretKey | None = None
         self._plugin_keys: PluginKeys | None = None
         self._owns_backend = not isinstance(allocator, AllocatorBackend)
@@ -161,20 +163,19 @@ class VramManager:
         try:
             self._backend = make_backend(self._pm, allocator)
             self._staging = staging_for(self._backend, self._chunk_bytes)
-            self._core = self._start(self._backend, device, audit, workers)
+            self._core = self._start(self._backend, device, workers)
         except BaseException:
             self._teardown(close_backend=True)
             raise
 
-    def _start(self, backend: AllocatorBackend, device: int, audit: str, workers: int) -> Core:
+    def _start(self, backend: AllocatorBackend, device: int, workers: int) -> Core:
         hook = self._pm.hook
         self.device, self.device_info = probe(hook, backend, device)
-        if audit == "required":
+        if self._audit.enabled:
             self._plugin_keys = PluginKeys(
                 self._token, worker_id=self.worker_id, device=self.device
             )
-            self._audit.collect(self._plugin_keys)
-            self._audit.require_durable()
+            self._audit.start(self._plugin_keys)
         emitter = Emitter(
             self._audit, worker_id=self.worker_id, device=self.device, backend=backend.name
         )

@@ -14,6 +14,7 @@ from typing import Any
 
 from vramcore._cli.commands import Console, UsageError
 from vramcore._keyproviders import read_worker_token
+from vramcore.audit import AuditMode
 from vramcore.backend import AllocatorBackend
 from vramcore.errors import AuditError, ConfigError, InvalidInput
 from vramcore.plugins import VramcorePluginManager
@@ -144,6 +145,27 @@ def worker_token(console: Console, *, audit: bool) -> WorkerToken:
     return WorkerToken(secrets.token_urlsafe(32))
 
 
+#: ``VRAMCORE_AUDIT_MODE``: how the CLI's managers audit unless ``--no-audit`` disables it.
+#: ``disabled`` is not among them: running without an audit trail is asked for each time.
+CLI_AUDIT_MODES = ("required", "best_effort")
+
+
+def audit_mode() -> AuditMode:
+    """``VRAMCORE_AUDIT_MODE`` (``required`` when unset).
+
+    :raises UsageError: another value (the message names the variable).
+    """
+    text = os.environ.get("VRAMCORE_AUDIT_MODE", "").strip() or "required"
+    if text == "required":
+        return "required"
+    if text == "best_effort":
+        return "best_effort"
+    raise UsageError(
+        f"VRAMCORE_AUDIT_MODE={text[:20]!r} must be required or best_effort "
+        "(--no-audit runs without an audit trail)"
+    )
+
+
 def make_manager(
     args: argparse.Namespace,
     console: Console,
@@ -167,6 +189,7 @@ def make_manager(
     from vramcore.plugins import select_backend
 
     audit = not args.no_audit
+    mode = audit_mode() if audit else "disabled"
     token = worker_token(console, audit=audit and not temporary_log)
     if backend is None and args.allocator is not None:
         select_backend(pm, args.allocator, source="--allocator")  # its message names the flag
@@ -176,7 +199,7 @@ def make_manager(
             device=args.device,
             allocator=backend if backend is not None else args.allocator,
             plugin_manager=pm,
-            audit="required" if audit else "disabled",
+            audit=mode,
             hash_workers=hash_workers,
             read_threads=read_threads,
         )
