@@ -77,3 +77,12 @@ def test_the_configuration_example_is_a_valid_file(tmp_path: Path) -> None:
     config = Configuration.load({"VRAMCORE_CONFIG": str(path)})
     config.check(declared_settings(get_plugin_manager()))  # raises on a bad key or value
     assert config.file_value("allocator") == ("cupy", path)
+
+
+def test_the_contents_list_every_section_in_order() -> None:
+    headings = re.findall(r"^## (.+)$", README, re.MULTILINE)
+    contents = _section("Contents")
+    listed = re.findall(r"^- \[(.+?)\]\(#([a-z0-9-]+)\)$", contents, re.MULTILINE)
+    assert [name for name, _ in listed] == [h for h in headings if h != "Contents"]
+    for name, anchor in listed:
+        assert anchor == re.sub(r"[^\w\- ]", "", name.lower()).replace(" ", "-")
