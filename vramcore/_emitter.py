@@ -8,15 +8,12 @@ event, which keeps the fixed cost of a verification low without a guard in every
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from vramcore import events
 from vramcore.audit import AuditTrail
 from vramcore.shard import SealedShard
 from vramcore.validation import scrub_text
-
-if TYPE_CHECKING:
-    from vramcore._sealdir import SealedModel
 
 __all__ = ["NOWHERE", "Emitter"]
 
@@ -112,8 +109,11 @@ class Emitter:
             ),
         )
 
-    def model_sealed(self, model: SealedModel) -> None:
-        """``vram.model_sealed`` (critical): a directory, its shards and its publisher."""
+    def model_sealed(self, model: Any) -> None:
+        """``vram.model_sealed`` (critical): a directory, its shards and its publisher.
+
+        :param model: a :class:`vramcore._sealdir.SealedModel` (not imported: it imports this).
+        """
         self._out.record(
             events.ModelSealed,
             dict(

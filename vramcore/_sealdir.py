@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import attrs
 
@@ -35,9 +36,26 @@ from vramcore.errors import IntegrityViolation, InvalidInput, VramError
 from vramcore.shard import SealedShard
 from vramcore.validation import check_shard_id, escape_text, safe_repr
 
-if TYPE_CHECKING:
-    from vramcore._emitter import Emitter
-    from vramcore.manager import VramManager
+
+class ShardSealer(Protocol):
+    """What a directory seal needs of the manager: seal one file, free one shard."""
+
+    def seal_file(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        shard_id: str | None = None,
+        expected_sha256: str | None = None,
+    ) -> SealedShard: ...
+
+    def deallocate(self, shard: SealedShard) -> None: ...
+
+
+class ModelRecorder(Protocol):
+    """Where a sealed directory is audited (``vram.model_sealed``, a critical event)."""
+
+    def model_sealed(self, model: SealedModel) -> None: ...
+
 
 __all__ = ["MODEL_ATTESTATION_VERSION", "Publisher", "SealDir", "SealedModel"]
 
@@ -183,13 +201,13 @@ class SealDir:
 
     def __init__(
         self,
-        manager: VramManager,
+        manager: ShardSealer,
         path: object,
         *,
         signature: object = None,
         public_key: object = None,
         shard_prefix: str | None = None,
-        emitter: Emitter | None = None,
+        emitter: ModelRecorder | None = None,
     ) -> None:
         if (signature is None) != (public_key is None):
             raise InvalidInput("a publisher signature needs both signature and public_key")

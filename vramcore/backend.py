@@ -63,7 +63,6 @@ __all__ = [
     "TensorSource",
     "dlpack_export",
     "dlpack_live_exports",
-    "host_memory_findings",
     "log_host_memory",
 ]
 
@@ -383,23 +382,6 @@ class BackendSpec:
         if reason is None or isinstance(reason, str):
             return reason
         return f"viability probe answered {type(reason).__name__}, not a reason or None"
-
-
-def host_memory_findings(backend: AllocatorBackend, policy: Any) -> list[Any]:
-    """Say once (a log warning) that ``backend`` keeps weights in host memory, if it does;
-    under ``strict_host_isolation`` return the finding that refuses it.
-
-    :param policy: a :class:`vramcore.policy.VramPolicy`.
-    """
-    if not backend.host_memory:
-        return []
-    from vramcore.policy import Finding  # the policy imports this module
-
-    log_host_memory(backend.name)
-    if not policy.strict_host_isolation:
-        return []
-    notice = HOST_MEMORY_NOTICE.format(backend=backend.name)
-    return [Finding("host_memory", f"{notice}: refused (strict_host_isolation)")]
 
 
 def log_host_memory(backend: str) -> None:

@@ -45,7 +45,7 @@ from vramcore._sealing import CROSS_CHECKS, Sealing, open_file
 from vramcore._startup import make_backend, probe
 from vramcore._verification import ScrubTarget, Verification, check_sample, refuse_absent
 from vramcore.audit import DEFAULT_SINK_TIMEOUT, AuditMode, AuditSink, AuditTrail, PluginKeys
-from vramcore.backend import AllocatorBackend, DeviceBuffer, host_memory_findings
+from vramcore.backend import AllocatorBackend, DeviceBuffer
 from vramcore.digest import DEFAULT_LEAF_SIZE, default_workers
 from vramcore.errors import (
     AuditError,
@@ -53,7 +53,7 @@ from vramcore.errors import (
     ManagerClosed,
 )
 from vramcore.plugins import get_plugin_manager
-from vramcore.policy import VramPolicy, check_policy
+from vramcore.policy import VramPolicy, check_policy, host_memory_findings
 from vramcore.scrub import Scrubber, ScrubberSlot
 from vramcore.seal import SecretKey, SecretValue, WorkerToken
 from vramcore.shard import SealedShard

@@ -94,6 +94,10 @@ class VramcorePluginManager(pluggy.PluginManager):
         self.loaded: list[PluginInfo] = []
         self._identities: dict[str, str] = {}
 
+    def record_failure(self, name: str, distribution: str, error: str) -> None:
+        """List a plugin's failure (``vramcore plugins`` shows it); ``error`` is shown as is."""
+        self.failures.append(PluginFailure(name, distribution, error))
+
     def identity(self, name: str) -> str:
         """The identity of the plugin registered as ``name``: ``distribution:entry-point``.
 

@@ -24,7 +24,13 @@ from __future__ import annotations
 
 import attrs
 
-from vramcore.backend import DeviceInfo, MemoryKind
+from vramcore.backend import (
+    HOST_MEMORY_NOTICE,
+    AllocatorBackend,
+    DeviceInfo,
+    MemoryKind,
+    log_host_memory,
+)
 from vramcore.errors import InvalidInput
 from vramcore.validation import check_flag, safe_repr
 
@@ -116,3 +122,16 @@ def check_policy(policy: object, *, field: str = "policy") -> VramPolicy:
             f"or None for the strict default, got {type(policy).__name__} {safe_repr(policy)}"
         )
     return policy
+
+
+def host_memory_findings(backend: AllocatorBackend, policy: VramPolicy) -> list[Finding]:
+    """Say once (a log warning) that ``backend`` keeps weights in host memory, if it does;
+    under ``strict_host_isolation`` return the finding that refuses it.
+    """
+    if not backend.host_memory:
+        return []
+    log_host_memory(backend.name)
+    if not policy.strict_host_isolation:
+        return []
+    notice = HOST_MEMORY_NOTICE.format(backend=backend.name)
+    return [Finding("host_memory", f"{notice}: refused (strict_host_isolation)")]

@@ -215,8 +215,6 @@ def add_plugin_commands(pm: Any, commands: Commands, console: Console) -> list[s
 
     :return: the names of the plugins whose commands were removed.
     """
-    from vramcore.plugins import PluginFailure  # the plugins module imports no CLI
-
     failed = []
     hook = "vramcore_add_commands"
     impls = getattr(pm.hook, hook).get_hookimpls()
@@ -244,8 +242,8 @@ def add_plugin_commands(pm: Any, commands: Commands, console: Console) -> list[s
         shown = ", ".join(removed) or "none were added"
         message = f"plugin {name}: its commands were removed ({shown}): {problem}"
         console.progress(f"vramcore: warning: {message}")
-        failures = getattr(pm, "failures", None)
-        if failures is not None:
-            failures.append(PluginFailure(impl.plugin_name, "", f"{hook}: {message}"))
+        record = getattr(pm, "record_failure", None)  # a VramcorePluginManager lists it
+        if record is not None:
+            record(impl.plugin_name, "", f"{hook}: {message}")
         failed.append(impl.plugin_name)
     return failed

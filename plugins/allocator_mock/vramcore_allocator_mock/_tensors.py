@@ -13,15 +13,19 @@ after the shard is deallocated every view refuses access.
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from vramcore.backend import KDL_CPU, DeviceBuffer
 from vramcore.errors import InvalidInput, NotSealed
 
-if TYPE_CHECKING:
-    from vramcore_allocator_mock._backend import _Allocation
-
 __all__ = ["MockTensorSource"]
+
+
+class _Allocation(Protocol):
+    """What a view needs of the mock's allocation record: its memory."""
+
+    @property
+    def view(self) -> memoryview: ...
 
 
 class MockTensorSource:
