@@ -16,12 +16,12 @@ from vramcore._digests import DigestSource
 from vramcore._emitter import Emitter
 from vramcore._residency import Residency, Resident
 from vramcore.backend import AllocatorBackend, DeviceBuffer, DeviceInfo
-from vramcore.errors import ManagerClosed, PolicyViolation
+from vramcore.errors import AuditError, ManagerClosed, PolicyViolation
 from vramcore.narration import Operation, perform
 from vramcore.policy import Finding, VramPolicy
 from vramcore.seal import SecretKey
 
-__all__ = ["CLOSED", "Core", "enforce"]
+__all__ = ["CLOSED", "Core", "enforce", "raise_close_errors"]
 
 log = logging.getLogger("vramcore")
 
@@ -118,6 +118,24 @@ class Core:
         self.perform(
             "deallocate", _Release(self, shard_id, buf).run, **self.facts(shard_id, buf.nbytes)
         )
+
+
+def raise_close_errors(stuck: int, timeout: float, errors: Sequence[BaseException]) -> None:
+    """What ``close()`` raises once it has cleaned up, if anything.
+
+    :raises ManagerClosed: ``stuck`` operations were still in the backend (left open).
+    :raises AuditError: a sink (or the backend) failed to close; the first error is chained.
+    """
+    if stuck:
+        raise ManagerClosed(
+            f"{stuck} operation(s) were still running in the backend "
+            f"{timeout:g} s after close(); the backend was left open"
+        )
+    if errors:
+        raise AuditError(
+            f"closing the manager hit {len(errors)} error(s); the first: "
+            f"{type(errors[0]).__name__}: {errors[0]}"
+        ) from errors[0]
 
 
 def enforce(emitter: Emitter, findings: Sequence[Finding]) -> None:

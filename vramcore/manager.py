@@ -1,20 +1,11 @@
-"""The VramManager: seal shards into VRAM, verify them before use, free them, audit it all.
+"""The VramManager: the facade that seals shards into VRAM, verifies them, frees them.
 
-One manager serves one device of one backend. It is the facade: it owns the backend, the
-residency table (:mod:`vramcore._residency`), the audit sinks and the seal key, and hands the
-flows their working parts (:class:`vramcore._core.Core`): a seal is a
-:class:`vramcore._sealing.Sealing`, a verification (full, sampled, a scrub slice) a
-:class:`vramcore._verification.Verification`, and digests come from one
-:class:`vramcore._digests.DigestSource` (device or host; a device digest of a seal is always
-cross-checked against the staged bytes).
-
-It is thread-safe: seals, verifications and deallocations of different shards run in
-parallel; a shard used inside :meth:`VramManager.verified` is freed only after every such
-block has left, and :meth:`VramManager.close` waits (bounded) for operations in progress.
-Nothing stays allocated when a seal fails; a narration wrapper cannot change an outcome
-(:mod:`vramcore.narration`); a critical audit event a sink cannot record fails the operation
-(:class:`~vramcore.errors.AuditError`); no message, event or repr carries the token, the seal
-key, a signature or a pointer.
+It owns the backend, the residency table, the audit sinks and the seal key and delegates:
+start-up to :class:`vramcore._startup.Startup`, a seal to :class:`vramcore._sealing.Sealing`,
+a verification to :class:`vramcore._verification.Verification`, a directory to
+:class:`vramcore._sealdir.SealDir`; every digest comes from :mod:`vramcore._digests`. It is
+thread-safe; nothing stays allocated when a seal fails; no message, event or repr carries
+the token, the seal key, a signature or a pointer.
 """
 
 from __future__ import annotations
@@ -27,10 +18,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
-from vramcore._core import CLOSED, Core, enforce
-from vramcore._digests import DigestSource
-from vramcore._emitter import Emitter
-from vramcore._keyproviders import seal_key
+from vramcore._core import CLOSED, raise_close_errors
 from vramcore._loading import (
     MemorySource,
     Source,
@@ -42,20 +30,16 @@ from vramcore._loading import (
 from vramcore._residency import Residency
 from vramcore._sealdir import SealDir, SealedModel
 from vramcore._sealing import CROSS_CHECKS, Sealing, open_file
-from vramcore._startup import make_backend, probe
+from vramcore._startup import Startup, make_backend
 from vramcore._verification import ScrubTarget, Verification, check_sample, refuse_absent
-from vramcore.audit import DEFAULT_SINK_TIMEOUT, AuditMode, AuditSink, AuditTrail, PluginKeys
+from vramcore.audit import DEFAULT_SINK_TIMEOUT, AuditMode, AuditSink, AuditTrail
 from vramcore.backend import AllocatorBackend, DeviceBuffer
 from vramcore.digest import DEFAULT_LEAF_SIZE, default_workers
-from vramcore.errors import (
-    AuditError,
-    InvalidInput,
-    ManagerClosed,
-)
+from vramcore.errors import InvalidInput, ManagerClosed
 from vramcore.plugins import get_plugin_manager
-from vramcore.policy import VramPolicy, check_policy, host_memory_findings
+from vramcore.policy import VramPolicy, check_policy
 from vramcore.scrub import Scrubber, ScrubberSlot
-from vramcore.seal import SecretKey, SecretValue, WorkerToken
+from vramcore.seal import SecretValue, WorkerToken
 from vramcore.shard import SealedShard
 from vramcore.validation import (
     check_flag,
@@ -141,7 +125,6 @@ class VramManager:
         self._readers = default_readers() if read_threads is None else check_readers(read_threads)
         self._close_timeout = check_seconds(close_timeout, field="close_timeout")
         self._token = WorkerToken.adopt(secret)
-        self._key_provider = seal_key_provider
         self.worker_id = clean_text(
             worker_id if worker_id is not None else f"{socket.gethostname()}:{os.getpid()}",
             field="worker_id",
@@ -155,55 +138,33 @@ class VramManager:
         self._audit = AuditTrail(
             self._pm, check_seconds(audit_timeout, field="audit_timeout"), mode=audit
         )
-        self._key: SecretKey | None = None
-        self._plugin_keys: PluginKeys | None = None
+        self._startup = Startup(
+            self._pm,
+            self._audit,
+            self._token,
+            worker_id=self.worker_id,
+            policy=self.policy,
+            key_provider=seal_key_provider,
+        )
         self._owns_backend = not isinstance(allocator, AllocatorBackend)
         self._backend: AllocatorBackend | None = None
         self._scrubber = ScrubberSlot()
         try:
             self._backend = make_backend(self._pm, allocator)
             self._staging = staging_for(self._backend, self._chunk_bytes)
-            self._core = self._start(self._backend, device, workers)
+            self._core = self._startup.run(
+                self._backend,
+                device,
+                leaf_size=self.leaf_size,
+                staging=self._staging,
+                workers=workers,
+                residency=self._residency,
+            )
+            self.device: int = self._core.device
+            self.device_info = self._core.device_info
         except BaseException:
             self._teardown(close_backend=True)
             raise
-
-    def _start(self, backend: AllocatorBackend, device: int, workers: int) -> Core:
-        hook = self._pm.hook
-        self.device, self.device_info = probe(hook, backend, device)
-        if self._audit.enabled:
-            self._plugin_keys = PluginKeys(
-                self._token, worker_id=self.worker_id, device=self.device
-            )
-            self._audit.start(self._plugin_keys)
-        emitter = Emitter(
-            self._audit, worker_id=self.worker_id, device=self.device, backend=backend.name
-        )
-        enforce(emitter, self.policy.check_device(self.device_info))
-        enforce(emitter, host_memory_findings(backend, self.policy))
-        self._key = seal_key(self._pm, self._token, self.worker_id, self._key_provider)
-        log.info(
-            "vramcore manager started: backend=%s GPU %d (%s), worker=%s, token %s, %d sink(s)",
-            backend.name,
-            self.device,
-            self.device_info.name,
-            self.worker_id,
-            self._token.fingerprint,
-            len(self._audit.sinks),
-        )
-        digests = DigestSource(
-            hook, backend, self.leaf_size, staging=self._staging, workers=workers
-        )
-        return Core(
-            hook=hook,
-            backend=backend,
-            device_info=self.device_info,
-            residency=self._residency,
-            emitter=emitter,
-            digests=digests,
-            policy=self.policy,
-            key=self._key,
-        )
 
     def available_vram(self) -> int:
         """Free bytes on the device now (as the backend reports them)."""
@@ -240,8 +201,9 @@ class VramManager:
             ``expected_sha256`` (it costs one more pass of hashing, overlapped with the copy).
         :param cross_check: how a device digest is checked against host hashes of the bytes
             as they were staged for the copy: ``"sample"`` (four CSPRNG-drawn leaves of every
-            copy chunk: a lost or stale chunk is always caught) or ``"full"`` (every leaf, and
-            the root rebuilt on the host). Without a device digest every leaf is host-hashed.
+            copy chunk, so a lost or stale chunk is always caught, and the device's root
+            rebuilt from its own leaves) or ``"full"`` (every leaf). Without a device digest
+            every leaf is host-hashed.
         :raises IntegrityViolation: ``expected_sha256`` does not match (``sha256_mismatch``),
             or the bytes in VRAM are not the bytes staged (``cross_check``).
         :raises InsufficientVram: the device lacks room.
@@ -437,16 +399,7 @@ class VramManager:
             return
         stuck = self._residency.wait_idle(self._close_timeout)
         errors = self._core.release_all(residents) + self._teardown(close_backend=not stuck)
-        if stuck:
-            raise ManagerClosed(
-                f"{stuck} operation(s) were still running in the backend "
-                f"{self._close_timeout:g} s after close(); the backend was left open"
-            )
-        if errors:
-            raise AuditError(
-                f"closing the manager hit {len(errors)} error(s); the first: "
-                f"{type(errors[0]).__name__}: {errors[0]}"
-            ) from errors[0]
+        raise_close_errors(stuck, self._close_timeout, errors)
 
     def _teardown(self, *, close_backend: bool) -> list[BaseException]:
         self._closed = True
@@ -456,7 +409,7 @@ class VramManager:
                 self._backend.close()
             except Exception as exc:
                 errors.append(exc)
-        for secret in (self._key, self._plugin_keys, self._token):
+        for secret in (self._startup.key, self._startup.plugin_keys, self._token):
             if secret is not None:
                 secret.wipe()
         return errors
