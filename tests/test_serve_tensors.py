@@ -241,3 +241,41 @@ def test_a_tensor_map_records_layout_for_all_or_none() -> None:
         TensorMap.from_ranges([("a", 0, 1, "u8\n", [1])])
     with pytest.raises(InvalidInput, match="malformed shape"):
         TensorMap.from_ranges([("a", 0, 1, "U8", [-1])])
+
+
+_OUTLIVES = """
+import sys
+import torch
+import vramcore_allocator_mock as mock_plugin
+from vramcore import VramManager
+from vramcore.safetensors import write_safetensors
+from vramcore.testing import TEST_TOKEN
+
+with open(sys.argv[1], "wb") as fh:
+    write_safetensors(fh, {"w": ("F32", [4], bytes(range(16)))})
+manager = VramManager(TEST_TOKEN, allocator=mock_plugin.MockBackend(), audit="disabled")
+shard = manager.seal_file(sys.argv[1])
+with manager.verified(shard) as buffer:
+    KEPT = [torch.from_dlpack(v) for v in buffer.tensors().values()]  # consumed exports
+    SPARE = [v.__dlpack__() for v in buffer.tensors().values()]  # unconsumed capsules
+CYCLE: list[object] = [KEPT, SPARE]
+CYCLE.append(CYCLE)  # freed only by the collector's last pass, after the modules' globals
+del KEPT[1:], SPARE[1:]
+print(float(CYCLE[0][0].sum() * 0) + 1)
+"""
+
+
+def test_exports_that_outlive_the_interpreter_shut_down_cleanly(tmp_path: Path) -> None:
+    """A torch tensor or capsule still alive at exit is freed after this module's globals:
+    the interpreter must exit 0 (it crashed in the deleter before)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-X", "faulthandler", "-c", _OUTLIVES, str(tmp_path / "m.safetensors")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "1.0"

@@ -13,6 +13,7 @@ capsule is collected unconsumed. The memory stays valid only as long as its allo
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import threading
 from collections.abc import Sequence
@@ -83,8 +84,11 @@ _LOCK = threading.Lock()
 
 
 def _release(managed: Any) -> None:
-    with _LOCK:
-        _LIVE.pop(ctypes.addressof(managed.contents), None)
+    try:
+        with _LOCK:
+            _LIVE.pop(ctypes.addressof(managed.contents), None)
+    except Exception:  # noqa: S110 - late in interpreter shutdown: nothing left to release
+        pass
 
 
 _deleter: Any = _Deleter(_release)
@@ -105,12 +109,32 @@ _capsule_get: Any = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c
 def _destroy_capsule(capsule: int | None) -> None:
     # A consumer renames the capsule ("used_dltensor") and owns the deleter from then on;
     # an unconsumed capsule still named "dltensor" releases its export here.
-    if capsule and _capsule_is_valid(capsule, _NAME):
-        managed = ctypes.cast(_capsule_get(capsule, _NAME), ctypes.POINTER(_DLManagedTensor))
-        managed.contents.deleter(managed)
+    try:
+        if capsule and _capsule_is_valid(capsule, _NAME):
+            managed = ctypes.cast(_capsule_get(capsule, _NAME), ctypes.POINTER(_DLManagedTensor))
+            if managed.contents.deleter:  # NULL once the interpreter shuts down
+                managed.contents.deleter(managed)
+    except Exception:  # noqa: S110 - late in interpreter shutdown: nothing left to release
+        pass
 
 
 _capsule_destructor: Any = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(_destroy_capsule)
+
+# The two C entry points above are called by consumers (a torch tensor, a capsule) that may
+# outlive this module's globals at interpreter shutdown: they are never freed.
+for _thunk in (_deleter, _capsule_destructor):
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(_thunk))
+
+
+@atexit.register
+def _at_exit() -> None:
+    """Before the interpreter tears modules down: a tensor a consumer frees later must neither
+    call back into Python nor read freed memory, so every live export keeps its memory for
+    good (a leak at exit only) and its deleter becomes NULL, which DLPack consumers skip."""
+    with _LOCK:
+        for managed, *_ in _LIVE.values():
+            managed.deleter = _Deleter()
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(_LIVE))
 
 
 def export(
