@@ -33,6 +33,8 @@ import attrs
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from vramcore.validation import json_depth_ok
+
 __all__ = [
     "HEAD_ATTRIBUTE",
     "HEAD_FORMAT",
@@ -65,7 +67,6 @@ MAX_LINE = 1 << 20
 MAX_DOCUMENT = 16 * 1024 * 1024
 _MAX_HEAD_TEXT = 4096
 _MAX_NODES = 1_000_000
-_MAX_DEPTH = 32
 _HEX = "0123456789abcdef"
 _HEX_RE = re.compile(r"[0-9a-f]+")
 _TOP_CANDIDATES = 8
@@ -440,34 +441,10 @@ def _lines(f: BinaryIO) -> Iterator[bytes | None]:
         yield line.rstrip(b"\n")
 
 
-def _depth_ok(raw: bytes) -> bool:
-    if raw.count(b"[") + raw.count(b"{") <= _MAX_DEPTH:
-        return True
-    depth = 0
-    in_string = escaped = False
-    for byte in raw:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif byte == 0x5C:
-                escaped = True
-            elif byte == 0x22:
-                in_string = False
-        elif byte == 0x22:
-            in_string = True
-        elif byte in (0x5B, 0x7B):
-            depth += 1
-            if depth > _MAX_DEPTH:
-                return False
-        elif byte in (0x5D, 0x7D):
-            depth -= 1
-    return True
-
-
 def _loads(text: str | bytes) -> Any:
     """JSON, or ``None`` if it is not JSON or nests deeper than 32 levels."""
     raw = text.encode("utf-8", "replace") if isinstance(text, str) else text
-    if not _depth_ok(raw):
+    if not json_depth_ok(raw):
         return None
     try:
         return json.loads(raw)

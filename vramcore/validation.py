@@ -19,6 +19,7 @@ from vramcore.errors import InvalidInput
 
 __all__ = [
     "MAX_FIELD_CHARS",
+    "MAX_JSON_DEPTH",
     "MAX_LEAF_SIZE",
     "MAX_NAME_BYTES",
     "MAX_SHARD_ID_CHARS",
@@ -33,6 +34,7 @@ __all__ = [
     "check_workers",
     "clean_text",
     "escape_text",
+    "json_depth_ok",
     "safe_repr",
     "scrub_text",
 ]
@@ -45,6 +47,8 @@ MAX_LEAF_SIZE = 1 << 30
 MAX_SHARD_ID_CHARS = 256
 #: Longest string an audit event field may carry; longer values are cut with a marker.
 MAX_FIELD_CHARS = 1024
+#: Nesting limit of JSON read from a file vramcore (or a plugin) did not write itself.
+MAX_JSON_DEPTH = 32
 
 _SHARD_ID = re.compile(r"[A-Za-z0-9._:-]{1,256}")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
@@ -276,3 +280,31 @@ def _os_problem(exc: OSError) -> str:
     if exc.errno == errno.ELOOP:
         return "too many symbolic links"
     return f"cannot read it ({escape_text(exc.strerror or type(exc).__name__)})"
+
+
+def json_depth_ok(text: bytes | str, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether ``text`` nests brackets at most ``limit`` deep (a cheap pre-check that keeps
+    hostile input from reaching ``json.loads``'s recursion limit)."""
+    raw = text.encode("utf-8", "replace") if isinstance(text, str) else text
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return True
+    depth = 0
+    in_string = False
+    escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            if depth > limit:
+                return False
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return True

@@ -30,6 +30,7 @@ import attrs
 from vramcore import _heads
 from vramcore.errors import ConfigError
 from vramcore.seal import derive_key
+from vramcore.validation import MAX_JSON_DEPTH, json_depth_ok
 
 __all__ = [
     "CHAIN_KEY_PURPOSE",
@@ -110,8 +111,6 @@ INITIAL_KEY_NAME = "auditor-initial.key"
 MAX_LINE = 1 << 20
 #: Checkpoint ``data`` members, in canonical order, besides ``sig``.
 CHECKPOINT_DATA_FIELDS = ("head", "log_id", "reason", "records", "segment", "ts")
-#: Nesting limit of anything the plugin parses from a file it did not write itself.
-MAX_JSON_DEPTH = 32
 
 _hmac_new: Callable[..., Any] = getattr(_hashlib, "hmac_new", hmac.new)
 _MAC_SUFFIX_LEN = 75  # '},"mac":"' (9) + 64 hex + '"}' (2)
@@ -208,34 +207,6 @@ def read_bounded(path: Path, limit: int) -> bytes:
     if len(data) > limit:
         raise ConfigError(f"{path} is larger than {limit} bytes: not the file expected here")
     return data
-
-
-def json_depth_ok(text: bytes | str, limit: int = MAX_JSON_DEPTH) -> bool:
-    """Whether ``text`` nests brackets at most ``limit`` deep (a cheap pre-check that keeps
-    hostile input from reaching ``json.loads``'s recursion limit)."""
-    raw = text.encode("utf-8", "replace") if isinstance(text, str) else text
-    if raw.count(b"[") + raw.count(b"{") <= limit:
-        return True
-    depth = 0
-    in_string = False
-    escaped = False
-    for byte in raw:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif byte == 0x5C:  # backslash
-                escaped = True
-            elif byte == 0x22:
-                in_string = False
-        elif byte == 0x22:
-            in_string = True
-        elif byte in (0x5B, 0x7B):
-            depth += 1
-            if depth > limit:
-                return False
-        elif byte in (0x5D, 0x7D):
-            depth -= 1
-    return True
 
 
 def loads_bounded(text: bytes | str) -> Any:
