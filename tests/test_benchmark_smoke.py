@@ -61,7 +61,7 @@ def test_quick_run_writes_a_table_and_json(
         assert (f"seal_file, {readers} readers", 2, 1 << 20) in whats
     pipeline = report["seal_pipeline"]
     assert pipeline["read_threads"] == 2 and pipeline["wall_s"] > 0
-    assert set(pipeline["busy"]) == {"read", "copy", "hash_and_other", "stall"}
+    assert set(pipeline["busy"]) == {"read", "hash", "copy", "other", "stall"}
     assert all(value >= 0 for value in pipeline["busy"].values())
 
 

@@ -13,7 +13,7 @@ import pytest
 import vramcore_allocator_mock
 
 from vramcore import VramManager, hookimpl
-from vramcore._loading import MAX_READERS, default_readers
+from vramcore._loading import DEFAULT_MAX_READERS, MAX_READERS, default_readers
 from vramcore.digest import hash_leaves_packed, merkle_root
 from vramcore.errors import ConfigError, InvalidInput
 from vramcore.narration import Operation
@@ -77,7 +77,7 @@ def test_the_copy_operation_says_where_its_time_went(tmp_path: Path) -> None:
         manager.seal_model(b"m" * LEAF)
     from_file, from_memory = spy.copies
     assert from_file["read_threads"] == 3
-    for key in ("read_cpu_us", "copy_cpu_us", "stall_us", "cpu_us", "wall_us"):
+    for key in ("read_cpu_us", "hash_cpu_us", "copy_cpu_us", "stall_us", "cpu_us", "wall_us"):
         assert isinstance(from_file[key], int) and from_file[key] >= 0
     assert from_file["wall_us"] > 0
     assert "read_threads" not in from_memory  # bytes in memory are not read
@@ -94,7 +94,8 @@ def test_read_threads_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
         with pytest.raises(ConfigError, match="VRAMCORE_READ_THREADS"):
             default_readers()
     monkeypatch.delenv("VRAMCORE_READ_THREADS")
-    assert default_readers() == 2
+    assert default_readers(3) == 3  # the hash workers
+    assert default_readers(64) == DEFAULT_MAX_READERS
 
 
 def test_an_unreadable_file_is_one_clear_error(

@@ -454,11 +454,12 @@ def core_settings() -> list[Setting]:
         ),
         Setting(
             key="read_threads",
-            help="threads reading a file into the staging buffers while it is sealed",
+            help="threads reading a file into the staging buffers while it is sealed, each "
+            "hashing what it read",
             kind="int",
             minimum=1,
             maximum=64,
-            default="2",
+            default="the hash workers, at most 8",
         ),
         Setting(
             key="log_format",

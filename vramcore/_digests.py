@@ -118,6 +118,18 @@ class StagedLeaves:
         """
         if self._all is not None:
             return self._all.feed(offset, chunk)
+        self._sample(offset, chunk)
+        return _done
+
+    def hash_here(self, offset: int, chunk: memoryview) -> None:
+        """What :meth:`feed` hashes of ``chunk``, on the calling thread (a file load's reader
+        threads hash the chunk each has just read, while its bytes are in cache)."""
+        if self._all is not None:
+            self._all.hash_here(offset, chunk)
+        else:
+            self._sample(offset, chunk)
+
+    def _sample(self, offset: int, chunk: memoryview) -> None:
         size = self.leaf_size
         first, count = offset // size, leaf_count(len(chunk), size)
         parts = min(STRATA_PER_CHUNK, count)
@@ -127,7 +139,6 @@ class StagedLeaves:
             self._sampled[first + leaf] = hash_leaves_packed(
                 chunk[leaf * size : (leaf + 1) * size], size, 1
             )
-        return _done
 
     def hashes(self) -> tuple[tuple[int, ...] | None, bytes]:
         """``(indices, packed hashes)``: ``indices`` is ``None`` when every leaf was hashed."""

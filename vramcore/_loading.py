@@ -22,7 +22,7 @@ import hashlib
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,6 +36,7 @@ from vramcore.shard import TensorMap
 from vramcore.validation import check_sha256_hex, check_size, safe_repr
 
 __all__ = [
+    "DEFAULT_MAX_READERS",
     "MAX_READERS",
     "FileLoad",
     "FileSource",
@@ -56,6 +57,8 @@ __all__ = [
 Progress = Callable[[int, int], None]
 #: Most reader threads of one file load (each holds a staging buffer of ``chunk_bytes``).
 MAX_READERS = 64
+#: Most reader threads by default (:func:`default_readers`): eight 8 MiB staging buffers.
+DEFAULT_MAX_READERS = 8
 #: Lends two staging buffers for the duration of a ``with`` block.
 StagingFactory = Callable[[], contextlib.AbstractContextManager[list[memoryview]]]
 
@@ -65,6 +68,10 @@ class StagedHasher(Protocol):
 
     def feed(self, offset: int, chunk: memoryview) -> Callable[[], None]:
         """Hash what it wants of one copy chunk; the returned waiter says when it is done."""
+        ...
+
+    def hash_here(self, offset: int, chunk: memoryview) -> None:
+        """Hash what it wants of one copy chunk on the calling thread."""
         ...
 
 
@@ -289,15 +296,17 @@ class FileSource(Source):
         return result
 
 
-def default_readers() -> int:
-    """Threads reading a file when none are configured: ``VRAMCORE_READ_THREADS``, else 2.
+def default_readers(hash_workers: int = 2) -> int:
+    """Threads reading (and hashing) a file when none are configured:
+    ``VRAMCORE_READ_THREADS``, else ``hash_workers`` up to :data:`DEFAULT_MAX_READERS`.
 
-    Two keep a page-cache read ahead of the hashing on a small host; a GPU host feeding
-    pinned memory at PCIe speed wants more (one thread reads the page cache at 6-12 GB/s).
+    Each reader thread hashes the leaves of the chunk it has just read, so on the host they
+    are the seal's hashing threads too; a GPU host feeding pinned memory at PCIe speed wants
+    several (one thread reads the page cache at 6-12 GB/s). Each holds one staging buffer.
     """
     text = os.environ.get("VRAMCORE_READ_THREADS", "").strip()
     if not text:
-        return 2
+        return max(1, min(hash_workers, DEFAULT_MAX_READERS))
     if not text.isdigit() or not 1 <= int(text) <= MAX_READERS:
         raise ConfigError(
             f"VRAMCORE_READ_THREADS={text[:20]!r} must be a whole number from 1 to {MAX_READERS}"
@@ -327,32 +336,45 @@ class Timeline:
     :attr cpu: CPU seconds of the whole process meanwhile (every thread).
     :attr read: CPU seconds of the reader threads in ``preadv`` (the kernel copying from
         the page cache).
+    :attr hash: CPU seconds of the reader threads hashing the leaves of what they read.
     :attr copy: CPU seconds of the loading thread issuing copies to the device.
     :attr stall: seconds the loading thread waited for a chunk to be read or a buffer to be
         free (its copy and hashes done).
     """
 
     def __init__(self) -> None:
-        self.wall = self.cpu = self.read = self.copy = self.stall = 0.0
+        self.wall = self.cpu = self.read = self.hash = self.copy = self.stall = 0.0
 
     def busy(self, cores: int) -> dict[str, float]:
-        """Each stage's share of the wall time, and the cores' use overall. Hashing is what
-        the process's CPU time holds beyond reading and copying (it runs on the hashing
-        pool, shared with other work)."""
+        """Each stage's share of the wall time (1.0: one core for the whole load), and the
+        cores' use overall. ``other`` is the process's CPU time beyond reading, hashing and
+        copying (the file SHA-256, Python overhead, other work)."""
         wall = self.wall or 1e-9
         return {
             "read": self.read / wall,
+            "hash": self.hash / wall,
             "copy": self.copy / wall,
-            "hash_and_other": max(0.0, self.cpu - self.read - self.copy) / wall,
+            "other": max(0.0, self.cpu - self.read - self.hash - self.copy) / wall,
             "stall": self.stall / wall,
             "cores_used": self.cpu / wall / max(1, cores),
         }
+
+    @classmethod
+    def from_attributes(cls, attributes: Mapping[str, Any]) -> Timeline:
+        """The timeline a narrated ``copy`` operation carries (see :meth:`attributes`)."""
+        timeline = cls()
+        for name in ("wall", "cpu", "read", "hash", "copy", "stall"):
+            key = f"{name}_us" if name in ("wall", "stall") else f"{name}_cpu_us"
+            key = "cpu_us" if name == "cpu" else key
+            setattr(timeline, name, int(attributes.get(key, 0)) / 1e6)
+        return timeline
 
     def attributes(self, readers: int) -> dict[str, int]:
         """The timeline as attributes of the narrated ``copy`` operation (microseconds)."""
         return {
             "read_threads": readers,
             "read_cpu_us": round(self.read * 1e6),
+            "hash_cpu_us": round(self.hash * 1e6),
             "copy_cpu_us": round(self.copy * 1e6),
             "stall_us": round(self.stall * 1e6),
             "cpu_us": round(self.cpu * 1e6),
@@ -360,14 +382,29 @@ class Timeline:
         }
 
 
+class _Chunk:
+    """One chunk of a file load in flight: read, then hashed, by one reader thread.
+
+    :attr read: resolves (to the read's CPU seconds) once the bytes are in the buffer, so
+        the loading thread can copy them while the reader goes on to hash them.
+    """
+
+    def __init__(self, view: memoryview, offset: int) -> None:
+        self.view = view
+        self.offset = offset
+        self.read: Future[float] = Future()
+
+
 class FileLoad:
     """One file streamed into a device buffer through a ring of staging buffers.
 
     Reader threads fill the ring ahead of use, each chunk at its own offset (``preadv``: no
-    shared file position, and the GIL is released while the kernel copies); this thread takes
-    the chunks in file order, hands each to the leaf hashing (worker threads) and the file
-    SHA-256, and issues its copy to the device. A buffer is refilled only once its copy and
-    hashes are done, and :meth:`run` returns only when no thread reads or writes any of them.
+    shared file position, and the GIL is released while the kernel copies), and each then
+    hashes the leaves of the chunk it has just read (while its bytes are in cache, with no
+    hand-off to another thread). This thread takes the chunks in file order, as each is
+    read, feeds the file SHA-256 and issues the chunk's copy to the device. A buffer is
+    refilled only once its copy and hashes are done, and :meth:`run` returns only when no
+    thread reads or writes any of them.
 
     :param buffers: the ring (at least three): reads run up to ``len(buffers) - 2`` chunks
         ahead while two chunks are hashed and copied.
@@ -394,8 +431,9 @@ class FileLoad:
         self.count = -(-source.nbytes // self.chunk)
         self.ahead = max(1, len(buffers) - 2)
         self.pipes = [_Pipeline() for _ in buffers]
-        self.reads: dict[int, Future[float]] = {}
+        self.reads: dict[int, tuple[_Chunk, Future[float]]] = {}
         self.timeline = Timeline()
+        self._lock = threading.Lock()  # guards the readers' sums in the timeline
 
     def run(self) -> None:
         """Load every chunk (see the class docstring).
@@ -408,8 +446,8 @@ class FileLoad:
                 try:
                     self._load()
                 finally:
-                    for fut in self.reads.values():  # readers may still fill a buffer
-                        fut.exception()
+                    for _, done in self.reads.values():  # readers may still use a buffer
+                        done.exception()
         finally:
             self.timeline.wall = time.perf_counter() - started
             self.timeline.cpu = time.process_time() - cpu
@@ -420,22 +458,19 @@ class FileLoad:
         for index in range(min(self.ahead, self.count)):
             self._read(index, pool)
         for index in range(self.count):
+            chunk, done = self.reads.pop(index)
             waited = time.perf_counter()
-            timeline.read += self.reads.pop(index).result()
+            chunk.read.result()
             timeline.stall += time.perf_counter() - waited
-            offset = index * self.chunk
-            slot = index % len(self.buffers)
-            view = self.buffers[slot][: min(self.chunk, nbytes - offset)]
-            pipe = self.pipes[slot]
-            # Hashes first: their threads run while this thread issues the copy.
-            pipe.waiters.append(self.staged.feed(offset, view))
+            pipe = self.pipes[index % len(self.buffers)]
+            pipe.waiters.append(functools.partial(_settled, done))  # it may still be hashing
             if self.file_hash is not None:
-                pipe.waiters.append(self.file_hash.feed(view))
+                pipe.waiters.append(self.file_hash.feed(chunk.view))
             copying = time.thread_time()
-            _copy(self.backend, self.buf, offset, view, pipe)
+            _copy(self.backend, self.buf, chunk.offset, chunk.view, pipe)
             timeline.copy += time.thread_time() - copying
             if source.progress is not None:
-                source.progress(offset + len(view), nbytes)
+                source.progress(chunk.offset + len(chunk.view), nbytes)
             if index + self.ahead < self.count:
                 self._read(index + self.ahead, pool)
         if os.pread(self.fd, 1, nbytes):
@@ -444,22 +479,38 @@ class FileLoad:
             )
 
     def _read(self, index: int, pool: ThreadPoolExecutor | None) -> None:
-        """Start reading chunk ``index`` into its ring slot, once the slot is free."""
+        """Start reading (then hashing) chunk ``index`` into its ring slot, once it is free."""
         slot = index % len(self.buffers)
         waited = time.perf_counter()
         self.pipes[slot].drain()  # the slot's previous chunk is copied and hashed
         self.timeline.stall += time.perf_counter() - waited
         offset = index * self.chunk
-        view = self.buffers[slot][: min(self.chunk, self.source.nbytes - offset)]
+        chunk = _Chunk(self.buffers[slot][: min(self.chunk, self.source.nbytes - offset)], offset)
         if pool is not None:
-            self.reads[index] = pool.submit(self._fill, view, offset)
+            self.reads[index] = (chunk, pool.submit(self._fill_and_hash, chunk))
             return
-        done: Future[float] = Future()  # one chunk: read it here, no thread hand-off
+        done: Future[float] = Future()  # one chunk: read and hash it here, no hand-off
         try:
-            done.set_result(self._fill(view, offset))
+            done.set_result(self._fill_and_hash(chunk))
         except BaseException as exc:
             done.set_exception(exc)
-        self.reads[index] = done
+        self.reads[index] = (chunk, done)
+
+    def _fill_and_hash(self, chunk: _Chunk) -> float:
+        """Read ``chunk``, let the loading thread have it, then hash its leaves."""
+        try:
+            read = self._fill(chunk.view, chunk.offset)
+        except BaseException as exc:
+            chunk.read.set_exception(exc)
+            raise
+        chunk.read.set_result(read)
+        started = time.thread_time()
+        self.staged.hash_here(chunk.offset, chunk.view)
+        hashed = time.thread_time() - started
+        with self._lock:
+            self.timeline.read += read
+            self.timeline.hash += hashed
+        return hashed
 
     def _fill(self, view: memoryview, offset: int) -> float:
         """Read ``len(view)`` bytes at ``offset`` into ``view``; return this thread's CPU
@@ -481,6 +532,11 @@ class FileLoad:
                 )
             got += n
         return time.thread_time() - started
+
+
+def _settled(done: Future[Any]) -> None:
+    """Wait for ``done``; raise its error."""
+    done.result()
 
 
 @contextlib.contextmanager

@@ -148,6 +148,16 @@ class LeafHasher:
         self._futures.extend(futures)
         return functools.partial(_wait_all, futures)
 
+    def hash_here(self, offset: int, chunk: memoryview) -> None:
+        """Hash ``chunk`` (the covered bytes from ``offset`` on, leaf-aligned) on the calling
+        thread, for a caller that is itself one of several threads sharing the work."""
+        if offset % self.leaf_size:
+            raise InvalidInput(f"chunk offset {offset} is not on a leaf boundary")
+        size = self.leaf_size
+        base = offset // size * HASH_SIZE
+        end = base + leaf_count(len(chunk), size) * HASH_SIZE
+        _hash_span(chunk, size, memoryview(self._out)[base:end])
+
     def packed(self) -> bytes:
         """The packed leaf hashes, once every chunk fed so far is hashed."""
         _wait_all(self._futures)

@@ -84,7 +84,8 @@ class VramManager:
     :param hash_workers: threads hashing leaves on the host (default ``VRAMCORE_HASH_WORKERS``
         or the number of cores).
     :param read_threads: threads reading a file into the staging buffers of
-        :meth:`seal_file` (default ``VRAMCORE_READ_THREADS`` or 2; at most 64).
+        :meth:`seal_file`, each hashing what it read (default ``VRAMCORE_READ_THREADS``, else
+        the hash workers up to 8; at most 64).
     :param close_timeout: seconds :meth:`close` waits for operations in progress.
     :param audit_timeout: seconds an audit sink may take to record one event; a sink that
         takes longer counts as failed (fail closed for critical events).
@@ -122,7 +123,9 @@ class VramManager:
         self.leaf_size = check_leaf_size(leaf_size)
         check_size(chunk_bytes, field="chunk_bytes")
         workers = default_workers() if hash_workers is None else check_workers(hash_workers)
-        self._readers = default_readers() if read_threads is None else check_readers(read_threads)
+        self._readers = (
+            default_readers(workers) if read_threads is None else check_readers(read_threads)
+        )
         self._close_timeout = check_seconds(close_timeout, field="close_timeout")
         self._token = WorkerToken.adopt(secret)
         self.worker_id = clean_text(

@@ -61,6 +61,7 @@ OPERATION_ATTRIBUTES: Final[Mapping[str, type]] = {
     "vram_total": int,  #: the device's bytes
     "read_threads": int,  #: copy of a file: threads reading it
     "read_cpu_us": int,  #: copy of a file: CPU microseconds the reader threads spent reading
+    "hash_cpu_us": int,  #: copy of a file: CPU microseconds the reader threads spent hashing
     "copy_cpu_us": int,  #: copy of a file: CPU microseconds spent issuing device copies
     "stall_us": int,  #: copy of a file: microseconds waiting for reads or hashes to finish
     "cpu_us": int,  #: copy of a file: CPU microseconds of the process (every thread)

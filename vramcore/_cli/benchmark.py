@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from vramcore import hookimpl
+from vramcore._loading import Timeline
 from vramcore.errors import ConfigError
 from vramcore.narration import Operation
 
@@ -392,20 +393,14 @@ class _CopyTimeline:
         a = self.attributes
         if not a:
             return None
-        wall = max(1, int(a["wall_us"]))
-        cores = os.cpu_count() or 1
-        hashing = max(0, a["cpu_us"] - a["read_cpu_us"] - a["copy_cpu_us"])
+        timeline = Timeline.from_attributes(a)
+        busy = timeline.busy(os.cpu_count() or 1)
         return {
             "size": size,
             "read_threads": a["read_threads"],
-            "wall_s": wall / 1e6,
-            "busy": {
-                "read": a["read_cpu_us"] / wall,
-                "copy": a["copy_cpu_us"] / wall,
-                "hash_and_other": hashing / wall,
-                "stall": a["stall_us"] / wall,
-            },
-            "cores_used": a["cpu_us"] / wall / cores,
+            "wall_s": timeline.wall,
+            "busy": {k: v for k, v in busy.items() if k != "cores_used"},
+            "cores_used": busy["cores_used"],
         }
 
 

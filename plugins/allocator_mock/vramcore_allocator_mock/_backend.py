@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -27,6 +28,8 @@ from vramcore_allocator_mock._config import FAITHFUL, FAULT_OPS, options_from_en
 from vramcore_allocator_mock._copies import CopyStream, MockCopyHandle, finished_handle
 from vramcore_allocator_mock._tensors import MockTensorSource
 
+#: Copies from this size on run without the GIL (:func:`_copy_bytes`).
+_GIL_FREE_COPY = 1 << 16
 _GARBAGE_BLOCK = 4096
 
 
@@ -69,6 +72,21 @@ class _Allocation:
         self.mem = mem
         self.view = memoryview(mem)
         self.kind = kind
+
+
+def _copy_bytes(dst: bytearray, offset: int, data: memoryview) -> None:
+    """``dst[offset:offset + len(data)] = data``, without holding the GIL for large copies.
+
+    A device copy engine runs beside the host's threads; ``ctypes.memmove`` releases the GIL
+    as a DMA would, so the seal's hashing threads keep running while the mock copies.
+    """
+    n = data.nbytes
+    if n < _GIL_FREE_COPY or data.readonly:
+        dst[offset : offset + n] = data
+        return
+    target = (ctypes.c_char * n).from_buffer(dst, offset)
+    source = (ctypes.c_char * n).from_buffer(data)
+    ctypes.memmove(target, source, n)
 
 
 def _garbage(nbytes: int) -> bytearray:
@@ -405,7 +423,7 @@ class MockBackend(AllocatorBackend):
         if wait_failure is not None:  # a synchronous copy that fails "on the device"
             self._copy_failed(wait_failure)
             return finished_handle((AllocationFailed, f"mock copy failed: {wait_failure}"))
-        alloc.mem[offset : offset + n] = data
+        _copy_bytes(alloc.mem, offset, data)
         return None
 
     def read_into(self, buf: DeviceBuffer, offset: int, out: memoryview) -> None:
