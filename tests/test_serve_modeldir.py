@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from vramcore import VramManager
 from vramcore._modeldir import scan_model_dir
 from vramcore._publisher import key_fingerprint, load_public_key, verify_bundle
-from vramcore._sealdir import SealDir, SealedModel
+from vramcore._sealdir import SealedModel
 from vramcore.errors import InsufficientVram, IntegrityViolation, InvalidInput
 from vramcore.safetensors import write_safetensors
 from vramcore.testing import TEST_TOKEN, CapturePlugin, CapturingSink
@@ -310,7 +310,7 @@ def _copy(publisher: tuple[Path, Path, Path], tmp_path: Path) -> tuple[Path, Pat
 def test_an_unsigned_directory_seals_one_shard_per_file(
     manager: VramManager, tmp_path: Path
 ) -> None:
-    sealed = SealDir(manager, write_model(tmp_path / "tiny-model")).run()
+    sealed = manager.seal_dir(write_model(tmp_path / "tiny-model"))
     assert sealed.index == INDEX and sealed.publisher is None
     assert list(sealed.files) == [
         "model-00001-of-00002.safetensors",
@@ -336,7 +336,7 @@ def test_a_signed_directory_records_the_publisher(
     manager: VramManager, publisher: tuple[Path, Path, Path]
 ) -> None:
     model, signature, public = publisher
-    sealed = SealDir(manager, model, signature=signature, public_key=public).run()
+    sealed = manager.seal_dir(model, signature=signature, public_key=public)
     assert sealed.publisher is not None
     from vramcore._publisher import verify_bundle
 
@@ -357,12 +357,12 @@ def test_a_signature_inside_the_directory_is_not_an_unsigned_file(
     model, signature, public = _copy(publisher, tmp_path)
     inside = model / "model.sig"
     shutil.copy(signature, inside)
-    assert len(SealDir(manager, model, signature=inside, public_key=public).run().shards) == 2
+    assert len(manager.seal_dir(model, signature=inside, public_key=public).shards) == 2
 
 
 def _refused(manager: VramManager, model: Path, signature: Path, public: Path) -> str:
     with pytest.raises(IntegrityViolation) as caught:
-        SealDir(manager, model, signature=signature, public_key=public).run()
+        manager.seal_dir(model, signature=signature, public_key=public)
     assert manager.shards() == [] and manager.used_vram() == 0  # all or nothing
     message = str(caught.value)
     assert "\n" not in message
@@ -417,7 +417,7 @@ def test_a_tampered_file_is_refused(
 
 def test_signature_and_key_go_together(manager: VramManager, tmp_path: Path) -> None:
     with pytest.raises(InvalidInput, match="needs both signature and public_key"):
-        SealDir(manager, tmp_path, signature=tmp_path / "x.sig")
+        manager.seal_dir(tmp_path, signature=tmp_path / "x.sig")
 
 
 def test_a_failed_shard_releases_the_shards_sealed_before_it(
@@ -425,12 +425,12 @@ def test_a_failed_shard_releases_the_shards_sealed_before_it(
 ) -> None:
     root = write_model(tmp_path / "m", index=False)
     with pytest.raises(InvalidInput, match="shard_prefix"):
-        SealDir(manager, root, shard_prefix="bad/prefix").run()
+        manager.seal_dir(root, shard_prefix="bad/prefix")
     sizes = [p.stat().st_size for p in sorted(root.glob("*.safetensors"))]
     backend = mock_plugin.MockBackend(capacity=sum(sizes) - 1)  # room for the first only
     with VramManager(TEST_TOKEN, allocator=backend, audit="disabled") as small:
         with pytest.raises(InsufficientVram):
-            SealDir(small, root).run()
+            small.seal_dir(root)
         assert small.shards() == [] and backend.live_allocations == 0
 
 

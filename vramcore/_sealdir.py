@@ -11,8 +11,14 @@
 3. **seal** -- each shard is sealed with ``seal_file(expected_sha256=<signed SHA-256>)``: its
    SHA-256 is computed from the very bytes copied to VRAM, each byte read once, and a
    mismatch leaves nothing allocated. Its sealed tensor map must be the one scanned;
-4. **record** -- a :class:`SealedModel` (the directory's attestation) and one critical audit
-   event, ``vram.model_sealed`` (shards, index, key fingerprint, manifest digest).
+4. **record** -- a :class:`SealedModel` (the directory's attestation, signed: an HMAC under a
+   key derived from the seal key for this purpose, :data:`vramcore.seal.MODEL_KEY_INFO`, over
+   the list of shards, the index and the publisher) and one critical audit event,
+   ``vram.model_sealed`` (shards, index, key fingerprint, manifest digest).
+
+:class:`ModelCheck` checks that signature again (``VramManager.verify_model`` and
+``verify_attestation``): an attestation whose list of shards, files, index or publisher was
+edited, or that another worker signed, fails with reason ``"signature"``, audited.
 
 All or nothing: if any step fails, every shard this call sealed is deallocated and the error
 (one line) is raised.
@@ -26,13 +32,15 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import attrs
 
 from vramcore._modeldir import ModelDir, bad_dir, scan_model_dir, walk_files
 from vramcore._publisher import SignedManifest, signature_is_inside, verify_bundle
-from vramcore.errors import IntegrityViolation, InvalidInput, VramError
+from vramcore.errors import IntegrityViolation, InvalidInput, SealVerificationFailed, VramError
+from vramcore.events import VerificationReason
+from vramcore.seal import MODEL_KEY_INFO, SecretKey, canonical_model_message
 from vramcore.shard import SealedShard
 from vramcore.validation import check_shard_id, escape_text, safe_repr
 
@@ -52,16 +60,32 @@ class ShardSealer(Protocol):
 
 
 class ModelRecorder(Protocol):
-    """Where a sealed directory is audited (``vram.model_sealed``, a critical event)."""
+    """Where a sealed directory is audited (``vram.model_sealed``, a critical event) and a
+    refused model attestation (``seal.verification_failed``, critical)."""
 
     def model_sealed(self, model: SealedModel) -> None: ...
 
+    def verification_failed(self, shard_id: str, *, reason: str, detail: str) -> None: ...
 
-__all__ = ["MODEL_ATTESTATION_VERSION", "Publisher", "SealDir", "SealedModel"]
 
-#: Version of :meth:`SealedModel.to_json`'s form.
-MODEL_ATTESTATION_VERSION = 1
+class SealKeyHolder(Protocol):
+    """What signs and checks a model attestation: the manager's seal key, while it is open."""
+
+    def key(self) -> SecretKey: ...
+
+
+__all__ = ["MODEL_ATTESTATION_VERSION", "ModelCheck", "Publisher", "SealDir", "SealedModel"]
+
+#: Version of :meth:`SealedModel.to_json`'s form (2: signed; 1 had no signature, refused).
+MODEL_ATTESTATION_VERSION = 2
 _ID_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_FIELDS = {"model_attestation_version", "model", "index", "publisher", "shards", "signature"}
+
+
+def _signature_bytes(_instance: object, _attribute: object, value: object) -> None:
+    if not isinstance(value, bytes):
+        raise InvalidInput("a model attestation's signature must be bytes")
 
 
 @attrs.frozen
@@ -90,16 +114,44 @@ class SealedModel:
     :attr index: the index file's name, ``None`` without an index.
     :attr files: shard file name (relative to the directory) -> its sealed shard, in order.
     :attr publisher: the verified publisher signature, ``None`` when sealed without one.
+    :attr signature: HMAC-SHA256 over :meth:`signed_message` under the worker's model
+        attestation key (never shown in repr/str).
 
     Each shard carries its own HMAC seal; a signed directory's shards also carry their file's
     SHA-256 (checked against the signed manifest while loading, and covered by the seal), so
-    an auditor can trace each shard in VRAM to the publisher's manifest.
+    an auditor can trace each shard in VRAM to the publisher's manifest. The attestation's own
+    signature covers which shards make up the model, under which file names, in which order,
+    from which index and which publisher: dropping, adding or swapping a shard, or editing the
+    key fingerprint or the manifest digest, breaks it.
     """
 
     model: str
     index: str | None
     files: Mapping[str, SealedShard]
     publisher: Publisher | None = None
+    signature: bytes = attrs.field(default=b"", repr=False, validator=_signature_bytes)
+
+    def signed_message(self) -> bytes:
+        """The bytes the signature covers (:func:`vramcore.seal.canonical_model_message`)."""
+        publisher = self.publisher
+        return canonical_model_message(
+            model=self.model,
+            index=self.index,
+            publisher=(
+                None
+                if publisher is None
+                else (publisher.key_fingerprint, publisher.manifest_digest, publisher.model_name)
+            ),
+            shards=[
+                (name, hashlib.sha256(shard.signed_message()).digest())
+                for name, shard in self.files.items()
+            ],
+        )
+
+    @property
+    def event_id(self) -> str:
+        """The id audit events give this model (its name, made a valid shard id)."""
+        return (_ID_CHARS.sub("-", self.model).strip("-.") or "model")[:128]
 
     @property
     def shards(self) -> tuple[SealedShard, ...]:
@@ -126,8 +178,9 @@ class SealedModel:
         )
 
     def to_dict(self, *, include_signature: bool = True) -> dict[str, Any]:
-        """The directory's attestation: every shard's attestation, by file, and the publisher."""
-        return {
+        """The directory's attestation: every shard's attestation, by file, the publisher and
+        (with ``include_signature``) its own signature and every shard's."""
+        out: dict[str, Any] = {
             "model_attestation_version": MODEL_ATTESTATION_VERSION,
             "model": self.model,
             "index": self.index,
@@ -137,6 +190,9 @@ class SealedModel:
                 for name, shard in self.files.items()
             ],
         }
+        if include_signature:
+            out["signature"] = self.signature.hex()
+        return out
 
     def to_json(self, *, include_signature: bool = True) -> str:
         """Compact JSON with sorted keys (its one canonical form)."""
@@ -150,20 +206,26 @@ class SealedModel:
     def from_json(cls, text: str | bytes) -> SealedModel:
         """Read what :meth:`to_json` wrote (with signatures); only the canonical form.
 
-        :raises InvalidInput: malformed JSON, a missing or unknown field, a bad shard.
+        Reading checks the form only: whether the signature is this worker's is for
+        ``VramManager.verify_model`` / ``verify_attestation`` to say.
+
+        :raises InvalidInput: malformed JSON, a missing or unknown field, a bad shard, an
+            attestation without its signature (version 1, or written without signatures).
         """
         try:
             data = json.loads(text)
         except (ValueError, RecursionError):
             raise InvalidInput("model attestation is not valid JSON") from None
-        if not isinstance(data, dict) or set(data) != {
-            "model_attestation_version",
-            "model",
-            "index",
-            "publisher",
-            "shards",
-        }:
-            raise InvalidInput("model attestation must hold exactly the fields to_json() writes")
+        if isinstance(data, dict) and data.get("model_attestation_version") == 1:
+            raise InvalidInput(
+                "model attestation version 1 carries no signature of its own; seal the "
+                "directory again"
+            )
+        if not isinstance(data, dict) or set(data) != _FIELDS:
+            raise InvalidInput(
+                "model attestation must hold exactly the fields to_json() writes, its "
+                "signature included"
+            )
         if data["model_attestation_version"] != MODEL_ATTESTATION_VERSION:
             raise InvalidInput(
                 f"unsupported model_attestation_version "
@@ -189,7 +251,14 @@ class SealedModel:
             )
             for s in shards
         }
-        model = cls(data["model"], data["index"], files, publisher)
+        signature = data["signature"]
+        if not isinstance(signature, str) or not _HEX64.fullmatch(signature):
+            raise InvalidInput("model attestation field 'signature' must be 64 hex digits")
+        if not isinstance(data["model"], str) or not (
+            data["index"] is None or isinstance(data["index"], str)
+        ):
+            raise InvalidInput("model attestation fields 'model' and 'index' must be text")
+        model = cls(data["model"], data["index"], files, publisher, bytes.fromhex(signature))
         raw = text.encode() if isinstance(text, str) else bytes(text)
         if model.to_json().encode() != raw:
             raise InvalidInput("model attestation is not in canonical form; refusing it")
@@ -207,11 +276,13 @@ class SealDir:
         signature: object = None,
         public_key: object = None,
         shard_prefix: str | None = None,
+        signer: SealKeyHolder,
         emitter: ModelRecorder | None = None,
     ) -> None:
         if (signature is None) != (public_key is None):
             raise InvalidInput("a publisher signature needs both signature and public_key")
         self.manager = manager
+        self.signer = signer
         self.path = path
         self.signature = signature
         self.public_key = public_key
@@ -299,7 +370,55 @@ class SealDir:
             if self.manifest is not None
             else None
         )
-        return SealedModel(model.root.name, model.index, dict(self.sealed), publisher)
+        unsigned = SealedModel(model.root.name, model.index, dict(self.sealed), publisher)
+        key = self.signer.key().derive(MODEL_KEY_INFO)
+        try:
+            return attrs.evolve(unsigned, signature=key.mac(unsigned.signed_message()))
+        finally:
+            key.wipe()
+
+
+class ModelCheck:
+    """One check of a model attestation's own signature (not of the shards' bytes).
+
+    :param keys: the manager's seal key holder; :param recorder: where a refusal is audited.
+    """
+
+    def __init__(self, keys: SealKeyHolder, recorder: ModelRecorder, model: object) -> None:
+        if not isinstance(model, SealedModel):
+            raise InvalidInput(f"expected a SealedModel, got {type(model).__name__}")
+        self.keys = keys
+        self.recorder = recorder
+        self.model = model
+
+    def run(self) -> None:
+        """Refuse (audited, :class:`~vramcore.errors.SealVerificationFailed`) an attestation
+        this worker's key did not sign as it stands."""
+        key = self.keys.key().derive(MODEL_KEY_INFO)
+        try:
+            good = key.mac_matches(self.model.signed_message(), self.model.signature)
+        finally:
+            key.wipe()
+        if not good:
+            self._refuse()
+
+    def _refuse(self) -> NoReturn:
+        name = escape_text(self.model.model[:256])
+        why = (
+            "its signature is not valid under this worker's key (the list of shards, a file "
+            "name, the index or the publisher was edited, or another worker sealed it)"
+        )
+        model_id = self.model.event_id
+        self.recorder.verification_failed(
+            model_id,
+            reason=VerificationReason.SIGNATURE,
+            detail=f"attestation of model {name}: {why}",
+        )
+        raise SealVerificationFailed(
+            f"attestation of model {name} failed verification: {why}",
+            shard_id=model_id,
+            reason=VerificationReason.SIGNATURE,
+        )
 
 
 def _tampered(name: str) -> IntegrityViolation:

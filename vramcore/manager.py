@@ -28,10 +28,17 @@ from vramcore._loading import (
     staging_for,
 )
 from vramcore._residency import Residency
-from vramcore._sealdir import SealDir, SealedModel
+from vramcore._sealdir import ModelCheck, SealDir, SealedModel
 from vramcore._sealing import CROSS_CHECKS, Sealing, open_file
 from vramcore._startup import Startup, make_backend
-from vramcore._verification import ScrubTarget, Verification, check_sample, refuse_absent
+from vramcore._verification import (
+    ScrubTarget,
+    Verification,
+    check_sample,
+    fail,
+    refuse_absent,
+    seal_problem,
+)
 from vramcore.audit import DEFAULT_SINK_TIMEOUT, AuditMode, AuditSink, AuditTrail
 from vramcore.backend import AllocatorBackend, DeviceBuffer
 from vramcore.digest import DEFAULT_LEAF_SIZE, default_workers
@@ -292,6 +299,7 @@ class VramManager:
         Model Signing bundle) and ``public_key`` (the publisher's PEM key), every file must be
         signed and each shard's SHA-256 is checked against the signed manifest as its bytes are
         copied. Audited as ``vram.model_sealed`` (with the key fingerprint and manifest digest).
+        The returned attestation is signed under this worker's key (:meth:`verify_model`).
 
         :param shard_prefix: shard ids are ``<prefix>:<file>`` (default: the directory's name).
         :raises InvalidInput: not a model directory, or not a bundle or key (usage).
@@ -305,8 +313,54 @@ class VramManager:
             signature=signature,
             public_key=public_key,
             shard_prefix=shard_prefix,
+            signer=self._core,
             emitter=self._core.emitter,
         ).run()
+
+    def verify_model(self, model: SealedModel, *, sample: float | int | None = None) -> None:
+        """Check a model attestation's own signature, then verify every shard it lists.
+
+        The attestation's signature covers the list of shards, their files and order, the
+        index and the publisher (key fingerprint, manifest digest): an edited attestation, or
+        one another worker sealed, fails before any shard is read. Each shard is then
+        verified from VRAM as by :meth:`verify_sealed` (``sample`` as there).
+
+        :raises SealVerificationFailed: the attestation's signature (``reason="signature"``,
+            audited) or a shard (see :meth:`verify_sealed`).
+        :raises NotSealed: a shard it lists is not resident here.
+        """
+        self._check_open()
+        wanted = check_sample(sample)
+        ModelCheck(self._core, self._core.emitter, model).run()
+        for shard in model.shards:
+            self.verify_sealed(shard, sample=wanted)
+
+    def verify_attestation(self, attestation: SealedShard | SealedModel) -> None:
+        """Check the signatures of an attestation read back (``from_json``), without VRAM.
+
+        For a :class:`~vramcore.SealedModel`, its own signature and every shard's; for a
+        :class:`~vramcore.SealedShard`, its seal. Each must be valid under this worker's key
+        and name this manager's device. The shards need not be resident: this says the
+        attestation is one this worker signed, unedited; only :meth:`verify_sealed` /
+        :meth:`verify_model` in the process holding the shards checks the bytes in VRAM.
+
+        :raises SealVerificationFailed: a signature does not verify (``"signature"``) or the
+            device differs (``"device"``); audited.
+        """
+        self._check_open()
+        if isinstance(attestation, SealedModel):
+            ModelCheck(self._core, self._core.emitter, attestation).run()
+            shards = attestation.shards
+        elif isinstance(attestation, SealedShard):
+            shards = (attestation,)
+        else:
+            raise InvalidInput(
+                f"expected a SealedShard or a SealedModel, got {type(attestation).__name__}"
+            )
+        for shard in shards:
+            problem = seal_problem(shard, self._core.key(), self.device, None)
+            if problem is not None:
+                fail(self._core, shard, problem)
 
     def verify_sealed(self, shard: SealedShard, *, sample: float | int | None = None) -> None:
         """Check ``shard``'s signature and recompute its digest from VRAM.

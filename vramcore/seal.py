@@ -37,12 +37,15 @@ from vramcore.errors import InvalidInput
 __all__ = [
     "MIN_TOKEN_BITS",
     "MIN_TOKEN_BYTES",
+    "MODEL_FORMAT_VERSION",
+    "MODEL_KEY_INFO",
     "SEAL_FORMAT_VERSION",
     "SEAL_KEY_INFO",
     "TOKEN_ADVICE",
     "SecretKey",
     "SecretValue",
     "WorkerToken",
+    "canonical_model_message",
     "canonical_seal_message",
     "derive_key",
     "tensor_map_digest",
@@ -55,6 +58,11 @@ __all__ = [
 SEAL_FORMAT_VERSION = 2
 #: HKDF ``info`` for the seal key. Other purposes must use other strings.
 SEAL_KEY_INFO = b"vramcore/v1/seal-key"
+#: HKDF ``info`` of the key that signs a model directory's attestation, derived from the seal
+#: key (:meth:`SecretKey.derive`), so a model attestation and a shard seal never share a key.
+MODEL_KEY_INFO = b"vramcore/v1/model-attestation-key"
+#: Version of the signed encoding of a model attestation (:func:`canonical_model_message`).
+MODEL_FORMAT_VERSION = 1
 #: HKDF salt: fixed and public (RFC 5869 allows it); domain-separates vramcore's derivations.
 _HKDF_SALT = b"vramcore/v1/hkdf-salt"
 #: A shorter token is refused: it could be guessed from a fingerprint or a signature.
@@ -67,6 +75,7 @@ TOKEN_ADVICE = (
     "(256 random bits) and keep it like any other service secret"
 )
 _MAGIC = b"vramcore-seal"
+_MODEL_MAGIC = b"vramcore-model"
 _WHITESPACE = frozenset(b" \t\n\r\x0b\x0c")
 #: What a guesser tries first: words and fragments people put in tokens. A token made of
 #: these (in any case) is priced as a few dictionary picks, not as random characters.
@@ -431,6 +440,31 @@ def canonical_seal_message(
         map_digest,
         file_sha256,
     )
+    return b"".join(_field(p) for p in parts)
+
+
+def canonical_model_message(
+    *,
+    model: str,
+    index: str | None,
+    publisher: Sequence[str] | None,
+    shards: Sequence[tuple[str, bytes]],
+) -> bytes:
+    """The exact bytes a model attestation's HMAC covers (under the :data:`MODEL_KEY_INFO` key).
+
+    ``magic ‖ version ‖ model ‖ index? ‖ publisher? ‖ count ‖ (file ‖ shard)...`` in the
+    tagged, length-prefixed items of :func:`canonical_seal_message`; an absent index or
+    publisher is a ``0`` flag, a present one a ``1`` flag before its fields (the publisher's:
+    key fingerprint, manifest digest, model name). Each shard is its file name and the SHA-256
+    of its own signed seal message, so the list, the order, the files and every field of every
+    shard's seal are covered.
+    """
+    parts: list[str | int | bytes] = [_MODEL_MAGIC, MODEL_FORMAT_VERSION, model]
+    parts += [0] if index is None else [1, index]
+    parts += [0] if publisher is None else [1, *publisher]
+    parts.append(len(shards))
+    for file, seal_digest in shards:
+        parts += [file, seal_digest]
     return b"".join(_field(p) for p in parts)
 
 

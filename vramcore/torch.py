@@ -5,10 +5,10 @@ the machine needs. Two functions::
 
     from vramcore.torch import bind, verify_before_forward
 
-    shards = manager.seal_dir("models/minilm").shards      # or [manager.seal_file(path)]
+    sealed = manager.seal_dir("models/minilm")              # or [manager.seal_file(path)]
     model = BertModel(config)                               # any torch.nn.Module
-    bind(model, manager, shards)                            # weights now ARE the sealed bytes
-    verify_before_forward(model, manager, shards, sample=0.01)
+    bind(model, manager, sealed)                            # weights now ARE the sealed bytes
+    verify_before_forward(model, manager, sealed, sample=0.01)
     model(input_ids)                                        # verified first; refused if not
 
 :func:`bind` replaces each parameter and buffer of the module by a view of the sealed bytes
@@ -23,6 +23,11 @@ would fail the next verification.
 or a CSPRNG sample of leaves) before each forward pass; a failed verification raises
 :class:`~vramcore.errors.SealVerificationFailed` (audited) and the pass does not run. A shard
 deallocated meanwhile raises :class:`~vramcore.errors.NotSealed`: its views are stale.
+
+Both take a :class:`~vramcore.SealedModel` (what ``seal_dir`` returns) or the shards
+themselves. Given the model, they also check the model attestation's own signature
+(:meth:`VramManager.verify_model`), so a list of shards that was edited (a shard dropped or
+swapped) is refused rather than served.
 
 Verification and the forward pass are not atomic: bytes changed after the check and before the
 kernels read them are caught by the next check (or a background scrub), not this one.
@@ -44,6 +49,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         "core's torch extra from a clone (./[torch])"
     ) from exc
 
+from vramcore._sealdir import SealedModel
 from vramcore.errors import InvalidInput
 from vramcore.manager import VramManager
 from vramcore.shard import SealedShard
@@ -101,14 +107,15 @@ class Binding:
 def bind(
     module: torch.nn.Module,
     manager: VramManager,
-    shards: Iterable[SealedShard],
+    shards: SealedModel | Iterable[SealedShard],
     *,
     strict: bool = True,
     prefix: str = "",
 ) -> Binding:
     """Make ``module``'s parameters and buffers zero-copy views of the sealed ``shards``.
 
-    Each shard is verified (fully) before its tensors are taken. A module entry ``name`` takes
+    Each shard is verified (fully) before its tensors are taken; a :class:`~vramcore.SealedModel`
+    has its attestation's signature checked first. A module entry ``name`` takes
     the sealed tensor ``prefix + name``. Parameters tied to each other (one tensor under two
     names) are bound once, through whichever name a shard holds.
 
@@ -117,12 +124,15 @@ def bind(
         matches and reports the rest on the returned :class:`Binding` (mismatches are still
         refused: a tensor that does not fit cannot be bound).
     :raises BindError: as above.
-    :raises SealVerificationFailed: a shard does not verify.
+    :raises SealVerificationFailed: a shard, or the model attestation, does not verify.
     """
     if not isinstance(module, torch.nn.Module):
         raise InvalidInput(f"module must be a torch.nn.Module, got {type(module).__name__}")
     if not isinstance(prefix, str):
         raise InvalidInput("prefix must be a string")
+    if isinstance(shards, SealedModel):
+        manager.verify_attestation(shards)  # its list of shards is the one sealed
+        shards = shards.shards
     return _Binder(module, manager, tuple(shards), strict=bool(strict), prefix=prefix).bind()
 
 
@@ -239,19 +249,26 @@ class _Binder:
 def verify_before_forward(
     module: torch.nn.Module,
     manager: VramManager,
-    shards: Iterable[SealedShard],
+    shards: SealedModel | Iterable[SealedShard],
     sample: float | int | None = None,
 ) -> torch.utils.hooks.RemovableHandle:
     """Verify ``shards`` before every forward pass of ``module``; refuse the pass otherwise.
 
+    Given a :class:`~vramcore.SealedModel`, each check is :meth:`VramManager.verify_model`
+    (the attestation's signature, then every shard).
+
     :param sample: ``None`` re-hashes every byte (see :meth:`VramManager.verify_sealed`); a
         fraction in ``(0, 1]`` or a leaf count checks that many CSPRNG-chosen leaves.
     :returns: the hook's handle (``handle.remove()`` uninstalls it).
-    :raises SealVerificationFailed: (from the forward call) a shard failed verification.
+    :raises SealVerificationFailed: (from the forward call) a shard, or the model
+        attestation, failed verification.
     """
     if not isinstance(module, torch.nn.Module):
         raise InvalidInput(f"module must be a torch.nn.Module, got {type(module).__name__}")
-    check = _ForwardCheck(manager, tuple(shards), sample)
+    if isinstance(shards, SealedModel):
+        check = _ForwardCheck(manager, shards, (), sample)
+    else:
+        check = _ForwardCheck(manager, None, tuple(shards), sample)
     return module.register_forward_pre_hook(check)
 
 
@@ -260,9 +277,12 @@ class _ForwardCheck:
     """The forward pre-hook :func:`verify_before_forward` installs."""
 
     manager: VramManager
+    model: SealedModel | None
     shards: tuple[SealedShard, ...]
     sample: float | int | None
 
     def __call__(self, _module: torch.nn.Module, _args: Any) -> None:
+        if self.model is not None:
+            self.manager.verify_model(self.model, sample=self.sample)
         for shard in self.shards:
             self.manager.verify_sealed(shard, sample=self.sample)

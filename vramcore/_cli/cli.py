@@ -56,6 +56,7 @@ from vramcore._cli.support import (
     report_lines,
     sink_reports,
 )
+from vramcore._cli.verify import add_attestation_option, cmd_verify, write_attestation
 from vramcore._config import Configuration, declared_settings
 from vramcore.backend import log_host_memory
 from vramcore.errors import (
@@ -208,6 +209,8 @@ def cmd_seal(args: argparse.Namespace, console: Console, pm: VramcorePluginManag
         manager.verify_sealed(shard)
         t2 = time.perf_counter()
         manager.deallocate(shard)
+    if args.attestation is not None:
+        write_attestation(args.attestation, shard.to_json())
     reports = sink_reports(manager)
     peak = _peak_rss()
     # The mock keeps its "VRAM" in host memory; that part is not host overhead of sealing.
@@ -330,6 +333,14 @@ def build_parser(
         "--shard-id", help="shard id (default: the file name; for DIR the shard id prefix)"
     )
     add_signature_options(p)
+    add_attestation_option(p)
+    add_manager_options(p)
+    p = commands.add(
+        "verify",
+        help="check a saved attestation (seal --attestation) under this worker's key",
+        handler=core(cmd_verify),
+    )
+    p.add_argument("file", metavar="FILE", help="the attestation `seal --attestation` wrote")
     add_manager_options(p)
     p = commands.add(
         "bench",

@@ -5,10 +5,12 @@ One summary line for the directory, one line per shard, then the audit sinks' re
 verification and the timings. With ``--signature SIG --public-key PEM`` the directory is sealed
 against the publisher's OpenSSF Model Signing bundle.
 
-There is no separate ``verify`` command: a shard lives in the VRAM of the process that sealed
-it, so this command verifies the whole set from VRAM right after sealing (as ``seal PATH``
-does for one file); the directory's attestation and the ``vram.model_sealed`` audit event are
-what an auditor checks afterwards (``vramcore audit verify``).
+A shard lives in the VRAM of the process that sealed it, so this command verifies the whole
+set from VRAM right after sealing (as ``seal PATH`` does for one file). ``--attestation FILE``
+saves the signed attestation (the model's own signature and every shard's);
+``vramcore verify FILE`` checks those signatures later under the worker's key
+(:mod:`vramcore._cli.verify`), and the ``vram.model_sealed`` audit event is what an auditor
+checks with ``vramcore audit verify``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 from vramcore._cli.commands import EXIT_OK, Console, UsageError
 from vramcore._cli.support import human_bytes, make_manager, rate, report_lines, sink_reports
+from vramcore._cli.verify import write_attestation
 from vramcore.plugins import VramcorePluginManager
 from vramcore.validation import check_path, check_shard_id, escape_text
 
@@ -66,6 +69,8 @@ def cmd_seal_dir(
         t2 = time.perf_counter()
         for shard in sealed.shards:
             manager.deallocate(shard)
+    if args.attestation is not None:
+        write_attestation(args.attestation, sealed.to_json())
     reports = sink_reports(manager)
     size = sealed.vram_bytes
     data: dict[str, Any] = {
