@@ -42,7 +42,7 @@ from typing import Any
 import attrs
 import torch
 
-from vramcore import VramManager
+from vramcore import SealedModel, VramManager
 from vramcore.errors import NotSealed, SealVerificationFailed, VramError
 from vramcore.torch import bind, verify_before_forward
 
@@ -120,14 +120,14 @@ class Server:
 
 def seal_and_bind(
     manager: VramManager, model_dir: Path, signature: Path | None, public_key: Path | None
-) -> tuple[torch.nn.Module, tuple[Any, ...], str]:
+) -> tuple[torch.nn.Module, SealedModel]:
     """Seal the directory, build the architecture bare, bind its weights to the sealed bytes."""
     from transformers import AutoConfig, AutoModel
 
     sealed = manager.seal_dir(model_dir, signature=signature, public_key=public_key)
     model = AutoModel.from_config(AutoConfig.from_pretrained(str(model_dir))).eval()
-    bind(model, manager, sealed.shards)
-    return model, sealed.shards, sealed.summary()
+    bind(model, manager, sealed)  # the attestation's signature, then every shard, checked
+    return model, sealed
 
 
 @contextlib.contextmanager
@@ -165,10 +165,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     backend = _backend(args)
     with _audit_log(), VramManager(token, allocator=backend) as manager:
         t0 = time.perf_counter()
-        model, shards, summary = seal_and_bind(
-            manager, args.model_dir, args.signature, args.public_key
-        )
+        model, sealed = seal_and_bind(manager, args.model_dir, args.signature, args.public_key)
         seal_s = time.perf_counter() - t0
+        shards = sealed.shards
         plan = CheckPlan.for_budget(manager, shards, args.budget_ms / 1000)
         costs = {
             "forward_only_ms": _timed(lambda: Server(manager, model, shards).handle(REQUEST)),
@@ -176,9 +175,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "sampled_16_leaves_ms": _timed(
                 lambda: [manager.verify_sealed(s, sample=16) for s in shards]
             ),
+            "attestation_signatures_ms": _timed(lambda: manager.verify_attestation(sealed)),
         }
         costs = {k: round(v * 1000, 3) for k, v in costs.items()}
-        verify_before_forward(model, manager, shards, sample=plan.sample)
+        # Before each forward pass: the model attestation's signature (its list of shards),
+        # then every shard, fully or sampled as the plan says.
+        verify_before_forward(model, manager, sealed, sample=plan.sample)
         server = Server(manager, model, shards)
         latencies = []
         scrubber = manager.scrub(plan.scrub_rate)
@@ -194,7 +196,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             scrubber.stop()
         latencies.sort()
         return {
-            "model": summary,
+            "model": sealed.summary(),
             "backend": manager.backend_name,
             "seal_and_bind_s": round(seal_s, 3),
             "budget_ms": args.budget_ms,

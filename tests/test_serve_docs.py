@@ -18,6 +18,7 @@ from vramcore.testing import undocumented_public_names
         "vramcore._publisher",
         "vramcore._sealdir",
         "vramcore._cli.sealdir",
+        "vramcore._cli.verify",
         "vramcore.torch",
         "vramcore_allocator_mock._tensors",
         "vramcore_allocator_cupy._tensors",

@@ -33,6 +33,12 @@ def test_the_serving_loop_serves_and_quarantines(
     served = json.loads(capsys.readouterr().out)
     assert served["plan"]["mode"] == "full" and served["requests"] == 2
     assert served["quarantined"] is None
+    assert set(served["costs"]) == {
+        "forward_only_ms",
+        "full_check_ms",
+        "sampled_16_leaves_ms",
+        "attestation_signatures_ms",
+    }
     assert serving.main(["--budget-ms", "100000", "--requests", "4", "--tamper-after", "1"]) == 1
     out = capsys.readouterr().out
     assert "1 requests" in out and "quarantined, drained, exiting 1" in out

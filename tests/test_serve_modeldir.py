@@ -612,3 +612,64 @@ def test_cli_refuses_bad_directories_and_bad_usage(cli: Any, tmp_path: Path) -> 
     shard = good / "model-00001-of-00002.safetensors"
     code, _, err = cli("seal", str(shard), "--signature", str(shard), "--public-key", str(shard))
     assert code == 2 and "need a model directory" in err
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        _case_missing_shard,
+        _case_extra_tensor,
+        _case_index_names_a_missing_tensor,
+        _case_duplicate_tensor,
+        _case_outside,
+        _case_absolute,
+        _case_symlink_escape,
+    ],
+    ids=lambda f: f.__name__.removeprefix("_case_"),
+)
+def test_cli_refuses_every_bad_directory_with_one_line_and_exit_1(
+    cli: Any, tmp_path: Path, damage: Any
+) -> None:
+    root = write_model(tmp_path / "m")
+    damage(root)
+    code, out, err = cli("seal", str(root))
+    assert code == 1 and out == ""
+    assert "model directory refused: " in _one_error(err)
+    code, out, _ = cli("seal", str(root), "--json")
+    error = json.loads(out)["error"]
+    assert code == 1 and error["exit_code"] == 1 and "\n" not in error["message"]
+
+
+@pytest.mark.slow
+def test_cli_exit_codes_for_a_wrong_key_or_another_models_signature(
+    cli: Any, publisher: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    model, signature, public = publisher
+    _private, other_key = keypair(tmp_path, "other")
+    code, _, err = cli(
+        "seal", str(model), "--signature", str(signature), "--public-key", str(other_key)
+    )
+    assert code == 1 and "signed with another key" in _one_error(err)
+    other = write_model(tmp_path / "other", index=False)
+    sign(other, public.parent / "key.pem", tmp_path / "other.sig")
+    code, _, err = cli(
+        "seal", str(model), "--signature", str(tmp_path / "other.sig"), "--public-key", str(public)
+    )
+    assert code == 1 and "is not covered by the publisher's signature" in _one_error(err)
+    # The same file names, other bytes: the signed SHA-256s are not the files'.
+    lookalike = write_model(tmp_path / "lookalike" / "tiny-model")
+    (lookalike / "config.json").write_text('{"hidden_size": 3}')
+    sign(lookalike, public.parent / "key.pem", tmp_path / "lookalike.sig")
+    code, _, err = cli(
+        "seal",
+        str(model),
+        "--signature",
+        str(tmp_path / "lookalike.sig"),
+        "--public-key",
+        str(public),
+    )
+    assert code == 1 and "config.json does not match the SHA-256" in _one_error(err)
+    junk = tmp_path / "junk.sig"
+    junk.write_text("not a bundle")
+    code, _, err = cli("seal", str(model), "--signature", str(junk), "--public-key", str(public))
+    assert code == 2 and "is not JSON" in _one_error(err)
