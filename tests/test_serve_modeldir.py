@@ -673,3 +673,22 @@ def test_cli_exit_codes_for_a_wrong_key_or_another_models_signature(
     junk.write_text("not a bundle")
     code, _, err = cli("seal", str(model), "--signature", str(junk), "--public-key", str(public))
     assert code == 2 and "is not JSON" in _one_error(err)
+
+
+def test_cli_saves_the_signed_attestation_privately(cli: Any, tmp_path: Path) -> None:
+    root = write_model(tmp_path / "tiny-model")
+    saved = tmp_path / "saved.json"
+    assert cli("seal", str(root), "--attestation", str(saved))[0] == 0
+    assert saved.stat().st_mode & 0o777 == 0o600
+    sealed = SealedModel.from_json(saved.read_bytes())
+    assert list(sealed.files) == [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ]
+    code, _, err = cli("seal", str(root), "--attestation", str(tmp_path / "no" / "such.json"))
+    assert code == 2 and "No such file or directory" in _one_error(err)
+    os.symlink(tmp_path / "elsewhere.json", tmp_path / "link.json")
+    code, _, err = cli("seal", str(root), "--attestation", str(tmp_path / "link.json"))
+    assert code == 2 and not (tmp_path / "elsewhere.json").exists()
+    code, _, err = cli("verify", str(tmp_path / "missing.json"))
+    assert code == 2 and "missing.json: no such file" in _one_error(err)
