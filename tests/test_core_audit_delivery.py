@@ -144,3 +144,125 @@ def test_a_sink_that_hangs_on_close_does_not_hang_the_manager(
     with pytest.raises(AuditError, match="closing the manager"):
         manager.close()
     assert time.monotonic() - started < 5
+
+
+# -- emit_nowait: the inline fast path for sinks that can record without waiting ----------
+
+
+class NowaitSink(CapturingSink):
+    """Takes non-critical events inline (``accept``), records which path and thread each event
+    took, and notices two calls into it at once. ``gate`` holds critical events in ``emit``."""
+
+    name = "nowait"
+
+    def __init__(self, *, accept: bool = True, fail: bool = False) -> None:
+        super().__init__()
+        self.accept = accept
+        self.fail = fail
+        self.paths: list[tuple[str, str, int]] = []  # (path, event_type, thread)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.in_emit = threading.Event()
+        self._inside = 0
+        self.overlapped = False
+
+    def _enter(self) -> None:
+        self._inside += 1
+        if self._inside > 1:
+            self.overlapped = True
+
+    def emit(self, event: AuditEvent) -> None:
+        self._enter()
+        try:
+            if event.critical:
+                self.in_emit.set()
+                self.gate.wait(30)
+            self.paths.append(("emit", event.event_type, threading.get_ident()))
+            super().emit(event)
+        finally:
+            self._inside -= 1
+
+    def emit_nowait(self, event: AuditEvent) -> bool:
+        self._enter()
+        try:
+            if self.fail:
+                raise OSError("the sink broke")
+            if not self.accept:
+                return False
+            time.sleep(0.001)  # long enough for an overlapping call to show
+            self.paths.append(("nowait", event.event_type, threading.get_ident()))
+            super().emit(event)
+            return True
+        finally:
+            self._inside -= 1
+
+
+def test_non_critical_events_go_inline_and_critical_ones_through_the_delivery_thread(
+    new_manager: Callable[..., VramManager], mock_backend: Any
+) -> None:
+    sink = NowaitSink()
+    manager = new_manager(mock_backend, sink=sink)
+    shard = manager.seal_model(b"n" * 1000, shard_id="inline")
+    manager.verify_sealed(shard)
+    with manager.verified(shard):
+        pass
+    manager.deallocate(shard)
+    me = threading.get_ident()
+    assert [(path, kind) for path, kind, _ in sink.paths] == [
+        ("nowait", "vram.allocated"),
+        ("emit", "vram.sealed"),
+        ("nowait", "seal.verified"),
+        ("nowait", "seal.verified"),
+        ("nowait", "vram.deallocated"),
+    ]
+    assert all((thread == me) == (path == "nowait") for path, _, thread in sink.paths)
+    assert sink.types() == [kind for _, kind, _ in sink.paths]  # each event once, in order
+
+
+def test_an_event_the_sink_declines_inline_goes_through_the_delivery_thread_once(
+    new_manager: Callable[..., VramManager], mock_backend: Any
+) -> None:
+    sink = NowaitSink(accept=False)
+    manager = new_manager(mock_backend, sink=sink)
+    manager.verify_sealed(manager.seal_model(b"d" * 1000))
+    assert [path for path, _, _ in sink.paths] == ["emit"] * 3
+    assert sink.types() == ["vram.allocated", "vram.sealed", "seal.verified"]
+    assert threading.get_ident() not in {thread for _, _, thread in sink.paths}
+
+
+def test_no_event_goes_inline_while_the_delivery_thread_has_one(
+    new_manager: Callable[..., VramManager], mock_backend: Any
+) -> None:
+    sink = NowaitSink()
+    manager = new_manager(mock_backend, sink=sink)
+    shard = manager.seal_model(b"a" * 1000, shard_id="first")
+    sink.gate.clear()
+    sink.in_emit.clear()
+    sealing = threading.Thread(target=lambda: manager.seal_model(b"b" * 1000, shard_id="second"))
+    sealing.start()
+    assert sink.in_emit.wait(10)  # the delivery thread is inside emit(vram.sealed)
+    threading.Timer(0.3, sink.gate.set).start()
+    manager.verify_sealed(shard)  # waits behind it, on the delivery thread
+    sealing.join(10)
+    assert not sink.overlapped
+    last = [(path, kind) for path, kind, _ in sink.paths][-2:]
+    assert last == [("emit", "vram.sealed"), ("emit", "seal.verified")]
+
+
+def test_an_inline_failure_is_reported_like_any_sink_failure(
+    new_manager: Callable[..., VramManager], mock_backend: Any
+) -> None:
+    from vramcore import hookimpl
+
+    failures: list[str] = []
+
+    class Reporter:
+        @hookimpl
+        def vramcore_audit_failure(self, sink_name: str, event: AuditEvent, error: Any) -> None:
+            failures.append(f"{sink_name}:{event.event_type}:{type(error).__name__}")
+
+    sink = NowaitSink(fail=True)
+    manager = new_manager(mock_backend, Reporter(), sink=sink)
+    manager.verify_sealed(manager.seal_model(b"f" * 1000))  # non-critical: reported, goes on
+    assert failures == ["nowait:vram.allocated:OSError", "nowait:seal.verified:OSError"]
+    assert sink.types() == ["vram.sealed"]

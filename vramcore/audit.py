@@ -9,11 +9,13 @@ when the event is as durable as you promise; raise if it is not), set
 :attr:`~AuditSink.durable`, and return instances from ``vramcore_audit_sinks`` (decorated
 with :data:`vramcore.hookimpl`). ``emit`` is always called from one delivery thread per sink,
 in event order, in a copy of the caller's context (so a tracing sink sees the caller's current
-span): it need not be thread-safe. It must answer within the manager's sink timeout
-(:data:`DEFAULT_SINK_TIMEOUT`, 10 s): a sink that raises (anything, ``SystemExit``
-included) or does not answer in time on a :attr:`critical <vramcore.events.AuditEvent.critical>`
-event fails the operation with :class:`~vramcore.errors.AuditError` (fail closed); on other
-events the failure is logged, reported through
+span): it need not be thread-safe (nor need :meth:`~AuditSink.emit_nowait`, which the core
+never runs at the same time as another call into the sink). It must answer within the
+manager's sink timeout (:data:`DEFAULT_SINK_TIMEOUT`, 10 s): a sink that raises (anything,
+``SystemExit`` included) or does not answer in time on a
+:attr:`critical <vramcore.events.AuditEvent.critical>` event fails the operation with
+:class:`~vramcore.errors.AuditError` (fail closed); on other events the failure is logged,
+reported through
 :func:`~vramcore.hookspecs.vramcore_audit_failure` and delivery goes on.
 
 Audit modes (:data:`AUDIT_MODES`, the manager's ``audit=``): ``required`` (the default) needs a
@@ -25,7 +27,11 @@ reported like any other (for telemetry-only deployments, whose tracing sink is n
 The caller waits for every event, critical or not, so an operation returns only once each
 sink has its events (and a tracing sink adds them inside the operation's span). The price of
 bounding that wait is one thread hand-off per event and sink: about 0.1 ms on the 2-core
-development VM, against about 0.02 ms for a verification with no sink at all.
+development VM, against about 0.02 ms for a verification with no sink at all. A sink that can
+record an event without waiting (a log that queues it in memory for a writer thread) spares
+that hand-off for non-critical events by overriding :meth:`~AuditSink.emit_nowait`, which the
+core then calls in the caller's thread while the sink's delivery thread is idle; critical
+events always go through the delivery thread and its time limit.
 """
 
 from __future__ import annotations
@@ -243,6 +249,22 @@ class AuditSink:
         """Record ``event``; return only when it is as durable as the sink promises."""
         raise NotImplementedError
 
+    def emit_nowait(self, event: AuditEvent) -> bool:
+        """Record a non-critical ``event`` now if that needs no waiting; return whether it did.
+
+        An optional fast path that spares the delivery thread's hand-off (tens of µs per
+        event). The core calls it, for non-critical events only, from the *caller's* thread,
+        never at the same time as any other call into this sink and only while the sink's
+        delivery thread has nothing queued, so the order of events and the one-call-at-a-time
+        promise hold as for :meth:`emit`. It must not block: no I/O, no waiting on anything
+        but a lock held for microseconds (it is not bounded by the sink timeout). Return
+        ``True`` only when the event is recorded exactly as :meth:`emit` would have recorded
+        it, durability included; return ``False`` having recorded *nothing* when that would
+        take waiting, and the core then calls :meth:`emit` on the delivery thread. Raise as
+        :meth:`emit` raises. The default records nothing and returns ``False``.
+        """
+        return False
+
     def flush(self) -> None:
         """Make everything emitted so far durable."""
 
@@ -321,6 +343,13 @@ class _Lane:
             tuple[Callable[..., Any], tuple[Any, ...], Future[Any]] | None
         ] = queue.SimpleQueue()
         self._stuck: Future[Any] | None = None
+        # Held around every call into the sink, on the lane's thread or inline in a caller's
+        # (emit_nowait), so the sink never runs two calls at once.
+        self._busy = threading.Lock()
+        self._queued = 0  # calls put on the queue and not finished yet
+        self._count = threading.Lock()  # guards changes of _queued
+        overridden = type(sink).emit_nowait is not AuditSink.emit_nowait
+        self._nowait: Callable[[AuditEvent], bool] | None = sink.emit_nowait if overridden else None
         self._thread = threading.Thread(
             target=self._run, name=f"vramcore-sink-{sink.name}"[:60], daemon=True
         )
@@ -330,10 +359,45 @@ class _Lane:
         while (item := self._queue.get()) is not None:
             fn, args, fut = item
             if fut.set_running_or_notify_cancel():
-                try:
-                    fut.set_result(fn(*args))
-                except BaseException as exc:  # reported to the caller, whatever it is
-                    fut.set_exception(exc)
+                with self._busy:
+                    try:
+                        result = fn(*args)
+                    except BaseException as exc:  # reported to the caller, whatever it is
+                        error: BaseException | None = exc
+                    else:
+                        error = None
+                with self._count:
+                    self._queued -= 1
+                if error is None:
+                    fut.set_result(result)
+                else:
+                    fut.set_exception(error)
+                    del error
+            else:
+                with self._count:
+                    self._queued -= 1
+
+    def emit(self, event: AuditEvent) -> None:
+        """Deliver ``event``: inline through the sink's :meth:`AuditSink.emit_nowait` when it
+        offers one, the event is not critical and the lane is idle; else on the lane (see
+        :meth:`call`). Raises what the sink raised, or :class:`SinkTimeout`."""
+        nowait = self._nowait
+        if (
+            nowait is not None
+            and not event.critical
+            and self._stuck is None
+            and self._queued == 0
+            and self._busy.acquire(blocking=False)
+        ):
+            try:
+                # Nothing queued ahead of this event, and the lane cannot start a call
+                # while _busy is held: the sink sees events in order, one call at a time.
+                done = self._queued == 0 and contextvars.copy_context().run(nowait, event)
+            finally:
+                self._busy.release()
+            if done:
+                return
+        self.call(self.sink.emit, event)
 
     def call(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(*args)`` on the lane; raise what it raised, or :class:`SinkTimeout`."""
@@ -345,6 +409,8 @@ class _Lane:
                 )
             self._stuck = None
         fut: Future[Any] = Future()
+        with self._count:
+            self._queued += 1
         self._queue.put((contextvars.copy_context().run, (fn, *args), fut))
         try:
             fut.result(timeout=self.timeout)
@@ -385,7 +451,7 @@ def deliver(
         lane = lanes.get(id(sink)) if lanes is not None else None
         try:
             if lane is not None:
-                lane.call(sink.emit, event)
+                lane.emit(event)
             else:
                 sink.emit(event)
         except BaseException as exc:

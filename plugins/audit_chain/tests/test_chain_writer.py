@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import vramcore_audit_chain
-from vramcore_audit_chain import ChainConfig, ChainSink, Durability, verify_log
+from vramcore_audit_chain import ChainConfig, ChainSink, Durability, FileWitness, verify_log
 from vramcore_audit_chain import _format as fmt
 from vramcore_audit_chain._encode import encode_event
 from vramcore_audit_chain._keys import read_state, state_cipher
@@ -175,7 +175,7 @@ def test_batched_mode_returns_first_and_commits_within_the_delay(
     cfg = ChainConfig(directory=chain_dir, durability="batched", flush_interval=0.2)
     sink = ChainSink(cfg, chain.context())
     size, before = _size(chain_dir), len(fsyncs)
-    for event in chain.sample_events(50):
+    for event in [e for e in chain.sample_events(70) if not e.critical][:50]:
         sink.emit(event)
     assert (_size(chain_dir), len(fsyncs)) == (size, before)  # nothing written yet
     deadline = time.monotonic() + 5
@@ -183,6 +183,29 @@ def test_batched_mode_returns_first_and_commits_within_the_delay(
         time.sleep(0.02)
     assert _size(chain_dir) > size
     assert len(fsyncs) - before <= 2  # one group commit for 50 events
+    sink.close()
+
+
+@pytest.mark.parametrize("durability", ["batched", "mixed"])
+def test_a_critical_event_is_on_disk_and_witnessed_when_emit_returns_in_every_mode(
+    chain_dir: Path, chain: Any, tmp_path: Path, durability: str
+) -> None:
+    # The sink says it is durable, which the core's contract defines as: a critical event is
+    # in storage when emit returns. batched mode used to acknowledge it queued.
+    witness = tmp_path / "heads.ndjson"
+    cfg = ChainConfig(directory=chain_dir, durability=durability, flush_interval=30)
+    sink = ChainSink(cfg, chain.context(), witnesses=[FileWitness(witness)])
+    assert sink.durable
+    plain, critical = chain.sample_events(4)[0], chain.sample_events(4)[3]
+    sink.emit(plain)
+    heads = witness.read_bytes().count(b"\n")
+    sink.emit(critical)
+    on_disk = [r["data"] for r in _records(chain_dir) if r["type"] == "event"]
+    assert [e["shard_id"] for e in on_disk] == [plain.shard_id, critical.shard_id]
+    assert on_disk[-1]["event_type"] == critical.event_type
+    newest = json.loads(witness.read_bytes().splitlines()[-1])
+    assert witness.read_bytes().count(b"\n") == heads + 1 and newest["reason"] == "critical"
+    assert newest["seq"] == _records(chain_dir)[-1]["seq"]
     sink.close()
 
 

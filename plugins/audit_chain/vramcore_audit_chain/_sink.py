@@ -95,6 +95,23 @@ class ChainSink(AuditSink):
                 self._writer.append_event(record, critical=event.critical)
         self._writer.witness_check(critical=event.critical)
 
+    def emit_nowait(self, event: AuditEvent) -> bool:
+        """Queue a non-critical ``event`` for the committer if that needs no waiting (see
+        :meth:`ChainWriter.try_append_event`); return whether it did.
+
+        The same record as :meth:`emit` writes, as durable as :meth:`emit` makes it in this
+        mode (``batched`` and ``mixed`` queue a non-critical event and return); everything
+        else (a critical event, ``immediate`` mode, a wait, a failure to report) returns
+        ``False`` having written nothing, and the core then calls :meth:`emit`. With
+        thinning on, only a verification that thinning drops takes this path.
+        """
+        writer = self._writer
+        if event.critical or not writer.started or writer.witness_news:
+            return False
+        if self._thinning is not None:
+            return self._thinning.drop(event)  # what emit does with it: count it, write nothing
+        return writer.try_append_event(encode_event(event))
+
     def flush(self) -> None:
         """Fsync everything emitted so far."""
         if self._writer.started:

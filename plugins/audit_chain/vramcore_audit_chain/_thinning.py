@@ -57,9 +57,30 @@ class Thinning:
         #: successful verifications not written so far (over the log's life in this process).
         self.thinned = 0
 
+    def drop(self, event: AuditEvent) -> bool:
+        """Count ``event`` as thinned, if it is a successful verification of a shard whose
+        last record is younger than the interval; return whether it did (else nothing
+        changed)."""
+        if event.event_type != THINNABLE or event.critical:
+            return False
+        shard_id = getattr(event, "shard_id", None)
+        if not isinstance(shard_id, str):
+            return False
+        state = self._shards.get((shard_id, int(getattr(event, "device", -1))))
+        if state is None or self._clock() - state.written_at >= self.interval:
+            return False
+        state.pending += 1
+        self.thinned += 1
+        stamp = event.timestamp.isoformat(timespec="microseconds")
+        state.first_pending = state.first_pending or stamp
+        state.last_pending = stamp
+        return True
+
     def records(self, event: AuditEvent, encoded: str) -> Iterator[str]:
         """The records (canonical JSON) to write for ``event``, whose JSON is ``encoded``:
-        none when it is thinned; a pending count first when one is due."""
+        none when it is thinned (see :meth:`drop`); a pending count first when one is due."""
+        if self.drop(event):
+            return
         shard_id = getattr(event, "shard_id", None)
         if not isinstance(shard_id, str):
             yield encoded
@@ -68,13 +89,6 @@ class Thinning:
         now = self._clock()
         state = self._shards.get(key)
         if event.event_type == THINNABLE and not event.critical:
-            if state is not None and now - state.written_at < self.interval:
-                state.pending += 1
-                self.thinned += 1
-                stamp = event.timestamp.isoformat(timespec="microseconds")
-                state.first_pending = state.first_pending or stamp
-                state.last_pending = stamp
-                return
             if state is not None and state.pending:
                 data = json.loads(encoded)
                 data["thinned"] = state.pending

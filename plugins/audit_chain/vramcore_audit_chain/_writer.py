@@ -59,6 +59,9 @@ __all__ = ["ChainWriter"]
 log = logging.getLogger("vramcore.audit_chain")
 
 _BATCH_BYTES = 1024 * 1024
+#: try_append_event's longest wait for the chain lock (held for µs, a checkpoint's signature
+#: at most); past it the event goes the slow way, which the core bounds in time.
+_NOWAIT_LOCK_SECONDS = 0.05
 _CP_MARKER = b'","type":"checkpoint","data":{'
 
 
@@ -110,8 +113,9 @@ class ChainWriter:
         witnesses: Sequence[AuditWitness] | None = (),
     ) -> None:
         self._cfg = config
+        # Critical events are made durable before append_event returns in every mode (the
+        # core's contract for a durable sink); ``immediate`` does so for every event.
         self._sync_all = config.durability is Durability.IMMEDIATE
-        self._sync_critical = config.durability is Durability.MIXED
         self._dir = config.directory
         self._worker_id = worker_id
         self._device = device
@@ -226,6 +230,12 @@ class ChainWriter:
         with self._lock:
             self._witnesses.extend(witnesses)
 
+    @property
+    def witness_news(self) -> bool:
+        """Whether a witness is failing or has a failure not reported yet (a hint, read
+        without the lock: :meth:`witness_check` decides)."""
+        return bool(self._witness_down or self._witness_unreported)
+
     def witness_check(self, *, critical: bool) -> None:
         """Raise :class:`AuditError` to report witness failures, as a failing sink reports.
 
@@ -256,9 +266,10 @@ class ChainWriter:
     def append_event(self, data: str, *, critical: bool) -> int:
         """Append an event record (``data``: canonical JSON); return its sequence number.
 
-        Returns when the record is as durable as the configured mode promises.
+        Returns when the record is as durable as the configured mode promises: a critical
+        event is durable (and its head witnessed) in every mode.
         """
-        sync = self._sync_all or (critical and self._sync_critical)
+        sync = self._sync_all or critical
         with self._lock:
             if self._failed is not None or self._closed or not self._started:
                 self._check_usable()
@@ -267,30 +278,9 @@ class ChainWriter:
                 or self._epoch_records >= self._cfg.checkpoint_records
             ):
                 self._roll_if_due()
-            # _record(), inlined: this is the hot path.
             seq = self._seq_next
-            body = (
-                f'{{"seq":{seq},"epoch":{self._epoch},"prev":"{self._head}",'
-                f'"type":"event","data":{data}}}'
-            ).encode("ascii")
-            ctx = self._mac.copy()
-            ctx.update(body)
-            mac = ctx.hexdigest()
-            line = body[:-1] + b',"mac":"' + mac.encode("ascii") + b'"}\n'
-            self._seq_next = seq + 1
-            self._head = mac
-            pending = self._pending
-            if not pending:
-                self._first_pending_at = time.monotonic()
-                if not sync:
-                    self._wake.notify()
-            pending.append(line)
-            size = len(line)
-            self._pending_bytes += size
-            self._file_bytes += size
-            self._seg_hash.update(line)
-            self._epoch_records += 1
-            self._records_written += 1
+            line, mac = self._event_line(seq, data)
+            self._queue_event(line, mac, notify=not sync)
             if sync:
                 if critical:
                     self._want_head("critical")
@@ -310,6 +300,41 @@ class ChainWriter:
                 return seq
         self._commit_through(seq)
         return seq
+
+    def try_append_event(self, data: str) -> bool:
+        """Queue a non-critical event record if that needs no waiting; return whether it did.
+
+        The fast path of ``batched`` and ``mixed`` mode: the record is built, MACed and
+        queued for the committer exactly as :meth:`append_event` queues it, and nothing is
+        written. Returns ``False``, having appended nothing, whenever :meth:`append_event`
+        would wait or do more than queue: ``immediate`` mode, a checkpoint or rotation due,
+        the queue full or older than the flush interval, a witness failure to report, or the
+        writer failed, closed or not started.
+        """
+        if self._sync_all or self.witness_news:
+            return False
+        if not self._lock.acquire(timeout=_NOWAIT_LOCK_SECONDS):
+            return False  # the lock is held for µs: someone is stuck, let the lane time out
+        try:
+            if (
+                self._failed is not None
+                or self._closed
+                or not self._started
+                or self._file_bytes >= self._cfg.max_bytes
+                or self._epoch_records >= self._cfg.checkpoint_records
+                or (
+                    self._pending
+                    and time.monotonic() - self._first_pending_at > self._cfg.flush_interval
+                )
+            ):
+                return False
+            line, mac = self._event_line(self._seq_next, data)
+            if self._pending_bytes + len(line) >= _BATCH_BYTES:
+                return False  # the lane's append_event starts the commit and may wait
+            self._queue_event(line, mac, notify=True)
+            return True
+        finally:
+            self._lock.release()
 
     def flush(self) -> None:
         """Make every record appended so far durable."""
@@ -373,6 +398,35 @@ class ChainWriter:
             self._head_due is None or _HEAD_RANK[reason] > _HEAD_RANK[self._head_due]
         ):
             self._head_due = reason
+
+    def _event_line(self, seq: int, data: str) -> tuple[bytes, str]:
+        """The event record ``seq`` and its MAC (``_record``, inlined: the hot path); the
+        chain is not changed."""
+        body = (
+            f'{{"seq":{seq},"epoch":{self._epoch},"prev":"{self._head}",'
+            f'"type":"event","data":{data}}}'
+        ).encode("ascii")
+        ctx = self._mac.copy()
+        ctx.update(body)
+        mac = ctx.hexdigest()
+        return body[:-1] + b',"mac":"' + mac.encode("ascii") + b'"}\n', mac
+
+    def _queue_event(self, line: bytes, mac: str, *, notify: bool) -> None:
+        """Put the event record built by :meth:`_event_line` on the chain (lock held)."""
+        self._seq_next += 1
+        self._head = mac
+        pending = self._pending
+        if not pending:
+            self._first_pending_at = time.monotonic()
+            if notify:
+                self._wake.notify()
+        pending.append(line)
+        size = len(line)
+        self._pending_bytes += size
+        self._file_bytes += size
+        self._seg_hash.update(line)
+        self._epoch_records += 1
+        self._records_written += 1
 
     def _append_line(self, line: bytes, mac: str) -> int:
         seq = self._seq_next
