@@ -114,23 +114,25 @@ class AuditEvent:
     correlation_id: str = attrs.field(factory=current_correlation_id)
 
     def __attrs_post_init__(self) -> None:
-        for field in attrs.fields(type(self)):
-            value = getattr(self, field.name)
-            # Field types are the annotation strings (postponed annotations).
-            if field.type in ("str", str) and not isinstance(value, str):
-                raise InvalidInput(f"{field.name} must be a string, got {type(value).__name__}")
-            if field.type in ("int", int) and (
-                isinstance(value, bool) or not isinstance(value, int)
-            ):
-                raise InvalidInput(f"{field.name} must be an integer, got {type(value).__name__}")
-            if isinstance(value, str) and field.name != "severity":
-                object.__setattr__(self, field.name, clean_text(value, field=field.name))
-            elif str(field.type).startswith("tuple"):
+        cls = type(self)
+        checks = _CHECKS.get(cls) or _checks_of(cls)
+        for name, kind in checks:
+            value = getattr(self, name)
+            if kind is _Kind.INT:
+                if type(value) is not int and (isinstance(value, bool) or not _is_int(value)):
+                    raise InvalidInput(f"{name} must be an integer, got {type(value).__name__}")
+            elif kind is _Kind.STR or isinstance(value, str):
+                if kind is _Kind.STR and not isinstance(value, str):
+                    raise InvalidInput(f"{name} must be a string, got {type(value).__name__}")
+                if name != "severity":
+                    cleaned_text = clean_text(value, field=name)
+                    if cleaned_text is not value:
+                        object.__setattr__(self, name, cleaned_text)
+            elif kind is _Kind.STRINGS or kind is _Kind.RANGES:
                 if not isinstance(value, tuple | list):
-                    raise InvalidInput(f"{field.name} must be a list, got {type(value).__name__}")
-                strings = field.type in ("tuple[str, ...]", tuple[str, ...])
-                cleaned = _clean_tuple(tuple(value), field.name, strings=strings)
-                object.__setattr__(self, field.name, cleaned)
+                    raise InvalidInput(f"{name} must be a list, got {type(value).__name__}")
+                strings = kind is _Kind.STRINGS
+                object.__setattr__(self, name, _clean_tuple(tuple(value), name, strings=strings))
 
     def to_dict(self) -> dict[str, Any]:
         """The stable JSON form: plain types only, tagged with ``event_type``."""
@@ -149,6 +151,38 @@ class AuditEvent:
     def to_json(self) -> str:
         """:meth:`to_dict` as compact JSON with sorted keys (the same bytes every time)."""
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+
+class _Kind(enum.Enum):
+    """How :meth:`AuditEvent.__attrs_post_init__` checks a field, by its declared type."""
+
+    STR = "str"
+    INT = "int"
+    STRINGS = "tuple of strings"
+    RANGES = "tuple of byte ranges"
+    OTHER = "other"
+
+
+#: Each event class's fields and how each is checked, worked out once per class.
+_CHECKS: dict[type, tuple[tuple[str, _Kind], ...]] = {}
+
+
+def _checks_of(cls: type[AuditEvent]) -> tuple[tuple[str, _Kind], ...]:
+    checks: list[tuple[str, _Kind]] = []
+    for field in attrs.fields(cls):
+        # Field types are the annotation strings (postponed annotations).
+        if field.type in ("str", str):
+            kind = _Kind.STR
+        elif field.type in ("int", int):
+            kind = _Kind.INT
+        elif str(field.type).startswith("tuple"):
+            strings = field.type in ("tuple[str, ...]", tuple[str, ...])
+            kind = _Kind.STRINGS if strings else _Kind.RANGES
+        else:
+            kind = _Kind.OTHER
+        checks.append((field.name, kind))
+    _CHECKS[cls] = result = tuple(checks)
+    return result
 
 
 def _is_int(value: object) -> bool:

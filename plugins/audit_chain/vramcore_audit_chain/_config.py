@@ -24,6 +24,10 @@ class Durability(enum.StrEnum):
     ``immediate``: after the record is fsynced. ``batched``: after it is queued; a writer
     thread fsyncs queued records together within ``flush_interval`` (group commit).
     ``mixed`` (default): critical events immediate, the others batched.
+
+    A critical event is fsynced (and witnessed) before ``emit`` returns in every mode, as the
+    core's contract for a durable sink asks, so ``batched`` now behaves as ``mixed``; both
+    names are kept.
     """
 
     IMMEDIATE = "immediate"
