@@ -286,11 +286,13 @@ def test_vramcore_verify_refuses_an_edited_attestation(cli: Any, tmp_path: Path)
     code, _, _ = cli("seal", str(root), "--attestation", str(saved))
     assert code == 0
     signed_text = saved.read_text()
-    assert SealedModel.from_json(signed_text).signature  # the signed form, for verify
-    code, out, _ = cli("verify", str(saved))
+    signed = SealedModel.from_json(signed_text)
+    secrets = [signed.signature.hex(), *(s.signature.hex() for s in signed.shards)]
+    code, out, err = cli("verify", str(saved))
     assert code == 0 and "attestation of model tiny-model: signed by this worker" in out
-    code, out, _ = cli("verify", str(saved), "--json")
-    assert code == 0 and json.loads(out)["model"] == "tiny-model"
+    code, json_out, json_err = cli("verify", str(saved), "--json")
+    assert code == 0 and json.loads(json_out)["model"] == "tiny-model"
+    assert not any(s in out + err + json_out + json_err for s in secrets)  # the file only
     for edit in EDITS:
         saved.write_text(_edited(SealedModel.from_json(signed_text), edit).to_json())
         code, _, err = cli("verify", str(saved))
