@@ -2,10 +2,24 @@
 
 :class:`FakeCuda` implements the backend's small :class:`~vramcore_allocator_cupy._cuda.CudaApi`:
 "device" memory is host memory from ctypes, kernels are the real digest kernels built for the
-host (:func:`vramcore.kernels.build_host_library`), and streams are honest queues: a copy or a
-launch runs only when an event after it, or the stream, is synchronised. A backend that let
-the core reuse a staging buffer before its copy finished would therefore copy the wrong bytes
-here, as it would on a GPU.
+host (:func:`vramcore.kernels.build_host_library`), and streams are honest queues: a launch, or
+a copy between the device and *pinned* host memory, runs only when an event after it, or the
+stream, is synchronised. Copies follow CUDA's "API synchronization behavior" for
+``cudaMemcpyAsync``:
+
+* host to device from pinned memory (``host_alloc``) is fully asynchronous: the source is read
+  when the queued copy runs, so a caller that reuses the buffer before waiting copies the *new*
+  bytes, and one that frees it (``free_host``) copies what was left there (the fake fills freed
+  pinned memory with ``0xDB`` and keeps it mapped, so the mistake shows as wrong bytes, not a
+  crash). Both are counted: ``raced`` (the source changed between the call and the copy) and
+  ``freed_pending`` (pinned memory freed while a queued copy still read it);
+* host to device from pageable memory is staged by the driver before the call returns: the
+  source may be reused at once; the device sees the bytes in stream order;
+* device to pageable host memory returns only once the copy has completed (the stream's earlier
+  work included); device to pinned memory is queued like any other work.
+
+A backend that let the core reuse or release a staging buffer before its copy finished would
+therefore copy the wrong bytes here, as it would on a GPU.
 
 Stricter than a kind fake where CUDA bites: loading the kernels is a step of its own that can
 fail with any exception kind (``compile_error``: CuPy's ``CompileException``, an ``OSError``
@@ -19,6 +33,7 @@ arguments fails as the driver fails it; free memory moves in whole 2 MiB pages, 
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -69,6 +84,32 @@ def h100_properties(index: int = 0) -> dict[str, Any]:
     }
 
 
+#: The byte freed pinned memory is filled with (what a copy that read it too late finds).
+POISON = 0xDB
+
+
+class _PinnedCopy:
+    """A queued host-to-device copy from pinned memory: reads its source when it runs."""
+
+    __slots__ = ("dst", "fake", "issued", "nbytes", "src")
+
+    def __init__(self, fake: FakeCuda, dst: int, src: int, nbytes: int) -> None:
+        self.fake = fake
+        self.dst = dst
+        self.src = src
+        self.nbytes = nbytes
+        self.issued = hashlib.sha256(ctypes.string_at(src, nbytes)).digest()
+
+    def reads(self, ptr: int, nbytes: int) -> bool:
+        """Whether this copy reads any byte of ``[ptr, ptr + nbytes)``."""
+        return self.src < ptr + nbytes and ptr < self.src + self.nbytes
+
+    def __call__(self) -> None:
+        if hashlib.sha256(ctypes.string_at(self.src, self.nbytes)).digest() != self.issued:
+            self.fake.raced += 1
+        ctypes.memmove(self.dst, self.src, self.nbytes)
+
+
 class FakeCuda(CudaApi):
     """Host-memory CUDA runtime (see the module docstring).
 
@@ -81,7 +122,8 @@ class FakeCuda(CudaApi):
     call, once: ``"malloc"``, ``"memcpy_h2d"``, ``"memcpy_d2h"``, ``"free"``,
     ``"load_kernels"``, ``"launch:<kernel>"``...), ``compile_error`` (raised by every
     ``load_kernels``), ``attrs`` (device attribute overrides), ``props``, ``mem``
-    (address -> (device, ctypes buffer)), ``pinned``, ``calls`` (every call, in order).
+    (address -> (device, ctypes buffer)), ``pinned``, ``calls`` (every call, in order), and the
+    copy-misuse counters ``raced`` and ``freed_pending`` (see the module docstring).
     """
 
     def __init__(
@@ -104,6 +146,12 @@ class FakeCuda(CudaApi):
         self.calls: list[str] = []
         self.mem: dict[int, tuple[int, ctypes.Array[ctypes.c_char]]] = {}  # ptr -> (dev, buf)
         self.pinned: dict[int, ctypes.Array[ctypes.c_char]] = {}
+        #: Freed pinned buffers, kept mapped (filled with POISON) so a late copy reads garbage.
+        self.freed_pinned: list[ctypes.Array[ctypes.c_char]] = []
+        #: Pinned-source copies whose source changed before the copy ran (reused too early).
+        self.raced = 0
+        #: Pinned buffers freed while a queued copy still read them.
+        self.freed_pending = 0
         self.streams: dict[int, list[Callable[[], object] | int]] = {}
         self.events: dict[int, tuple[int, bool]] = {}  # event -> (stream, recorded)
         self._next = 1
@@ -197,9 +245,25 @@ class FakeCuda(CudaApi):
         self.pinned[ctypes.addressof(buf)] = buf
         return ctypes.addressof(buf)
 
+    def _pinned_at(self, addr: int, nbytes: int) -> bool:
+        """Whether ``[addr, addr + nbytes)`` lies inside one live pinned allocation."""
+        return any(p <= addr and addr + nbytes <= p + len(b) for p, b in self.pinned.items())
+
     def free_host(self, ptr: int) -> None:
         self._enter("free_host")
-        del self.pinned[ptr]
+        with self._lock:
+            buf = self.pinned.pop(ptr)
+            n = len(buf)
+            pending = [
+                item
+                for queue in self.streams.values()
+                for item in queue
+                if isinstance(item, _PinnedCopy) and item.reads(ptr, n)
+            ]
+            if pending:
+                self.freed_pending += 1
+            ctypes.memset(ptr, POISON, n)
+            self.freed_pinned.append(buf)
 
     def stream_create(self, device: int) -> int:
         self._enter("stream_create")
@@ -221,7 +285,17 @@ class FakeCuda(CudaApi):
     ) -> None:
         self._enter("memcpy_h2d" if to_device else "memcpy_d2h")
         with self._lock:
-            self.streams[stream].append(lambda: ctypes.memmove(dst, src, nbytes))
+            queue = self.streams[stream]
+            if to_device and self._pinned_at(src, nbytes):
+                queue.append(_PinnedCopy(self, dst, src, nbytes))  # DMA reads it later
+            elif to_device:
+                staged = ctypes.create_string_buffer(ctypes.string_at(src, nbytes), nbytes)
+                queue.append(lambda: ctypes.memmove(dst, staged, nbytes))  # read now
+            elif self._pinned_at(dst, nbytes):
+                queue.append(lambda: ctypes.memmove(dst, src, nbytes))
+            else:  # into pageable memory: done, earlier work included, before returning
+                self._run(stream)
+                ctypes.memmove(dst, src, nbytes)
 
     def event_create(self, device: int) -> int:
         self._enter("event_create")

@@ -18,15 +18,20 @@ rules where they bite:
 * free memory moves in whole 2 MiB pages, as ``cuMemGetInfo`` reports it;
 * errors are PyCUDA's kinds: ``MemoryError`` for allocations, ``LaunchError`` for copies
   and completions (as after a fault on the device), ``LogicError`` for misuse;
-* streams are honest queues: an asynchronous copy reads its source only when an event
-  recorded after it, or a synchronous call, drains the queue; a backend that let the core
-  reuse a staging buffer too early copies the wrong bytes here, as on a GPU;
+* streams are honest queues, and ``memcpy_htod_async`` follows CUDA's "API synchronization
+  behavior": from page-locked memory (``pagelocked_empty``) the copy reads its source only when
+  an event recorded after it, or a synchronous call, drains the queue, so a backend that let
+  the core reuse a staging buffer too early copies the new bytes (counted in ``raced``) and one
+  that freed it too early copies what freed memory holds (``HostAllocation.free`` fills it with
+  ``0xDB``; counted in ``freed_pending``), as on a GPU; from pageable memory the driver stages
+  the source before the call returns, so it may be reused at once;
 * faults can be injected (allocation, copy, copy completion, read, free).
 """
 
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import struct
 import threading
 import types
@@ -174,13 +179,57 @@ class FakeAllocation:
         del self.driver.allocations[self.ptr]
 
 
+#: The byte freed page-locked memory is filled with (what a copy that read it too late finds).
+POISON = 0xDB
+
+
 class PinnedMemory(bytearray):
-    """The base of a page-locked array: PyCUDA's HostAllocation has ``free()``."""
+    """The base of a page-locked array: PyCUDA's HostAllocation has ``free()``.
+
+    Freed memory stays mapped in the fake, filled with :data:`POISON`, so a queued copy that
+    still reads it copies garbage rather than crashing the test process.
+    """
 
     freed = False
+    driver: FakeDriver
+
+    def address(self) -> int:
+        """Where the buffer starts."""
+        return int(np.frombuffer(self, dtype=np.uint8).ctypes.data)
 
     def free(self) -> None:
-        self.freed = True
+        start = self.address()
+        with self.driver.lock:
+            if any(
+                isinstance(op, PinnedCopy) and op.reads(start, len(self))
+                for stream in self.driver.streams
+                for op in stream.queue
+            ):
+                self.driver.freed_pending += 1
+            self[:] = bytes([POISON]) * len(self)
+            self.freed = True
+
+
+class PinnedCopy:
+    """A queued host-to-device copy from page-locked memory: DMA reads the source when it runs."""
+
+    def __init__(self, driver: FakeDriver, target: int, address: int, n: int, keep: Any) -> None:
+        self.driver = driver
+        self.target = target
+        self.address = address
+        self.n = n
+        self.keep: Any = keep
+        self.issued = hashlib.sha256(ctypes.string_at(address, n)).digest()
+
+    def reads(self, start: int, n: int) -> bool:
+        """Whether this copy reads any byte of ``[start, start + n)``."""
+        return self.address < start + n and start < self.address + self.n
+
+    def __call__(self) -> None:
+        if hashlib.sha256(ctypes.string_at(self.address, self.n)).digest() != self.issued:
+            self.driver.raced += 1
+        ctypes.memmove(self.target, self.address, self.n)
+        self.keep = None
 
 
 class FakeStream:
@@ -296,6 +345,8 @@ class FakeDriver:
     """``pycuda.driver`` over host memory (see the module docstring)."""
 
     current: FakeDriver
+    #: What freed page-locked memory holds (for tests, which cannot import this module).
+    POISON = POISON
 
     def __init__(self, devices: int = 1, total: int = 256 * MiB, host_lib: Any = None) -> None:
         FakeDriver.current = self
@@ -327,6 +378,10 @@ class FakeDriver:
         self.events_made = 0
         self.out_of_thread_frees = 0
         self.pinned: list[PinnedMemory] = []
+        #: Copies from page-locked memory whose source changed before the copy ran.
+        self.raced = 0
+        #: Page-locked buffers freed while a queued copy still read them.
+        self.freed_pending = 0
         self.device_attribute = types.SimpleNamespace(
             **{
                 name: name
@@ -449,19 +504,24 @@ class FakeDriver:
         ctypes.memmove(target, address, n)
         del keep
 
+    def is_pinned(self, address: int, n: int) -> bool:
+        """Whether ``[address, address + n)`` lies inside live page-locked memory."""
+        return any(
+            not p.freed and p.address() <= address and address + n <= p.address() + len(p)
+            for p in self.pinned
+        )
+
     def memcpy_htod_async(self, dest: Any, src: Any, stream: FakeStream) -> None:
         self.require_context("memcpy_htod_async")
         address, n, keep = self._address(src)
         target = self.resolve(int(dest), n)
         self.fault("copy")
-
-        def run() -> None:
-            ctypes.memmove(target, address, n)  # reads the source now, as DMA does
-            del_keep.clear()
-
-        del_keep = [keep]
         with self.lock:
-            stream.queue.append(run)
+            if self.is_pinned(address, n):
+                stream.queue.append(PinnedCopy(self, target, address, n, keep))
+                return
+            staged = ctypes.create_string_buffer(ctypes.string_at(address, n), n)  # read now
+            stream.queue.append(lambda: ctypes.memmove(target, staged, n))
 
     def memcpy_dtoh(self, dest: Any, src: Any) -> None:
         self.require_context("memcpy_dtoh")
@@ -476,6 +536,7 @@ class FakeDriver:
         self.require_context("pagelocked_empty")
         assert mem_flags == self.host_alloc_flags.PORTABLE
         base = PinnedMemory(shape)
+        base.driver = self
         self.pinned.append(base)
         return np.ndarray((shape,), dtype=dtype, buffer=base)
 
