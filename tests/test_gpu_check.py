@@ -8,12 +8,15 @@ the same report after every step; only the runtime is fake and nothing is instal
 
 from __future__ import annotations
 
+import datetime as dt
 import importlib.machinery
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -322,3 +325,116 @@ def test_a_digest_not_on_the_device_is_reported_never_timed() -> None:
         },
     }
     assert "| pycuda | device verify, 1 GiB | not on device | >= 100 GB/s |" in table.render(report)
+
+
+# -- --build-wheels ---------------------------------------------------------------------------
+
+
+def _stand_in_dependency(folder: Path, name: str) -> None:
+    """A minimal, valid pure-Python wheel named ``name`` (pip can download it offline)."""
+    dist = f"{name.replace('-', '_')}-99.0"
+    with zipfile.ZipFile(folder / f"{dist}-py3-none-any.whl", "w") as zf:
+        zf.writestr(
+            f"{dist}.dist-info/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: 99.0\n"
+        )
+        zf.writestr(
+            f"{dist}.dist-info/WHEEL",
+            "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        )
+        zf.writestr(f"{dist}.dist-info/RECORD", "")
+
+
+def _path_without_nvcc(folder: Path) -> str:
+    """A ``PATH`` of one folder holding only what ``--build-wheels`` runs: git and python3."""
+    folder.mkdir()
+    for tool in ("git", "python3"):
+        found = shutil.which(tool)
+        assert found is not None, f"{tool} is needed to build the wheels"
+        (folder / tool).symlink_to(found)
+    return str(folder)
+
+
+@pytest.mark.slow  # builds four wheels with uv and downloads from a local folder (about 15 s)
+def test_build_wheels_fills_a_wheelhouse_without_nvcc_or_a_registry(tmp_path: Path) -> None:
+    gc = _script()
+    links = tmp_path / "links"
+    links.mkdir()
+    for dep in (*gc.EXTRA_WHEELS, *gc.TEST_WHEELS):
+        _stand_in_dependency(links, dep)
+    house = tmp_path / "house"
+    env = {**os.environ, "PATH": _path_without_nvcc(tmp_path / "bin")}
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--build-wheels",
+            "--wheels",
+            str(house),
+            "--find-links",
+            str(links),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    pycuda_lines = [line for line in done.stdout.splitlines() if line.startswith("PyCUDA:")]
+    assert pycuda_lines == [
+        "PyCUDA: skipped: no nvcc on PATH (scripts/build-pycuda-wheel needs the CUDA toolkit); "
+        "the PyCUDA GPU tests will skip on the GPU machine"
+    ]
+    wheels = sorted(p.name for p in house.glob("*.whl"))
+    for package in gc.PACKAGES:
+        version = tomllib.loads(_pyproject(package).read_text())["project"]["version"]
+        assert f"{package.replace('-', '_')}-{version}-py3-none-any.whl" in wheels
+    for dep in (*gc.EXTRA_WHEELS, *gc.TEST_WHEELS):
+        assert f"{dep.replace('-', '_')}-99.0-py3-none-any.whl" in wheels, dep
+    assert len(wheels) == len(gc.PACKAGES) + len(gc.EXTRA_WHEELS) + len(gc.TEST_WHEELS)
+    core = next(w for w in wheels if w.startswith("vramcore-"))
+    with zipfile.ZipFile(house / core) as zf:
+        names = set(zf.namelist())
+    assert {f"vramcore/kernels/{f}" for f in gc.KERNEL_FILES} <= names
+    info = json.loads((house / "BUILD-INFO.json").read_text())
+    assert info["commit"] == gc._git("rev-parse", "HEAD")
+    assert isinstance(info["dirty"], bool)
+    assert dt.datetime.fromisoformat(info["built_utc"]).tzinfo is not None
+    assert gc.check_wheels(house)["problems"] == [
+        "no PyCUDA wheel (scripts/build-pycuda-wheel): the pycuda tests will skip"
+    ]
+
+
+def _pyproject(package: str) -> Path:
+    if package == "vramcore":
+        return ROOT / "pyproject.toml"
+    return ROOT / "plugins" / package.removeprefix("vramcore-").replace("-", "_") / "pyproject.toml"
+
+
+def test_build_wheels_keeps_an_existing_pycuda_wheel_and_skips_without_nvcc(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gc = _script()
+    monkeypatch.setattr(gc.shutil, "which", lambda name: None)  # no nvcc
+    line = gc.pycuda_wheel(tmp_path)
+    assert line.startswith("PyCUDA: skipped: no nvcc on PATH")
+    assert "\n" not in line
+    _wheel(tmp_path, "pycuda-2026.1-cp312-cp312-linux_x86_64.whl", [])
+    assert gc.pycuda_wheel(tmp_path) == (
+        f"PyCUDA: keeping pycuda-2026.1-cp312-cp312-linux_x86_64.whl (already in {tmp_path})"
+    )
+
+
+def test_find_links_without_build_wheels_is_a_usage_error() -> None:
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--find-links", "x"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "--find-links goes with --build-wheels" in done.stderr
+    assert "Traceback" not in done.stderr
