@@ -2,15 +2,14 @@
 
 NVRTC is the compiler CuPy's ``RawModule`` uses; NVIDIA ships it as a pip package
 (``nvidia-cuda-nvrtc-cu12``, in the dev group), and it runs without a driver. A syntax or type
-error in device code therefore fails here, in CI, not in a scarce GPU session. The library is
-loaded with :mod:`ctypes` so the check does not depend on CuPy.
+error in device code therefore fails here, in CI, not in a scarce GPU session. The compiles go
+through the loader that ships (:mod:`vramcore.kernels._nvrtc`, which the GPU backends use when
+CuPy's compiler is missing), so the code tested is the code a GPU machine runs; it does not
+depend on CuPy.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import importlib.util
 import re
 from pathlib import Path
 
@@ -22,95 +21,44 @@ from vramcore.kernels import _nvrtc
 ARCHES = ["sm_80", "sm_90"]
 
 
-def _find_nvrtc() -> str | None:
-    """The NVRTC shared library: from the pip package if installed, else the system's."""
-    spec = importlib.util.find_spec("nvidia")
-    for root in list(spec.submodule_search_locations or []) if spec else []:
-        for candidate in sorted(Path(root, "cuda_nvrtc", "lib").glob("libnvrtc.so*")):
-            if "builtins" not in candidate.name and "alt" not in candidate.name:
-                return str(candidate)
-    return ctypes.util.find_library("nvrtc")
-
-
-class Nvrtc:
-    """The few NVRTC calls a compile needs."""
-
-    def __init__(self, path: str) -> None:
-        self.lib = ctypes.CDLL(path)
-        self.lib.nvrtcGetErrorString.restype = ctypes.c_char_p
-
-    def _check(self, status: int, what: str) -> None:
-        if status != 0:
-            raise RuntimeError(f"{what}: {self.lib.nvrtcGetErrorString(status).decode()}")
-
-    def version(self) -> tuple[int, int]:
-        major, minor = ctypes.c_int(), ctypes.c_int()
-        self._check(self.lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor)), "version")
-        return major.value, minor.value
-
-    def compile(self, source: str, options: list[str]) -> tuple[int, bytes, str]:
-        """``(status, cubin, log)`` of compiling ``source``; cubin is empty on failure."""
-        prog = ctypes.c_void_p()
-        self._check(
-            self.lib.nvrtcCreateProgram(
-                ctypes.byref(prog), source.encode(), b"merkle_sha256.cu", 0, None, None
-            ),
-            "createProgram",
-        )
-        try:
-            opts = (ctypes.c_char_p * len(options))(*(o.encode() for o in options))
-            status = self.lib.nvrtcCompileProgram(prog, len(options), opts)
-            size = ctypes.c_size_t()
-            self._check(self.lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size)), "logSize")
-            log = ctypes.create_string_buffer(size.value)
-            self._check(self.lib.nvrtcGetProgramLog(prog, log), "getProgramLog")
-            cubin = b""
-            if status == 0:
-                self._check(self.lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "cubinSize")
-                buf = ctypes.create_string_buffer(size.value)
-                self._check(self.lib.nvrtcGetCUBIN(prog, buf), "getCUBIN")
-                cubin = buf.raw
-            return status, cubin, log.value.decode(errors="replace")
-        finally:
-            self.lib.nvrtcDestroyProgram(ctypes.byref(prog))
-
-
 @pytest.fixture(scope="module")
-def nvrtc() -> Nvrtc:
-    """NVRTC through ctypes (skipped, saying what to install, when it is missing)."""
-    path = _find_nvrtc()
-    if path is None:
-        pytest.skip("NVRTC not found: install nvidia-cuda-nvrtc-cu12 (in the dev group)")
-    return Nvrtc(path)
+def nvrtc_version() -> tuple[int, int]:
+    """The version of the NVRTC the production loader finds (skipped, saying what to install,
+    when it finds none)."""
+    try:
+        return _nvrtc.nvrtc_version()
+    except _nvrtc.KernelCompileError as exc:
+        pytest.skip(f"NVRTC not found: install nvidia-cuda-nvrtc-cu12 (in the dev group): {exc}")
+
+
+def _compile(source: str, arch: str, *extra: str) -> tuple[bytes, str]:
+    return _nvrtc.nvrtc_compile(source, arch, (*kernels.NVRTC_OPTIONS, *extra))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHES)
-def test_kernel_compiles_for(nvrtc: Nvrtc, arch: str) -> None:
-    options = [f"-arch={arch}", *kernels.NVRTC_OPTIONS]
-    status, cubin, log = nvrtc.compile(kernels.kernel_source(), options)
-    assert status == 0, f"NVRTC {nvrtc.version()} failed for {arch}:\n{log}"
-    assert cubin.startswith(b"\x7fELF")
+def test_kernel_compiles_for(nvrtc_version: tuple[int, int], arch: str) -> None:
+    cubin, log = _compile(kernels.kernel_source(), arch)
+    assert cubin.startswith(b"\x7fELF"), f"NVRTC {nvrtc_version} gave no cubin for {arch}"
     for name in kernels.KERNEL_NAMES:  # extern "C": the symbols keep their names
         assert name.encode() + b"\x00" in cubin
     assert "warning" not in log.lower(), log
 
 
-def test_a_device_code_error_fails_the_compile(nvrtc: Nvrtc) -> None:
+def test_a_device_code_error_fails_the_compile(nvrtc_version: tuple[int, int]) -> None:
     broken = kernels.kernel_source().replace("vc_sha256_compress(s, w);", "vc_sha256_compress(s);")
-    status, cubin, log = nvrtc.compile(broken, ["-arch=sm_90", *kernels.NVRTC_OPTIONS])
-    assert status != 0
-    assert cubin == b""
-    assert "vc_sha256_compress" in log
+    with pytest.raises(_nvrtc.KernelCompileError, match="could not compile") as info:
+        _compile(broken, "sm_90")
+    assert "vc_sha256_compress" in str(info.value), "the compiler's log is the message"
 
 
 @pytest.mark.parametrize("arch", ARCHES)
-def test_leaf_kernels_fit_their_launch_bound_without_spills(nvrtc: Nvrtc, arch: str) -> None:
+def test_leaf_kernels_fit_their_launch_bound_without_spills(
+    nvrtc_version: tuple[int, int], arch: str
+) -> None:
     # A spill in the hashing loop puts the message schedule in local memory: the launch
     # bound (kernels.MAX_BLOCK threads) must leave the registers the loop needs.
-    options = [f"-arch={arch}", *kernels.NVRTC_OPTIONS, "-Xptxas=-v"]
-    status, _cubin, log = nvrtc.compile(kernels.kernel_source(), options)
-    assert status == 0, log
+    _cubin, log = _compile(kernels.kernel_source(), arch, "-Xptxas=-v")
     for name in (kernels.LEAF_KERNEL, kernels.INDEX_KERNEL):
         found = re.search(
             rf"entry function '{name}'.*?(\d+) bytes spill stores, (\d+) bytes spill loads"
@@ -124,15 +72,14 @@ def test_leaf_kernels_fit_their_launch_bound_without_spills(nvrtc: Nvrtc, arch: 
         assert registers * kernels.MAX_BLOCK <= 65536, f"{name}: {registers} registers"
 
 
-def test_a_launch_bound_too_large_for_the_registers_spills(nvrtc: Nvrtc) -> None:
+def test_a_launch_bound_too_large_for_the_registers_spills(
+    nvrtc_version: tuple[int, int],
+) -> None:
     # The check above can fail: at 768 threads the loop no longer fits 80 registers.
     source = kernels.kernel_source().replace(
         f"#define VC_MAX_BLOCK {kernels.MAX_BLOCK}", "#define VC_MAX_BLOCK 768"
     )
-    status, _cubin, log = nvrtc.compile(
-        source, ["-arch=sm_90", *kernels.NVRTC_OPTIONS, "-Xptxas=-v"]
-    )
-    assert status == 0, log
+    _cubin, log = _compile(source, "sm_90", "-Xptxas=-v")
     spills = re.search(
         rf"entry function '{kernels.LEAF_KERNEL}'.*?(\d+) bytes spill stores", log, re.S
     )
@@ -152,10 +99,10 @@ def test_shipped_ptx_was_built_from_this_kernel_source() -> None:
     assert f".target {_nvrtc.PTX_ARCH.replace('compute', 'sm')}" in text
 
 
-def test_kernel_image_is_nvrtcs_cubin_when_nvrtc_loads(nvrtc: Nvrtc) -> None:
+def test_kernel_image_is_nvrtcs_cubin_when_nvrtc_loads(nvrtc_version: tuple[int, int]) -> None:
     image = _nvrtc.kernel_image(kernels.kernel_source(), "sm_90", kernels.NVRTC_OPTIONS)
     assert image.kind == "cubin" and image.data.startswith(b"\x7fELF")
-    assert image.origin.startswith("NVRTC ") and image.origin.endswith("sm_90")
+    assert image.origin == f"NVRTC {nvrtc_version[0]}.{nvrtc_version[1]} sm_90"
     assert image.nvrtc_failure is None
 
 
