@@ -278,7 +278,12 @@ def test_doctor_explains_cupy_without_a_driver(
     # The CuPy plugin and its CUDA library are installed in this workspace; no driver is.
     assert backends["cupy"]["active"] is False
     assert "driver" in backends["cupy"]["reason"]
-    assert "pip install" in backends["cupy"]["install"]
+    # CuPy is installed: the doctor says so, and that the driver is what is missing.
+    assert [(c["what"], c["ok"]) for c in backends["cupy"]["checks"]] == [
+        ("CuPy", True),
+        ("CUDA driver and GPU", False),
+    ]
+    assert backends["cupy"]["install"] is None
     assert backends["mock"]["active"] is True
     sinks = {row["plugin"]: row for row in data["sinks"]}
     assert sinks["audit_chain"]["active"] is False

@@ -60,6 +60,7 @@ __all__ = [
     "DeviceDigest",
     "DeviceInfo",
     "MemoryKind",
+    "ProbeCheck",
     "TensorSource",
     "dlpack_export",
     "dlpack_live_exports",
@@ -349,6 +350,24 @@ class AllocatorBackend(abc.ABC):
 
 
 @attrs.frozen(kw_only=True)
+class ProbeCheck:
+    """One thing a backend needs, checked for ``vramcore doctor`` (one line each).
+
+    :attr what: what was checked (``"CuPy"``, ``"CUDA driver and GPU"``).
+    :attr ok: whether it is in place.
+    :attr detail: what was found (``"installed (14.2.0)"``, ``"not installed"``, ``"no CUDA
+        driver found (...)"``); no device pointer, no secret.
+    :attr install: installing the backend's package (:attr:`BackendSpec.install_hint`) fixes
+        it; the doctor prints the install hint only when such a check failed.
+    """
+
+    what: str
+    ok: bool
+    detail: str
+    install: bool = False
+
+
+@attrs.frozen(kw_only=True)
 class BackendSpec:
     """A named allocator backend a plugin offers.
 
@@ -362,6 +381,9 @@ class BackendSpec:
     :attr description: one line for ``vramcore plugins``.
     :attr host_memory: the backend's "device" memory is host RAM (the mock): it is chosen
         only when named, never in place of a GPU backend that cannot run.
+    :attr diagnose: optional: what the backend needs, checked one thing at a time
+        (:class:`ProbeCheck`), so ``vramcore doctor`` can say which is missing (the library,
+        or the driver and GPU); like the probe, cheap and never raising.
     """
 
     name: str
@@ -371,6 +393,26 @@ class BackendSpec:
     install_hint: str = ""
     description: str = ""
     host_memory: bool = False
+    diagnose: Callable[[], Sequence[ProbeCheck]] | None = None
+
+    def checks(self) -> list[ProbeCheck]:
+        """Run :attr:`diagnose` (none: ``[]``); one that raises or answers something else
+        gives one failed check saying what went wrong."""
+        if self.diagnose is None:
+            return []
+        try:
+            found: object = self.diagnose()
+        except Exception as exc:  # a diagnosis must never take the doctor down
+            return [ProbeCheck(what="diagnosis", ok=False, detail=f"{type(exc).__name__}: {exc}")]
+        if isinstance(found, Sequence) and all(isinstance(c, ProbeCheck) for c in found):
+            return list(found)
+        return [
+            ProbeCheck(
+                what="diagnosis",
+                ok=False,
+                detail=f"answered {type(found).__name__}, not a sequence of ProbeCheck",
+            )
+        ]
 
     def why_not(self) -> str | None:
         """Run the probe; a probe that raises, or answers something other than ``None`` or a

@@ -16,6 +16,7 @@ from vramcore._cli.commands import EXIT_OK, Console
 from vramcore._config import Configuration, Setting, Value, declared_settings
 from vramcore.errors import VramError
 from vramcore.plugins import VramcorePluginManager, collect_backends, select_backend
+from vramcore.validation import escape_text
 
 __all__ = ["ConfigReport", "Doctor"]
 
@@ -125,14 +126,21 @@ class Doctor:
         specs = collect_backends(self._pm).values()
         for spec in sorted(specs, key=lambda s: (-s.priority, s.name)):
             reason = spec.why_not()
+            checks = spec.checks()
+            # With checks, the hint only when installing fixes one that failed (CuPy missing,
+            # not the driver); a reason that already says what to install needs no second copy.
+            needs = any(not c.ok and c.install for c in checks) if checks else reason is not None
             rows.append(
                 {
                     "name": spec.name,
                     "active": reason is None,
                     "reason": reason,
-                    # A reason that already says what to install needs no second copy of it.
+                    "checks": [
+                        {"what": escape_text(c.what), "ok": c.ok, "detail": escape_text(c.detail)}
+                        for c in checks
+                    ],
                     "install": spec.install_hint
-                    if reason is not None and spec.install_hint not in reason
+                    if needs and reason is not None and spec.install_hint not in reason
                     else None,
                 }
             )
@@ -192,6 +200,9 @@ class Doctor:
         for row in data["backends"]:
             state = "can run" if row["active"] else f"cannot run: {row['reason']}"
             lines.append(f"  {row['name']:<14} {state}")
+            for check in row["checks"]:
+                mark = "ok" if check["ok"] else "missing"
+                lines.append(f"  {'':<14} {check['what']}: {mark}: {check['detail']}")
             if row["install"]:
                 lines.append(f"  {'':<14} install: {row['install']}")
         if not data["backends"]:

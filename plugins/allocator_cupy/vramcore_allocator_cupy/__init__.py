@@ -23,7 +23,7 @@ from vramcore.hookspecs import hookimpl
 from vramcore_allocator_cupy._backend import BackendClosed, CupyBackend, CupyDigestUnavailable
 from vramcore_allocator_cupy._memory import SAFETENSORS_DTYPES, DeviceMemory
 from vramcore_allocator_cupy._nvml import NvmlHealth, nvml_health
-from vramcore_allocator_cupy._probe import INSTALL_HINT, device_info, why_not
+from vramcore_allocator_cupy._probe import INSTALL_HINT, device_info, diagnose, why_not
 
 __all__ = [
     "INSTALL_HINT",
@@ -35,6 +35,7 @@ __all__ = [
     "DeviceMemory",
     "NvmlHealth",
     "device_info",
+    "diagnose",
     "nvml_health",
     "vramcore_allocator_backends",
     "vramcore_device_digest",
@@ -61,6 +62,7 @@ def vramcore_allocator_backends() -> Sequence[BackendSpec]:
             probe=why_not,
             factory=_factory,
             install_hint=INSTALL_HINT,
+            diagnose=diagnose,
             description="CUDA GPUs through CuPy: cudaMalloc, pinned staging, device-side digest",
         )
     ]

@@ -2,7 +2,9 @@
 
 :func:`why_not` is the backend's viability probe: cheap, never raises, and says in one line
 why not (CuPy missing, no driver, a driver older than CuPy's CUDA, no device). Discovering the
-plugin therefore never fails on a machine without a GPU.
+plugin therefore never fails on a machine without a GPU. :func:`diagnose` checks the two
+things apart for ``vramcore doctor``: CuPy (installed, and which version), and the CUDA driver
+and GPU (through CuPy when it imports, else by looking for the driver's ``libcuda``).
 
 :func:`device_info` builds a :class:`~vramcore.backend.DeviceInfo` from the CUDA device
 properties and attributes, and, with the ``nvml`` extra, NVML's ECC counters and addressing
@@ -11,21 +13,26 @@ mode (:mod:`vramcore_allocator_cupy._nvml`).
 
 from __future__ import annotations
 
+import ctypes.util
 import importlib
 import importlib.util
 from collections.abc import Callable
 from typing import Any
 
-from vramcore.backend import DeviceInfo
+from vramcore.backend import DeviceInfo, ProbeCheck
 from vramcore.validation import scrub_text
 from vramcore_allocator_cupy._cuda import CudaApi, CudaError
 
-__all__ = ["INSTALL_HINT", "device_info", "why_not"]
+__all__ = ["INSTALL_HINT", "device_info", "diagnose", "why_not"]
 
 INSTALL_HINT = (
     "from a clone of the vramcore repository: pip install './plugins/allocator_cupy[cuda12x]' "
     "(or [cuda13x] for a CUDA 13 driver)"
 )
+
+
+def _cupy_installed() -> bool:
+    return importlib.util.find_spec("cupy") is not None
 
 
 def _import_cupy() -> Any:
@@ -47,7 +54,7 @@ def why_not(
     make_api: Callable[[], CudaApi] = _default_api,
 ) -> str | None:
     """``None`` when CuPy, a CUDA driver and at least one GPU are here, else the reason."""
-    if importlib.util.find_spec("cupy") is None and import_cupy is _import_cupy:
+    if import_cupy is _import_cupy and not _cupy_installed():
         return "CuPy is not installed"  # the core adds the install hint
     try:
         import_cupy()
@@ -55,17 +62,80 @@ def why_not(
         return f"CuPy is not installed or failed to import ({scrub_text(str(exc))[:200]})"
     except Exception as exc:  # a broken CuPy install: report, never raise
         return f"CuPy failed to import: {type(exc).__name__}: {scrub_text(str(exc))[:200]}"
+    return _gpu_problem(make_api)[0]
+
+
+def _gpu_problem(make_api: Callable[[], CudaApi]) -> tuple[str | None, int]:
+    """``(why the GPU is not usable through CuPy or None, visible device count)``."""
     try:
         api = make_api()
         count = api.device_count()
     except CudaError as exc:
-        return _explain(exc, make_api)
+        return _explain(exc, make_api), 0
     except Exception as exc:
         detail = scrub_text(str(exc))[:200]
-        return f"CUDA is not usable through CuPy: {type(exc).__name__}: {detail}"
+        return f"CUDA is not usable through CuPy: {type(exc).__name__}: {detail}", 0
     if count <= 0:
-        return "no CUDA device is visible (check CUDA_VISIBLE_DEVICES)"
-    return None
+        return "no CUDA device is visible (check CUDA_VISIBLE_DEVICES)", 0
+    return None, count
+
+
+def _broken(exc: Exception) -> str:
+    return f"installed but does not import: {type(exc).__name__}: {scrub_text(str(exc))[:200]}"
+
+
+def _find_libcuda() -> str | None:
+    return ctypes.util.find_library("cuda")
+
+
+def diagnose(
+    import_cupy: Callable[[], Any] = _import_cupy,
+    make_api: Callable[[], CudaApi] = _default_api,
+    find_libcuda: Callable[[], str | None] = _find_libcuda,
+) -> list[ProbeCheck]:
+    """Two checks for ``vramcore doctor``: CuPy, then the CUDA driver and GPU. Never raises.
+
+    Without CuPy the driver is looked for as its library (``libcuda``), which tells "install
+    CuPy" apart from "this machine has no NVIDIA driver"; GPUs are counted only through CuPy.
+    """
+    driver = "CUDA driver and GPU"
+    if import_cupy is _import_cupy and not _cupy_installed():
+        cupy = ProbeCheck(what="CuPy", ok=False, detail="not installed", install=True)
+    else:
+        try:
+            module = import_cupy()
+        except ModuleNotFoundError as exc:
+            detail = "not installed" if exc.name == "cupy" else _broken(exc)
+            cupy = ProbeCheck(what="CuPy", ok=False, detail=detail, install=True)
+        except Exception as exc:  # ImportError, or whatever a broken install raises
+            cupy = ProbeCheck(what="CuPy", ok=False, detail=_broken(exc), install=True)
+        else:
+            version = scrub_text(str(getattr(module, "__version__", "unknown version")))[:40]
+            cupy = ProbeCheck(what="CuPy", ok=True, detail=f"installed ({version})")
+    if not cupy.ok:
+        try:
+            found = find_libcuda()
+        except Exception:  # the driver check only refines the diagnosis
+            found = None
+        if found is None:
+            gpu = ProbeCheck(
+                what=driver,
+                ok=False,
+                detail="no CUDA driver found (libcuda is not on this machine: no NVIDIA GPU "
+                "or driver)",
+            )
+        else:
+            gpu = ProbeCheck(
+                what=driver,
+                ok=True,
+                detail=f"driver library found ({scrub_text(found)[:80]}); GPUs are counted "
+                "once CuPy imports",
+            )
+        return [cupy, gpu]
+    problem, count = _gpu_problem(make_api)
+    if problem is not None:
+        return [cupy, ProbeCheck(what=driver, ok=False, detail=problem)]
+    return [cupy, ProbeCheck(what=driver, ok=True, detail=f"{count} GPU(s) visible")]
 
 
 def _explain(exc: CudaError, make_api: Callable[[], CudaApi]) -> str:
