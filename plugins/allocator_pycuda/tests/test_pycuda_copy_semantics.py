@@ -21,15 +21,27 @@ from typing import Any
 import numpy as np
 import pytest
 import vramcore_allocator_pycuda
-from vramcore_allocator_pycuda import DriverApi, PyCudaBackend, _copies
+from vramcore_allocator_pycuda import DriverApi, PyCudaBackend, _copies, _kernels
 
 from vramcore import VramManager, _loading
 from vramcore.digest import hash_leaves, merkle_root
 from vramcore.errors import IntegrityViolation
+from vramcore.kernels import _nvrtc
 from vramcore.testing import TEST_TOKEN, CapturePlugin, CapturingSink
 
 LEAF = 65536
 N = 4096
+
+
+@pytest.fixture(autouse=True)
+def shipped_ptx(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernels as the shipped PTX: the fake driver loads it at once, where an NVRTC
+    compile per backend costs about 2 s (NVRTC is tested in tests/test_kernel_nvrtc.py)."""
+    text, _digest = _nvrtc.shipped_ptx()
+    image = _nvrtc.KernelImage(
+        data=text.encode("ascii") + b"\0", kind="ptx", origin="shipped PTX compute_80"
+    )
+    monkeypatch.setattr(_kernels, "kernel_image", lambda *args: image)
 
 
 @pytest.fixture

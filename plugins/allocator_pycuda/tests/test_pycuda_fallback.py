@@ -20,12 +20,24 @@ from vramcore import VramManager
 from vramcore.digest import hash_leaves, merkle_root
 from vramcore.errors import IntegrityViolation, SealVerificationFailed
 from vramcore.events import DigestFallback, SealRefused, VramSealed
+from vramcore.kernels import _nvrtc
 from vramcore.kernels._nvrtc import KernelCompileError
 from vramcore.testing import TEST_TOKEN, CapturePlugin, CapturingSink
 
 LEAF = 65536
 E = TypeVar("E")
 DATA = bytes(range(1, 256)) * 1285  # 327,675 bytes, no zero byte: 5 leaves, the last short
+
+
+@pytest.fixture(autouse=True)
+def shipped_ptx(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernels as the shipped PTX: the fake driver loads it at once, where an NVRTC
+    compile per backend costs about 2 s (NVRTC is tested in tests/test_kernel_nvrtc.py)."""
+    text, _digest = _nvrtc.shipped_ptx()
+    image = _nvrtc.KernelImage(
+        data=text.encode("ascii") + b"\0", kind="ptx", origin="shipped PTX compute_80"
+    )
+    monkeypatch.setattr(_kernels, "kernel_image", lambda *args: image)
 
 
 class Rig:
