@@ -182,3 +182,114 @@ def test_cli_plugins_and_devices_say_why(tmp_path: Path, shadow: bool, expected:
     assert devices.returncode == 2
     assert "Traceback" not in devices.stdout + devices.stderr
     assert expected in devices.stderr
+
+
+# -- vramcore doctor: PyCUDA and the driver, one line each ---------------------------------
+
+DRIVER = "CUDA driver and GPU"
+
+
+def _checks() -> list[tuple[str, bool, str, bool]]:
+    return [(c.what, c.ok, c.detail, c.install) for c in vramcore_allocator_pycuda.diagnose()]
+
+
+def test_diagnose_pycuda_not_installed_and_no_driver(monkeypatch: pytest.MonkeyPatch) -> None:
+    _pretend(monkeypatch, installed=False)
+    monkeypatch.setattr(_api, "_find_libcuda", lambda: None)
+    assert _checks() == [
+        ("PyCUDA", False, "not installed", True),
+        (
+            DRIVER,
+            False,
+            "no CUDA driver found (libcuda is not on this machine: no NVIDIA GPU or driver)",
+            False,
+        ),
+    ]
+
+
+def test_diagnose_pycuda_not_installed_on_a_machine_with_a_driver(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _pretend(monkeypatch, installed=False)
+    monkeypatch.setattr(_api, "_find_libcuda", lambda: "libcuda.so.1")
+    (pycuda, gpu) = _checks()
+    assert pycuda == ("PyCUDA", False, "not installed", True)
+    assert gpu[1] is True and gpu[2].startswith("driver library found (libcuda.so.1)")
+
+
+def test_diagnose_pycuda_installed_without_a_driver_is_not_an_install_problem(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _pretend(monkeypatch, **{"pycuda.driver": ImportError(NO_LIBCUDA)})
+    monkeypatch.setattr(_api, "_pycuda_version", lambda: "2026.1")
+    assert _checks() == [
+        ("PyCUDA", True, "installed (2026.1)", False),
+        (
+            DRIVER,
+            False,
+            "PyCUDA is installed but the CUDA driver library (libcuda.so.1) cannot be loaded: "
+            "no NVIDIA driver on this machine",
+            False,
+        ),
+    ]
+
+
+def test_diagnose_a_broken_pycuda_build_is_an_install_problem(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _pretend(monkeypatch, **{"pycuda.driver": ImportError("undefined symbol: cuMemAlloc_v9")})
+    monkeypatch.setattr(_api, "_find_libcuda", lambda: "libcuda.so.1")
+    (pycuda, gpu) = _checks()
+    assert pycuda == (
+        "PyCUDA",
+        False,
+        "does not import: ImportError: undefined symbol: cuMemAlloc_v9",
+        True,
+    )
+    assert gpu[1] is True
+
+
+def test_diagnose_a_driver_without_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    _pretend(monkeypatch, **{"pycuda.driver": _driver(count=0), "pycuda.compiler": object()})
+    monkeypatch.setattr(_api, "_pycuda_version", lambda: "2026.1")
+    assert _checks() == [
+        ("PyCUDA", True, "installed (2026.1)", False),
+        (DRIVER, False, "the CUDA driver reports no device", False),
+    ]
+
+
+def test_diagnose_everything_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    class LibCuda:
+        pointer_kind = staticmethod(lambda ptr: None)
+        device_uuid = staticmethod(lambda ordinal: None)
+
+    driver = _driver(count=2)
+    driver.module_from_buffer = lambda image: None
+    _pretend(monkeypatch, **{"pycuda.driver": driver, "pycuda.gpuarray": object()})
+    monkeypatch.setattr(_api, "_LibCuda", LibCuda)
+    monkeypatch.setattr(_api, "_pycuda_version", lambda: "2026.1")
+    assert _checks() == [
+        ("PyCUDA", True, "installed (2026.1)", False),
+        (DRIVER, True, "2 GPU(s) visible", False),
+    ]
+
+
+def test_diagnose_never_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    def explode() -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(_api, "_load", explode)
+    assert _checks() == [("PyCUDA", False, "probe failed: RuntimeError: boom", False)]
+
+
+@pytest.mark.slow
+def test_doctor_on_a_machine_with_pycuda_and_no_driver(tmp_path: Path) -> None:
+    # Before, the doctor printed the install hint here: installing PyCUDA is not the fix.
+    done = _cli(["doctor", "--json"], tmp_path, shadow=True)
+    assert done.returncode == 0, done.stderr
+    (row,) = [b for b in json.loads(done.stdout)["backends"] if b["name"] == "pycuda"]
+    assert [(c["what"], c["ok"]) for c in row["checks"]] == [("PyCUDA", True), (DRIVER, False)]
+    assert row["install"] is None
+    text = _cli(["doctor"], tmp_path, shadow=True).stdout
+    assert "PyCUDA: ok: installed (" in text
+    assert f"{DRIVER}: missing: PyCUDA is installed but the CUDA driver library" in text

@@ -34,7 +34,7 @@ from vramcore import Setting
 from vramcore.backend import AllocatorBackend, BackendSpec, DeviceBuffer, DeviceDigest
 from vramcore.hookspecs import hookimpl
 
-from ._api import INSTALL_HINT, DriverApi, unavailable_reason
+from ._api import INSTALL_HINT, DriverApi, diagnose, unavailable_reason
 from ._backend import PyCudaBackend
 from ._kernels import PyCudaDigestUnavailable
 from ._native import PyCudaShard
@@ -45,6 +45,7 @@ __all__ = [
     "PyCudaBackend",
     "PyCudaDigestUnavailable",
     "PyCudaShard",
+    "diagnose",
     "make_backend",
     "unavailable_reason",
     "vramcore_allocator_backends",
@@ -76,6 +77,7 @@ def vramcore_allocator_backends() -> Sequence[BackendSpec]:
             probe=unavailable_reason,
             factory=make_backend,
             install_hint=INSTALL_HINT,
+            diagnose=diagnose,
             description="CUDA device memory through PyCUDA; digest on the GPU (NVRTC, shipped PTX)",
         )
     ]

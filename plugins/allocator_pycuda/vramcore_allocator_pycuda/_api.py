@@ -2,8 +2,9 @@
 
 Nothing here imports PyCUDA at module import time: discovering the plugin must work on a
 machine with neither PyCUDA nor a driver. :func:`unavailable_reason` says, in one sentence,
-why the backend cannot run; :func:`load_api` returns the pieces the backend uses, bundled so
-that tests can hand the backend a stand-in driver.
+why the backend cannot run; :func:`diagnose` checks PyCUDA and the driver apart, one line each,
+for ``vramcore doctor``; :func:`load_api` returns the pieces the backend uses, bundled so that
+tests can hand the backend a stand-in driver.
 
 PyCUDA wraps no ``cuPointerGetAttribute`` and no ``cuDeviceGetUuid``; those two come from the
 driver library PyCUDA itself loaded (``libcuda.so.1``), through :mod:`ctypes`.
@@ -12,8 +13,10 @@ driver library PyCUDA itself loaded (``libcuda.so.1``), through :mod:`ctypes`.
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import functools
 import importlib
+import importlib.metadata
 import importlib.util
 import threading
 from collections.abc import Callable
@@ -21,7 +24,7 @@ from typing import Any
 
 import attrs
 
-from vramcore.backend import MemoryKind
+from vramcore.backend import MemoryKind, ProbeCheck
 from vramcore.errors import BackendUnavailable
 from vramcore.validation import scrub_text
 
@@ -30,6 +33,7 @@ __all__ = [
     "LIBCUDA",
     "DriverApi",
     "classify_pointer",
+    "diagnose",
     "format_uuid",
     "load_api",
     "unavailable_reason",
@@ -158,25 +162,30 @@ def _describe_import_error(exc: BaseException) -> str:
 
 
 @functools.cache
-def _load() -> tuple[DriverApi | None, str | None]:
-    """Import and initialise PyCUDA once per process: ``(api, None)`` or ``(None, reason)``."""
+def _load() -> tuple[DriverApi | None, str | None, str | None]:
+    """Import and initialise PyCUDA once per process: ``(api, None, None)``, or ``(None,
+    reason, package problem)`` where the package problem is ``None`` when PyCUDA itself is
+    fine and the driver or device is what is missing."""
     if importlib.util.find_spec("pycuda") is None:
-        return None, f"PyCUDA is not installed; {INSTALL_HINT}"
+        return None, f"PyCUDA is not installed; {INSTALL_HINT}", "not installed"
     try:
         driver = importlib.import_module("pycuda.driver")
     except Exception as exc:  # ImportError, OSError from the loader: report, never raise
-        return None, _describe_import_error(exc)
+        reason = _describe_import_error(exc)
+        broken = None if "libcuda" in reason else reason.removeprefix("PyCUDA ")
+        return None, reason, broken
     try:
         driver.init()
         count = int(driver.Device.count())
     except Exception as exc:  # pycuda.driver.Error: no usable driver or device
-        return None, f"the CUDA driver does not start: {scrub_text(str(exc))[:300]}"
+        return None, f"the CUDA driver does not start: {scrub_text(str(exc))[:300]}", None
     if count < 1:
-        return None, "the CUDA driver reports no device"
+        return None, "the CUDA driver reports no device", None
     try:
         lib = _LibCuda()
     except OSError as exc:
-        return None, f"cannot open {LIBCUDA} for pointer checks: {scrub_text(str(exc))[:200]}"
+        reason = f"cannot open {LIBCUDA} for pointer checks: {scrub_text(str(exc))[:200]}"
+        return None, reason, None
     try:
         gpuarray = importlib.import_module("pycuda.gpuarray")
     except Exception:  # views are a convenience; the backend works without them
@@ -189,7 +198,61 @@ def _load() -> tuple[DriverApi | None, str | None]:
         nvml=_import_nvml(),
         gpuarray=gpuarray,
     )
-    return api, None
+    return api, None, None
+
+
+def _pycuda_version() -> str:
+    try:
+        return scrub_text(importlib.metadata.version("pycuda"))[:40]
+    except Exception:  # metadata missing or unreadable: the version only decorates the line
+        return "unknown version"
+
+
+def _find_libcuda() -> str | None:
+    return ctypes.util.find_library("cuda")
+
+
+def diagnose() -> list[ProbeCheck]:
+    """Two checks for ``vramcore doctor``: PyCUDA, then the CUDA driver and GPU. Never raises.
+
+    When PyCUDA is missing or broken the driver is looked for as its library (``libcuda``),
+    which tells "install PyCUDA" apart from "this machine has no NVIDIA driver".
+    """
+    driver = "CUDA driver and GPU"
+    try:
+        api, reason, package = _load()
+    except Exception as exc:  # the probe must not raise; neither may its diagnosis
+        detail = f"probe failed: {type(exc).__name__}: {scrub_text(str(exc))[:200]}"
+        return [ProbeCheck(what="PyCUDA", ok=False, detail=detail)]
+    if package is not None:
+        pycuda = ProbeCheck(what="PyCUDA", ok=False, detail=package, install=True)
+        try:
+            found = _find_libcuda()
+        except Exception:  # the driver check only refines the diagnosis
+            found = None
+        if found is None:
+            gpu = ProbeCheck(
+                what=driver,
+                ok=False,
+                detail="no CUDA driver found (libcuda is not on this machine: no NVIDIA GPU "
+                "or driver)",
+            )
+        else:
+            gpu = ProbeCheck(
+                what=driver,
+                ok=True,
+                detail=f"driver library found ({scrub_text(found)[:80]}); GPUs are counted "
+                "once PyCUDA imports",
+            )
+        return [pycuda, gpu]
+    pycuda = ProbeCheck(what="PyCUDA", ok=True, detail=f"installed ({_pycuda_version()})")
+    if api is None:
+        return [pycuda, ProbeCheck(what=driver, ok=False, detail=str(reason))]
+    try:
+        count = int(api.driver.Device.count())
+    except Exception:  # counted once already by the probe; this only words the line
+        count = 0
+    return [pycuda, ProbeCheck(what=driver, ok=True, detail=f"{count} GPU(s) visible")]
 
 
 def unavailable_reason() -> str | None:
@@ -202,7 +265,7 @@ def unavailable_reason() -> str | None:
 
 def load_api() -> DriverApi:
     """The process's :class:`DriverApi`; :class:`BackendUnavailable` says why there is none."""
-    api, reason = _load()
+    api, reason, _package = _load()
     if api is None:
         raise BackendUnavailable(f"pycuda backend: {reason}", choices=("pycuda",))
     return api
