@@ -155,6 +155,44 @@ def test_leaf_hasher_takes_chunks_in_any_order_and_refuses_unaligned_ones() -> N
         hasher.feed(100, memoryview(data)[100:200])
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    leaves=st.integers(min_value=1, max_value=70),
+    chunk_leaves=st.integers(min_value=1, max_value=17),
+    tail=st.integers(min_value=0, max_value=4095),
+    order=st.randoms(use_true_random=False),
+)
+def test_the_root_from_chunk_subtrees_is_the_rfc_6962_root(
+    leaves: int, chunk_leaves: int, tail: int, order: object
+) -> None:
+    # Chunks hashed on the threads that read them leave their subtree roots behind; the root
+    # built from those (power-of-two chunks) or from every leaf (any other size) must be the
+    # RFC 6962 root, whatever order the chunks were hashed in.
+    size = 4096
+    data = os.urandom((leaves - 1) * size + tail + 1)
+    hasher = LeafHasher(len(data), size, workers=1)
+    offsets = list(range(0, len(data), chunk_leaves * size))
+    order.shuffle(offsets)  # type: ignore[attr-defined]
+    for offset in offsets:
+        hasher.hash_here(offset, memoryview(data)[offset : offset + chunk_leaves * size])
+    assert hasher.packed() == hash_leaves_packed(data, size)
+    assert hasher.root() == reference_digest(data, size)
+
+
+def test_a_root_from_chunks_that_do_not_tile_the_leaves_is_hashed_whole() -> None:
+    # Chunks of unequal sizes (or one missing) never yield a root from their subtrees.
+    size = 4096
+    data = os.urandom(12 * size)
+    view = memoryview(data)
+    hasher = LeafHasher(len(data), size, workers=1)
+    hasher.hash_here(0, view[: 4 * size])
+    hasher.hash_here(4 * size, view[4 * size : 6 * size])
+    hasher.hash_here(6 * size, view[6 * size :])
+    assert hasher.root() == reference_digest(data, size)
+    with pytest.raises(InvalidInput, match="leaf boundary"):
+        hasher.hash_here(100, view[100:200])
+
+
 class ReadBackOnly:
     """A backend stand-in offering only read_into (no host view), recording reads."""
 

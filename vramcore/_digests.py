@@ -140,6 +140,12 @@ class StagedLeaves:
                 chunk[leaf * size : (leaf + 1) * size], size, 1
             )
 
+    def root(self) -> bytes:
+        """The RFC 6962 root of every leaf (``every_leaf`` only)."""
+        if self._all is None:
+            raise ValueError("a sampled cross-check hashes no root")
+        return self._all.root()
+
     def hashes(self) -> tuple[tuple[int, ...] | None, bytes]:
         """``(indices, packed hashes)``: ``indices`` is ``None`` when every leaf was hashed."""
         if self._all is not None:
@@ -204,10 +210,10 @@ class DigestSource:
         self._declined_last = answer is None
         if answer is None:
             if indices is None:  # every staged leaf is hashed: that is the digest itself
-                return Digest(merkle_root(hashes), hashes, "host", fallback)
+                return Digest(staged.root(), hashes, "host", fallback)
             answer = self._host(buf, None, fallback)
         if indices is None:
-            same = answer.leaves == hashes and answer.root == merkle_root(hashes)
+            same = answer.leaves == hashes and answer.root == staged.root()
             ranges = corrupted_ranges(hashes, answer.leaves, self.leaf_size, buf.nbytes)
         else:
             ranges = differing_ranges(

@@ -112,6 +112,9 @@ class LeafHasher:
         self._workers = max(1, workers)
         self._out = bytearray(-(-nbytes // leaf_size) * HASH_SIZE)
         self._futures: list[Future[None]] = []
+        # Roots of the subtrees :meth:`hash_here` covered, by (first leaf, leaves): the tree
+        # above them is all that is left to hash at the end (see :meth:`root`).
+        self._subtrees: dict[int, tuple[int, bytes]] = {}
 
     def feed(self, offset: int, chunk: memoryview, *, join: bool = False) -> Callable[[], None]:
         """Hash ``chunk``, which holds the covered bytes from ``offset`` on (leaf-aligned).
@@ -154,9 +157,33 @@ class LeafHasher:
         if offset % self.leaf_size:
             raise InvalidInput(f"chunk offset {offset} is not on a leaf boundary")
         size = self.leaf_size
-        base = offset // size * HASH_SIZE
-        end = base + leaf_count(len(chunk), size) * HASH_SIZE
-        _hash_span(chunk, size, memoryview(self._out)[base:end])
+        first, count = offset // size, leaf_count(len(chunk), size)
+        hashes = memoryview(self._out)[first * HASH_SIZE : (first + count) * HASH_SIZE]
+        _hash_span(chunk, size, hashes)
+        self._subtrees[first] = (count, merkle_root(hashes))
+
+    def root(self) -> bytes:
+        """The RFC 6962 root over every leaf, once every chunk fed so far is hashed.
+
+        When the chunks given to :meth:`hash_here` tile the leaves in equal runs of a power
+        of two (the last may be shorter), RFC 6962's splits all fall between runs, so the
+        root is the tree over the runs' roots, hashed by the threads that hashed each run;
+        otherwise the whole tree is hashed here.
+        """
+        _wait_all(self._futures)
+        total = len(self._out) // HASH_SIZE
+        runs = [self._subtrees[k] for k in sorted(self._subtrees)]
+        run = runs[0][0] if runs else 0
+        tiled = (
+            run > 0
+            and run & (run - 1) == 0
+            and sorted(self._subtrees) == list(range(0, total, run))
+            and all(count == run for count, _ in runs[:-1])
+            and runs[-1][0] == total - (len(runs) - 1) * run
+        )
+        if not tiled:
+            return merkle_root(self._out)
+        return merkle_root(b"".join(node for _, node in runs))
 
     def packed(self) -> bytes:
         """The packed leaf hashes, once every chunk fed so far is hashed."""
