@@ -119,6 +119,41 @@ def test_a_lost_copy_chunk_refuses_any_seal_with_the_device_digest_on(
         manager.verify_sealed(shard)
 
 
+@pytest.mark.parametrize("source", ["memory", "file"])
+def test_a_lost_copy_chunk_refuses_a_seal_hashed_on_the_host(
+    new_manager: Any, source: str, tmp_path: Any
+) -> None:
+    # With no device digest the staged hashes are the digest; VRAM is still read back (a
+    # CSPRNG sample from every copy chunk) before anything is signed.
+    backend = LosingBackend()
+    backend.lose_on = {1}
+    sink = CapturingSink()
+    manager = _manager(new_manager, backend, sink=sink)
+    data = os.urandom(SIZE)
+    if source == "memory":
+        _assert_refused(manager, backend, sink, data, "lost")
+    else:
+        path = tmp_path / "lost.bin"
+        path.write_bytes(data)
+        with pytest.raises(IntegrityViolation, match="cross-check") as info:
+            manager.seal_file(path, shard_id="lost")
+        assert info.value.reason == "cross_check"
+        assert backend.live_allocations == 0
+    manager.verify_sealed(manager.seal_model(data, shard_id="after"))
+
+
+def test_a_device_that_declines_the_seal_whose_copy_was_lost_refuses_it(
+    new_manager: Any,
+) -> None:
+    backend = LosingBackend(device_digest=True)
+    backend.lose_on = {1}
+    sink = CapturingSink()
+    manager = _manager(new_manager, backend, DeclinesOnce(_raise_unavailable), sink=sink)
+    with pytest.raises(IntegrityViolation, match="the device declined: no VRAM for the digest"):
+        manager.seal_model(os.urandom(SIZE), shard_id="lost")
+    assert backend.live_allocations == 0
+
+
 @pytest.mark.parametrize("decline", [lambda: None, _raise_unavailable], ids=["none", "raises"])
 def test_a_device_that_declined_once_is_still_cross_checked(
     new_manager: Any, decline: Callable[[], Any]

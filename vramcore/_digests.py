@@ -21,8 +21,11 @@ or with ``cross_check="full"``; otherwise a CSPRNG sample (see :class:`StagedLea
 digest the seal signs, from the device or read back from VRAM, must agree with those host
 hashes of the bytes as they were staged, or the seal is refused
 (:class:`~vramcore.errors.IntegrityViolation`, reason ``cross_check``): a copy that lost or
-left stale a chunk, or a device digest that lies, never gets signed. This holds on every seal,
-whatever the device did before.
+left stale a chunk, or a device digest that lies, never gets signed. When the host hashed
+every staged leaf and no device answered, the staged hashes are the digest, and a CSPRNG
+sample of leaves from every copy chunk is read back from VRAM and compared with them before
+anything is signed (:meth:`~DigestSource._spot_check`). This holds on every seal, whatever the
+device did before.
 """
 
 from __future__ import annotations
@@ -109,6 +112,7 @@ class StagedLeaves:
         self.every_leaf = every_leaf
         self._all = LeafHasher(nbytes, leaf_size, workers) if every_leaf else None
         self._sampled: dict[int, bytes] = {}
+        self._chunks: list[tuple[int, int]] = []  # (first leaf, leaves) of each chunk fed
         self._draw = secrets.SystemRandom()
 
     def feed(self, offset: int, chunk: memoryview) -> Callable[[], None]:
@@ -116,6 +120,7 @@ class StagedLeaves:
 
         :return: a waiter; ``chunk`` must stay unchanged until it returned.
         """
+        self._chunks.append((offset // self.leaf_size, leaf_count(len(chunk), self.leaf_size)))
         if self._all is not None:
             return self._all.feed(offset, chunk)
         self._sample(offset, chunk)
@@ -124,21 +129,37 @@ class StagedLeaves:
     def hash_here(self, offset: int, chunk: memoryview) -> None:
         """What :meth:`feed` hashes of ``chunk``, on the calling thread (a file load's reader
         threads hash the chunk each has just read, while its bytes are in cache)."""
+        self._chunks.append((offset // self.leaf_size, leaf_count(len(chunk), self.leaf_size)))
         if self._all is not None:
             self._all.hash_here(offset, chunk)
         else:
             self._sample(offset, chunk)
 
+    def _strata(self, count: int) -> list[int]:
+        """One leaf drawn by the CSPRNG from each of the equal parts of a chunk of ``count``
+        leaves (indices within the chunk)."""
+        parts = min(STRATA_PER_CHUNK, count)
+        return [
+            part * count // parts
+            + self._draw.randrange((part + 1) * count // parts - part * count // parts)
+            for part in range(parts)
+        ]
+
     def _sample(self, offset: int, chunk: memoryview) -> None:
         size = self.leaf_size
-        first, count = offset // size, leaf_count(len(chunk), size)
-        parts = min(STRATA_PER_CHUNK, count)
-        for part in range(parts):
-            lo, hi = part * count // parts, (part + 1) * count // parts
-            leaf = lo + self._draw.randrange(hi - lo)
+        first = offset // size
+        for leaf in self._strata(leaf_count(len(chunk), size)):
             self._sampled[first + leaf] = hash_leaves_packed(
                 chunk[leaf * size : (leaf + 1) * size], size, 1
             )
+
+    def spot_checks(self) -> tuple[int, ...]:
+        """Leaves to read back from VRAM after a seal hashed on the host: drawn from every
+        copy chunk as a sampled cross-check draws them (the same odds against a lost or stale
+        chunk), fresh from the CSPRNG after the copies are done."""
+        return tuple(
+            sorted({first + leaf for first, count in self._chunks for leaf in self._strata(count)})
+        )
 
     def root(self) -> bytes:
         """The RFC 6962 root of every leaf (``every_leaf`` only)."""
@@ -209,8 +230,10 @@ class DigestSource:
         answer, fallback = self._device(buf)
         self._declined_last = answer is None
         if answer is None:
-            if indices is None:  # every staged leaf is hashed: that is the digest itself
-                return Digest(staged.root(), hashes, "host", fallback)
+            if indices is None:  # every staged leaf is hashed: that is the digest itself,
+                digest = Digest(staged.root(), hashes, "host", fallback)
+                self._spot_check(buf, digest, staged.spot_checks())  # if VRAM holds them
+                return digest
             answer = self._host(buf, None, fallback)
         if indices is None:
             same = answer.leaves == hashes and answer.root == staged.root()
@@ -223,14 +246,22 @@ class DigestSource:
             # over those leaves (node hashes only: about one SHA-256 of 65 bytes per leaf).
             same = not ranges and answer.root == merkle_root(answer.leaves)
         if not same:
-            where = f"bytes {ranges[0][0]}-{ranges[0][1] - 1}" if ranges else "the root"
-            raise IntegrityViolation(
-                f"cross-check failed: the {answer.source} digest of the bytes in VRAM disagrees "
-                f"with the host hashes of the bytes staged for the copy ({where}); a copy was "
-                "lost or left stale, or the device digest is wrong; the shard was not sealed",
-                reason="cross_check",
-            )
+            raise _cross_check_failed(answer, ranges)
         return answer
+
+    def _spot_check(self, buf: DeviceBuffer, staged: Digest, indices: Sequence[int]) -> None:
+        """Read leaves ``indices`` back from VRAM, hash them on the host and compare them with
+        the staged hashes: a seal hashed from the staged bytes alone would sign bytes that a
+        lost or stale copy never put in VRAM.
+
+        :raises IntegrityViolation: VRAM differs from the staged bytes (reason ``cross_check``).
+        """
+        back = self._host_leaves_at(buf, indices, staged.fallback)
+        ranges = differing_ranges(
+            _pick(staged.leaves, indices), back.leaves, indices, self.leaf_size, buf.nbytes
+        )
+        if ranges:
+            raise _cross_check_failed(back, ranges)
 
     # -- verification -------------------------------------------------------------------
 
@@ -254,6 +285,11 @@ class DigestSource:
         answer, fallback = self._device(buf, leaf_indices=tuple(indices))
         if answer is not None:
             return answer
+        return self._host_leaves_at(buf, indices, fallback)
+
+    def _host_leaves_at(self, buf: DeviceBuffer, indices: Sequence[int], fallback: str) -> Digest:
+        """The packed hashes of the sorted leaves ``indices``, each run read and hashed on
+        the host."""
         packed = b"".join(self._host(buf, run, "").leaves for run in _runs(indices))
         return Digest(None, packed, "host", fallback)
 
@@ -359,6 +395,17 @@ class DigestSource:
         return ConfigError(
             f"the device digest plugin ({self._plugins()}) returned {what}; the digest was refused"
         )
+
+
+def _cross_check_failed(answer: Digest, ranges: Sequence[tuple[int, int]]) -> IntegrityViolation:
+    where = f"bytes {ranges[0][0]}-{ranges[0][1] - 1}" if ranges else "the root"
+    declined = f" (the device declined: {answer.fallback})" if answer.fallback else ""
+    return IntegrityViolation(
+        f"cross-check failed: the {answer.source} digest of the bytes in VRAM{declined} "
+        f"disagrees with the host hashes of the bytes staged for the copy ({where}); a copy "
+        "was lost or left stale, or the device digest is wrong; the shard was not sealed",
+        reason="cross_check",
+    )
 
 
 def _pick(packed: bytes, indices: Sequence[int]) -> bytes:
