@@ -17,6 +17,7 @@ from vramcore.digest import (
     LeafHasher,
     corrupted_ranges,
     hash_leaves,
+    hash_leaves_at,
     hash_leaves_packed,
     host_leaves,
     leaf_count,
@@ -191,6 +192,15 @@ def test_a_root_from_chunks_that_do_not_tile_the_leaves_is_hashed_whole() -> Non
     assert hasher.root() == reference_digest(data, size)
     with pytest.raises(InvalidInput, match="leaf boundary"):
         hasher.hash_here(100, view[100:200])
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_hash_leaves_at_picks_the_same_hashes_as_hashing_every_leaf(workers: int) -> None:
+    data = os.urandom(9 * 4096 + 5)
+    packed = hash_leaves_packed(data, 4096)
+    for indices in ([], [0], [9], [0, 3, 4, 9], list(range(10))):
+        want = b"".join(packed[i * 32 : (i + 1) * 32] for i in indices)
+        assert hash_leaves_at(memoryview(data), indices, 4096, workers) == want
 
 
 class ReadBackOnly:

@@ -42,6 +42,7 @@ from vramcore.digest import (
     HASH_SIZE,
     LeafHasher,
     corrupted_ranges,
+    hash_leaves_at,
     hash_leaves_packed,
     host_leaves,
     leaf_byte_ranges,
@@ -288,8 +289,17 @@ class DigestSource:
         return self._host_leaves_at(buf, indices, fallback)
 
     def _host_leaves_at(self, buf: DeviceBuffer, indices: Sequence[int], fallback: str) -> Digest:
-        """The packed hashes of the sorted leaves ``indices``, each run read and hashed on
-        the host."""
+        """The packed hashes of the sorted leaves ``indices``, hashed on the host: straight
+        from the backend's host view when it offers one, else each run read back."""
+        try:
+            view = self._backend.host_view(buf)
+            if view is not None:
+                packed = hash_leaves_at(view[: buf.nbytes], indices, self.leaf_size, self._workers)
+                return Digest(None, packed, "host", fallback)
+        except VramError:
+            raise
+        except (Exception, SystemExit) as exc:
+            raise self._read_back_failed(exc) from exc
         packed = b"".join(self._host(buf, run, "").leaves for run in _runs(indices))
         return Digest(None, packed, "host", fallback)
 
@@ -339,12 +349,15 @@ class DigestSource:
         except VramError:
             raise
         except (Exception, SystemExit) as exc:
-            raise DigestFailed(
-                f"reading the buffer back from backend {self._backend.name} failed: "
-                f"{type(exc).__name__}"
-            ) from exc
+            raise self._read_back_failed(exc) from exc
         root = merkle_root(leaves) if leaf_range is None else None
         return Digest(root, leaves, "host", fallback)
+
+    def _read_back_failed(self, exc: BaseException) -> DigestFailed:
+        return DigestFailed(
+            f"reading the buffer back from backend {self._backend.name} failed: "
+            f"{type(exc).__name__}"
+        )
 
     def _plugins(self) -> str:
         return implementers(self._hook.vramcore_device_digest)

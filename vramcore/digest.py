@@ -42,6 +42,7 @@ __all__ = [
     "corrupted_ranges",
     "default_workers",
     "hash_leaves",
+    "hash_leaves_at",
     "hash_leaves_packed",
     "host_leaves",
     "leaf_byte_ranges",
@@ -214,6 +215,26 @@ def hash_leaves_packed(
     hasher = LeafHasher(len(view), leaf_size, workers or default_workers())
     hasher.feed(0, view)
     return hasher.packed()
+
+
+def hash_leaves_at(view: memoryview, indices: Sequence[int], leaf_size: int, workers: int) -> bytes:
+    """The packed hashes of leaves ``indices`` of ``view`` (a whole shard), in that order,
+    split over ``workers`` threads."""
+    picked = [view[i * leaf_size : (i + 1) * leaf_size] for i in indices]
+    out = bytearray(len(picked) * HASH_SIZE)
+    share = -(-len(picked) // max(1, workers)) if picked else 1
+    futures = [
+        _pool(max(1, workers)).submit(_hash_picked, picked[s : s + share], leaf_size, out, s)
+        for s in range(0, len(picked), share)
+    ]
+    _wait_all(futures)
+    return bytes(out)
+
+
+def _hash_picked(leaves: list[memoryview], leaf_size: int, out: bytearray, first: int) -> None:
+    target = memoryview(out)
+    for n, leaf in enumerate(leaves, first):
+        _hash_span(leaf, leaf_size, target[n * HASH_SIZE : (n + 1) * HASH_SIZE])
 
 
 def hash_leaves(
