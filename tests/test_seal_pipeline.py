@@ -1,17 +1,19 @@
-"""The seal pipeline: several reader threads fill a ring of staging buffers while this thread
-hashes and copies in file order (issue 21 item 1, issue 19 item 6); and a verification with
-no narration wrapper skips the hook call (issue 21 item 3)."""
+"""The seal pipeline: several reader threads fill a ring of staging buffers and hash what they
+read while this thread copies in file order (issue 21 item 1, issue 19 item 6); and a
+verification with no narration wrapper skips the hook call (issue 21 item 3)."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 import vramcore_allocator_mock
 
+import vramcore._loading
 from vramcore import VramManager, hookimpl
 from vramcore._loading import DEFAULT_MAX_READERS, MAX_READERS, default_readers
 from vramcore.digest import hash_leaves_packed, merkle_root
@@ -129,3 +131,41 @@ def test_with_no_wrapper_the_operation_hook_is_not_called() -> None:
         vm.verify_sealed(shard)
         assert spy.operations == 2  # verify and its digest: a wrapper sees them again
         assert "vramcore_operation" in calls
+
+
+@pytest.mark.parametrize("cpus", [{0, 1}, {3, 5, 6}, {2}])
+def test_reader_threads_work_on_cpus_of_their_own_and_give_them_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cpus: set[int]
+) -> None:
+    # Each reader is pinned to one CPU of the process's set, a different one per reader,
+    # only while it reads and hashes a chunk; with fewer CPUs than readers nobody is pinned.
+    calls: list[tuple[int, frozenset[int]]] = []
+    monkeypatch.setattr(vramcore._loading, "_allowed_cpus", lambda: set(cpus))
+    monkeypatch.setattr(
+        os,
+        "sched_setaffinity",
+        lambda pid, mask: calls.append((threading.get_native_id(), frozenset(mask))),
+        raising=False,
+    )
+    data = os.urandom(40 * LEAF + 5)
+    path = tmp_path / "pinned.bin"
+    path.write_bytes(data)
+    with _manager(2) as manager:
+        shard = manager.seal_file(path)
+        assert shard.digest == merkle_root(hash_leaves_packed(data, LEAF)).hex()
+    if len(cpus) < 2:
+        assert calls == []
+        return
+    by_thread: dict[int, list[frozenset[int]]] = {}
+    for tid, mask in calls:
+        by_thread.setdefault(tid, []).append(mask)
+    pins: dict[int, set[frozenset[int]]] = {}
+    for tid, masks in by_thread.items():
+        assert masks[1::2] == [frozenset(cpus)] * (len(masks) // 2)  # given back each time
+        assert len(masks) % 2 == 0
+        for mask in masks[::2]:
+            assert len(mask) == 1 and mask <= cpus
+        pins[tid] = set(masks[::2])
+    assert pins and all(len(masks) == 1 for masks in pins.values())  # one CPU per thread
+    if len(pins) == 2:
+        assert len(set.union(*pins.values())) == 2  # and not the same one
