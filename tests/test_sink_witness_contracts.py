@@ -51,6 +51,8 @@ class FileSink(AuditSink):
 BROKEN
 
 class TestSink(AuditSinkContract):
+    hang_timeout = globals().get("HANG_TIMEOUT", AuditSinkContract.hang_timeout)
+
     @pytest.fixture
     def make_sink(self, tmp_path):
         return lambda context: SinkUnderTest(tmp_path / "events.jsonl")
@@ -64,6 +66,34 @@ class TestSink(AuditSinkContract):
 '''
 
 CORRECT_SINK = "\nSinkUnderTest = FileSink\n"
+
+#: Its fast path writes to storage in the caller's thread: correct events, but the core cannot
+#: bound a fast path, so a hung storage hangs the operation (the contract's hang test).
+BLOCKING_NOWAIT_SINK = """
+HANG_TIMEOUT = 5.0  # the core cuts a hung emit() at 0.5 s; this hang is the fast path's
+
+class SinkUnderTest(FileSink):
+    def emit_nowait(self, event):
+        self.store(event)
+        return True
+"""
+
+#: Its fast path says it recorded an event it dropped.
+DROPPING_NOWAIT_SINK = """
+class SinkUnderTest(FileSink):
+    def emit_nowait(self, event):
+        return True
+"""
+
+#: Its fast path answers with something truthy that is not ``True``.
+VAGUE_NOWAIT_SINK = """
+HANG_TIMEOUT = 5.0
+
+class SinkUnderTest(FileSink):
+    def emit_nowait(self, event):
+        self.store(event)
+        return "stored"
+"""
 
 #: Claims to be durable but keeps events in memory until close (and loses errors).
 BUFFERING_SINK = """
@@ -229,7 +259,30 @@ def _outcomes(pytester: pytest.Pytester, harness: str, code: str) -> tuple[set[s
 
 
 def test_a_correct_sink_passes_every_test(pytester: pytest.Pytester) -> None:
-    assert _outcomes(pytester, SINK, CORRECT_SINK) == (set(), 13, 0)
+    assert _outcomes(pytester, SINK, CORRECT_SINK) == (set(), 14, 0)
+
+
+@pytest.mark.slow  # runs the whole sink contract again, and waits out a hang
+def test_a_sink_whose_fast_path_waits_on_its_storage_fails_the_hang_test(
+    pytester: pytest.Pytester,
+) -> None:
+    failed, passed, _ = _outcomes(pytester, SINK, BLOCKING_NOWAIT_SINK)
+    assert failed == {"test_a_hung_sink_is_cut_off_by_the_core_timeout"}
+    assert passed == 13
+
+
+@pytest.mark.slow  # runs the whole sink contract again
+@pytest.mark.parametrize("broken", [DROPPING_NOWAIT_SINK, VAGUE_NOWAIT_SINK])
+def test_a_sink_whose_fast_path_drops_or_mumbles_fails_the_fast_path_tests(
+    pytester: pytest.Pytester, broken: str
+) -> None:
+    failed, _, _ = _outcomes(pytester, SINK, broken)
+    assert "test_events_recorded_without_waiting_arrive_in_order" in failed
+    assert failed <= {
+        "test_events_recorded_without_waiting_arrive_in_order",
+        "test_events_from_a_manager_arrive_in_order",
+        "test_a_hung_sink_is_cut_off_by_the_core_timeout",
+    }
 
 
 def test_a_sink_that_buffers_until_close_fails_the_durability_and_fail_closed_tests(
@@ -244,7 +297,7 @@ def test_a_sink_that_buffers_until_close_fails_the_durability_and_fail_closed_te
         "test_a_hung_sink_is_cut_off_by_the_core_timeout",
         "test_after_close_nothing_hangs_and_nothing_more_is_stored",
     }
-    assert passed == 7
+    assert passed == 8
 
 
 @pytest.mark.slow  # runs the whole sink contract again
@@ -258,7 +311,7 @@ def test_a_sink_that_reorders_events_fails_the_ordering_tests(pytester: pytest.P
         "test_a_critical_event_is_stored_when_emit_returns",
         "test_flush_stores_every_event",
     }
-    assert passed == 8
+    assert passed == 9
 
 
 @pytest.mark.slow  # runs the whole sink contract again

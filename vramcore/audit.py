@@ -257,7 +257,9 @@ class AuditSink:
         never at the same time as any other call into this sink and only while the sink's
         delivery thread has nothing queued, so the order of events and the one-call-at-a-time
         promise hold as for :meth:`emit`. It must not block: no I/O, no waiting on anything
-        but a lock held for microseconds (it is not bounded by the sink timeout). Return
+        but a lock held for microseconds (it is not bounded by the sink timeout: a fast path
+        that waits on its storage hangs the caller, which ``AuditSinkContract``'s hang test
+        shows). Return
         ``True`` only when the event is recorded exactly as :meth:`emit` would have recorded
         it, durability included; return ``False`` having recorded *nothing* when that would
         take waiting, and the core then calls :meth:`emit` on the delivery thread. Raise as

@@ -270,6 +270,25 @@ class AuditSinkContract:
         run_bounded(sink.close, "close()", self.hang_timeout)
         _assert_same_events(self._read(read_back, sink), events)
 
+    def test_events_recorded_without_waiting_arrive_in_order(
+        self, sink: AuditSink, read_back: ReadBack
+    ) -> None:
+        """Non-critical events offered to ``emit_nowait`` (then to ``emit`` when it declines,
+        as the core does) are stored complete and in order; it answers exactly ``True`` or
+        ``False`` (a sink without the fast path declines them all)."""
+        events = [e for e in sample_events(60) if not e.critical]
+
+        def offer_every_event() -> None:
+            for event in events:
+                taken = sink.emit_nowait(event)
+                assert isinstance(taken, bool), "emit_nowait must return a bool"
+                if not taken:
+                    sink.emit(event)
+
+        run_bounded(offer_every_event, "emit_nowait() from the caller", self.hang_timeout)
+        run_bounded(sink.close, "close()", self.hang_timeout)
+        _assert_same_events(self._read(read_back, sink), events)
+
     def test_events_from_a_manager_arrive_in_order(
         self, make_sink: SinkFactory, read_back: ReadBack
     ) -> None:
