@@ -19,11 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-
 from vramcore import VramManager
 from vramcore.safetensors import write_safetensors
+from vramcore.testing import publisher_keypair
 
 _TOKEN = "Bn4Qw8Ez2Rt6Yu0Io3Pa7Sd1Fg5Hj9KlXc"
 
@@ -41,25 +39,6 @@ def make_model(root: Path, mib: int) -> None:
         weight_map[f"layer.{i}.weight"] = name
     (root / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     (root / "config.json").write_text("{}")
-
-
-def make_keys(where: Path) -> tuple[Path, Path]:
-    """An EC P-256 key pair as PEM files."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    private, public = where / "key.pem", where / "key.pub.pem"
-    private.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    public.write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
-    return private, public
 
 
 def best_seal(manager: VramManager, model: Path, repeat: int, **signed: Path) -> float:
@@ -90,7 +69,7 @@ def main() -> None:
         where = Path(tmp)
         model = where / "bench-model"
         make_model(model, args.mib)
-        private, public = make_keys(where)
+        private, public = publisher_keypair(where)
         signature = where / "model.sig"
         model_signing.signing.Config().use_elliptic_key_signer(private_key=private).sign(
             model, signature

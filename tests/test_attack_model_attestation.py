@@ -15,13 +15,11 @@ from typing import Any
 import pytest
 import torch
 import vramcore_allocator_mock as mock_plugin
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from vramcore import SealedModel, VramManager
 from vramcore.errors import InvalidInput, SealVerificationFailed
 from vramcore.safetensors import write_safetensors
-from vramcore.testing import TEST_TOKEN, CapturePlugin, CapturingSink
+from vramcore.testing import TEST_TOKEN, CapturePlugin, CapturingSink, publisher_keypair
 from vramcore.torch import bind, verify_before_forward
 
 OTHER_TOKEN = "pR7wQ2zK9vN4xT1mB8cL5yF3hJ6dS0gA"  # another worker's (random) token
@@ -50,25 +48,6 @@ def write_model(root: Path) -> Path:
     (root / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     (root / "config.json").write_text('{"hidden_size": 2}')
     return root
-
-
-def keypair(where: Path, name: str = "key") -> tuple[Path, Path]:
-    """A publisher's EC key pair, as PEM files (private, public)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    private, public = where / f"{name}.pem", where / f"{name}.pub.pem"
-    private.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    public.write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
-    return private, public
 
 
 def sign(model: Path, private_key: Path, signature: Path) -> None:
@@ -177,11 +156,11 @@ def test_a_swapped_publisher_fingerprint_or_manifest_digest_is_refused(
     manager: VramManager, tmp_path: Path
 ) -> None:
     model = write_model(tmp_path / "tiny-model")
-    private, public = keypair(tmp_path)
+    private, public = publisher_keypair(tmp_path)
     sign(model, private, tmp_path / "model.sig")
     sealed = manager.seal_dir(model, signature=tmp_path / "model.sig", public_key=public)
     manager.verify_model(sealed)
-    _other_private, other_public = keypair(tmp_path, "other")
+    _other_private, other_public = publisher_keypair(tmp_path, "other")
     from vramcore._publisher import key_fingerprint, load_public_key
 
     other = key_fingerprint(load_public_key(other_public))

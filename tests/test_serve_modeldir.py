@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 import vramcore_allocator_mock as mock_plugin
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from vramcore import VramManager
 from vramcore._modeldir import scan_model_dir
@@ -26,7 +25,7 @@ from vramcore._publisher import key_fingerprint, load_public_key, verify_bundle
 from vramcore._sealdir import SealedModel
 from vramcore.errors import InsufficientVram, IntegrityViolation, InvalidInput
 from vramcore.safetensors import write_safetensors
-from vramcore.testing import TEST_TOKEN, CapturePlugin, CapturingSink
+from vramcore.testing import TEST_TOKEN, CapturePlugin, CapturingSink, publisher_keypair
 
 INDEX = "model.safetensors.index.json"
 
@@ -53,24 +52,6 @@ def write_model(root: Path, *, index: bool = True) -> Path:
         (root / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     (root / "config.json").write_text('{"hidden_size": 2}')
     return root
-
-
-def keypair(where: Path, name: str = "key") -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    private, public = where / f"{name}.pem", where / f"{name}.pub.pem"
-    private.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    public.write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
-    return private, public
 
 
 def sign(model: Path, private_key: Path, signature: Path) -> None:
@@ -203,7 +184,7 @@ def signed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """A model signed with ``model_signing``: (model dir, its signature inside it, public key)."""
     where = tmp_path_factory.mktemp("signed")
     model = write_model(where / "tiny-model")
-    private, public = keypair(where)
+    private, public = publisher_keypair(where)
     sign(model, private, model / "model.sig")
     return model, model / "model.sig", public
 
@@ -233,7 +214,7 @@ def test_a_model_signing_bundle_verifies(signed: tuple[Path, Path, Path]) -> Non
 @pytest.mark.slow
 def test_a_wrong_key_is_refused(signed: tuple[Path, Path, Path], tmp_path: Path) -> None:
     _model, signature, _public = signed
-    _private, other = keypair(tmp_path, "other")
+    _private, other = publisher_keypair(tmp_path, "other")
     with pytest.raises(IntegrityViolation, match="signed with another key"):
         verify_bundle(signature, other)
     # Without the key hint, the ECDSA check itself refuses it.
@@ -259,7 +240,7 @@ def test_a_rewritten_manifest_is_refused(signed: tuple[Path, Path, Path], tmp_pa
 
 
 def test_not_a_bundle_or_not_a_key_is_a_usage_error(tmp_path: Path) -> None:
-    _private, public = keypair(tmp_path)
+    _private, public = publisher_keypair(tmp_path)
     junk = tmp_path / "junk.sig"
     junk.write_text("not json")
     with pytest.raises(InvalidInput, match="is not JSON"):
@@ -295,7 +276,7 @@ def publisher(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Pat
     """(signed model dir, signature outside it, public key)."""
     where = tmp_path_factory.mktemp("publisher")
     model = write_model(where / "tiny-model")
-    private, public = keypair(where)
+    private, public = publisher_keypair(where)
     sign(model, private, where / "tiny-model.sig")
     return model, where / "tiny-model.sig", public
 
@@ -398,7 +379,7 @@ def test_a_directory_signed_with_another_key_is_refused(
     manager: VramManager, publisher: tuple[Path, Path, Path], tmp_path: Path
 ) -> None:
     model, signature, _public = publisher
-    _private, other = keypair(tmp_path, "other")
+    _private, other = publisher_keypair(tmp_path, "other")
     assert "signed with another key" in _refused(manager, model, signature, other)
 
 
@@ -645,7 +626,7 @@ def test_cli_exit_codes_for_a_wrong_key_or_another_models_signature(
     cli: Any, publisher: tuple[Path, Path, Path], tmp_path: Path
 ) -> None:
     model, signature, public = publisher
-    _private, other_key = keypair(tmp_path, "other")
+    _private, other_key = publisher_keypair(tmp_path, "other")
     code, _, err = cli(
         "seal", str(model), "--signature", str(signature), "--public-key", str(other_key)
     )

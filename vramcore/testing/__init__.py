@@ -32,6 +32,9 @@ installing vramcore changes nothing for other projects' tests.
 Events: :func:`sample_events` gives one event of every kind, or a stream of ``n`` events, for
 tests of sinks, witnesses and encoders.
 
+Publishers: :func:`publisher_keypair` writes a fresh EC key pair as PEM files, to sign a model
+directory with ``model_signing`` in a test.
+
 Outside pytest, :class:`CapturingSink`, :class:`CapturePlugin` and :func:`sample_events` work
 on their own.
 """
@@ -54,6 +57,7 @@ from vramcore.testing._gpu import (  # the plugin's hooks, found by pytest on th
     pytest_collection_modifyitems as pytest_collection_modifyitems,
 )
 from vramcore.testing._gpu import pytest_configure as pytest_configure
+from vramcore.testing._publisher_keys import publisher_keypair
 from vramcore.testing._sink_contract import AuditSinkContract, SinkPlugin
 from vramcore.testing._sinks import CapturePlugin, CapturingSink, FailingSink
 from vramcore.testing._witness_contract import HeadSigner, WitnessContract
@@ -75,6 +79,7 @@ __all__ = [
     "mock_backend",
     "mock_manager",
     "mock_plugin",
+    "publisher_keypair",
     "sample_events",
     "undocumented_public_names",
 ]
