@@ -30,6 +30,7 @@ device did before.
 
 from __future__ import annotations
 
+import itertools
 import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -140,11 +141,8 @@ class StagedLeaves:
         """One leaf drawn by the CSPRNG from each of the equal parts of a chunk of ``count``
         leaves (indices within the chunk)."""
         parts = min(STRATA_PER_CHUNK, count)
-        return [
-            part * count // parts
-            + self._draw.randrange((part + 1) * count // parts - part * count // parts)
-            for part in range(parts)
-        ]
+        bounds = [part * count // parts for part in range(parts + 1)]
+        return [lo + self._draw.randrange(hi - lo) for lo, hi in itertools.pairwise(bounds)]
 
     def _sample(self, offset: int, chunk: memoryview) -> None:
         size = self.leaf_size

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import attrs
 
@@ -373,27 +373,28 @@ class Timeline:
             "cores_used": self.cpu / wall / max(1, cores),
         }
 
+    #: Each stage's attribute on the narrated ``copy`` operation (microseconds).
+    ATTRIBUTES: ClassVar[Mapping[str, str]] = {
+        "read": "read_cpu_us",
+        "hash": "hash_cpu_us",
+        "copy": "copy_cpu_us",
+        "stall": "stall_us",
+        "cpu": "cpu_us",
+        "wall": "wall_us",
+    }
+
     @classmethod
     def from_attributes(cls, attributes: Mapping[str, Any]) -> Timeline:
         """The timeline a narrated ``copy`` operation carries (see :meth:`attributes`)."""
         timeline = cls()
-        for name in ("wall", "cpu", "read", "hash", "copy", "stall"):
-            key = f"{name}_us" if name in ("wall", "stall") else f"{name}_cpu_us"
-            key = "cpu_us" if name == "cpu" else key
-            setattr(timeline, name, int(attributes.get(key, 0)) / 1e6)
+        for stage, key in cls.ATTRIBUTES.items():
+            setattr(timeline, stage, int(attributes.get(key, 0)) / 1e6)
         return timeline
 
     def attributes(self, readers: int) -> dict[str, int]:
         """The timeline as attributes of the narrated ``copy`` operation (microseconds)."""
-        return {
-            "read_threads": readers,
-            "read_cpu_us": round(self.read * 1e6),
-            "hash_cpu_us": round(self.hash * 1e6),
-            "copy_cpu_us": round(self.copy * 1e6),
-            "stall_us": round(self.stall * 1e6),
-            "cpu_us": round(self.cpu * 1e6),
-            "wall_us": round(self.wall * 1e6),
-        }
+        stages = {key: round(getattr(self, stage) * 1e6) for stage, key in self.ATTRIBUTES.items()}
+        return {"read_threads": readers, **stages}
 
 
 class _Chunk:
