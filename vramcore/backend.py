@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import ctypes.util
 import enum
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -47,8 +48,10 @@ from vramcore._dlpack import KDL_CPU, KDL_CUDA, DLDataType
 from vramcore._dlpack import export as dlpack_export
 from vramcore._dlpack import live_exports as dlpack_live_exports
 from vramcore.errors import InvalidInput, NotSealed
+from vramcore.validation import scrub_text
 
 __all__ = [
+    "CUDA_DRIVER_CHECK",
     "HOST_MEMORY_NOTICE",
     "KDL_CPU",
     "KDL_CUDA",
@@ -62,8 +65,10 @@ __all__ = [
     "MemoryKind",
     "ProbeCheck",
     "TensorSource",
+    "cuda_driver_check",
     "dlpack_export",
     "dlpack_live_exports",
+    "find_libcuda",
     "log_host_memory",
 ]
 
@@ -365,6 +370,41 @@ class ProbeCheck:
     ok: bool
     detail: str
     install: bool = False
+
+
+#: The ``what`` of a doctor report's driver line (:func:`cuda_driver_check`).
+CUDA_DRIVER_CHECK = "CUDA driver and GPU"
+
+
+def find_libcuda() -> str | None:
+    """The CUDA driver library (``libcuda``) as the dynamic loader finds it, or ``None``.
+
+    Looks for the file only; nothing is loaded.
+    """
+    return ctypes.util.find_library("cuda")
+
+
+def cuda_driver_check(package: str, find: Callable[[], str | None] = find_libcuda) -> ProbeCheck:
+    """The driver line of a CUDA backend's doctor report when its Python ``package`` (``CuPy``,
+    ``PyCUDA``) is missing or broken: whether the machine has the CUDA driver library at all,
+    which tells "install the package" apart from "no NVIDIA GPU or driver here". Never
+    raises: a failing ``find`` counts as no driver found."""
+    try:
+        found = find()
+    except Exception:  # the driver check only refines the diagnosis
+        found = None
+    if found is None:
+        return ProbeCheck(
+            what=CUDA_DRIVER_CHECK,
+            ok=False,
+            detail="no CUDA driver found (libcuda is not on this machine: no NVIDIA GPU or driver)",
+        )
+    return ProbeCheck(
+        what=CUDA_DRIVER_CHECK,
+        ok=True,
+        detail=f"driver library found ({scrub_text(found)[:80]}); GPUs are counted once "
+        f"{package} imports",
+    )
 
 
 @attrs.frozen(kw_only=True)

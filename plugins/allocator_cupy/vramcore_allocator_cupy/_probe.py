@@ -13,13 +13,18 @@ mode (:mod:`vramcore_allocator_cupy._nvml`).
 
 from __future__ import annotations
 
-import ctypes.util
 import importlib
 import importlib.util
 from collections.abc import Callable
 from typing import Any
 
-from vramcore.backend import DeviceInfo, ProbeCheck
+from vramcore.backend import (
+    CUDA_DRIVER_CHECK,
+    DeviceInfo,
+    ProbeCheck,
+    cuda_driver_check,
+    find_libcuda,
+)
 from vramcore.validation import scrub_text
 from vramcore_allocator_cupy._cuda import CudaApi, CudaError
 
@@ -84,21 +89,17 @@ def _broken(exc: Exception) -> str:
     return f"installed but does not import: {type(exc).__name__}: {scrub_text(str(exc))[:200]}"
 
 
-def _find_libcuda() -> str | None:
-    return ctypes.util.find_library("cuda")
-
-
 def diagnose(
     import_cupy: Callable[[], Any] = _import_cupy,
     make_api: Callable[[], CudaApi] = _default_api,
-    find_libcuda: Callable[[], str | None] = _find_libcuda,
+    find_libcuda: Callable[[], str | None] = find_libcuda,
 ) -> list[ProbeCheck]:
     """Two checks for ``vramcore doctor``: CuPy, then the CUDA driver and GPU. Never raises.
 
     Without CuPy the driver is looked for as its library (``libcuda``), which tells "install
     CuPy" apart from "this machine has no NVIDIA driver"; GPUs are counted only through CuPy.
     """
-    driver = "CUDA driver and GPU"
+    driver = CUDA_DRIVER_CHECK
     if import_cupy is _import_cupy and not _cupy_installed():
         cupy = ProbeCheck(what="CuPy", ok=False, detail="not installed", install=True)
     else:
@@ -113,25 +114,7 @@ def diagnose(
             version = scrub_text(str(getattr(module, "__version__", "unknown version")))[:40]
             cupy = ProbeCheck(what="CuPy", ok=True, detail=f"installed ({version})")
     if not cupy.ok:
-        try:
-            found = find_libcuda()
-        except Exception:  # the driver check only refines the diagnosis
-            found = None
-        if found is None:
-            gpu = ProbeCheck(
-                what=driver,
-                ok=False,
-                detail="no CUDA driver found (libcuda is not on this machine: no NVIDIA GPU "
-                "or driver)",
-            )
-        else:
-            gpu = ProbeCheck(
-                what=driver,
-                ok=True,
-                detail=f"driver library found ({scrub_text(found)[:80]}); GPUs are counted "
-                "once CuPy imports",
-            )
-        return [cupy, gpu]
+        return [cupy, cuda_driver_check("CuPy", find_libcuda)]
     problem, count = _gpu_problem(make_api)
     if problem is not None:
         return [cupy, ProbeCheck(what=driver, ok=False, detail=problem)]

@@ -13,7 +13,6 @@ driver library PyCUDA itself loaded (``libcuda.so.1``), through :mod:`ctypes`.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import importlib
 import importlib.metadata
@@ -24,7 +23,8 @@ from typing import Any
 
 import attrs
 
-from vramcore.backend import MemoryKind, ProbeCheck
+from vramcore.backend import CUDA_DRIVER_CHECK, MemoryKind, ProbeCheck, cuda_driver_check
+from vramcore.backend import find_libcuda as _find_libcuda  # the tests' seam
 from vramcore.errors import BackendUnavailable
 from vramcore.validation import scrub_text
 
@@ -208,17 +208,13 @@ def _pycuda_version() -> str:
         return "unknown version"
 
 
-def _find_libcuda() -> str | None:
-    return ctypes.util.find_library("cuda")
-
-
 def diagnose() -> list[ProbeCheck]:
     """Two checks for ``vramcore doctor``: PyCUDA, then the CUDA driver and GPU. Never raises.
 
     When PyCUDA is missing or broken the driver is looked for as its library (``libcuda``),
     which tells "install PyCUDA" apart from "this machine has no NVIDIA driver".
     """
-    driver = "CUDA driver and GPU"
+    driver = CUDA_DRIVER_CHECK
     try:
         api, reason, package = _load()
     except Exception as exc:  # the probe must not raise; neither may its diagnosis
@@ -226,25 +222,7 @@ def diagnose() -> list[ProbeCheck]:
         return [ProbeCheck(what="PyCUDA", ok=False, detail=detail)]
     if package is not None:
         pycuda = ProbeCheck(what="PyCUDA", ok=False, detail=package, install=True)
-        try:
-            found = _find_libcuda()
-        except Exception:  # the driver check only refines the diagnosis
-            found = None
-        if found is None:
-            gpu = ProbeCheck(
-                what=driver,
-                ok=False,
-                detail="no CUDA driver found (libcuda is not on this machine: no NVIDIA GPU "
-                "or driver)",
-            )
-        else:
-            gpu = ProbeCheck(
-                what=driver,
-                ok=True,
-                detail=f"driver library found ({scrub_text(found)[:80]}); GPUs are counted "
-                "once PyCUDA imports",
-            )
-        return [pycuda, gpu]
+        return [pycuda, cuda_driver_check("PyCUDA", _find_libcuda)]
     pycuda = ProbeCheck(what="PyCUDA", ok=True, detail=f"installed ({_pycuda_version()})")
     if api is None:
         return [pycuda, ProbeCheck(what=driver, ok=False, detail=str(reason))]
