@@ -18,45 +18,19 @@ import vramcore_allocator_mock as mock_plugin
 
 from vramcore import SealedModel, VramManager
 from vramcore.errors import InvalidInput, SealVerificationFailed
-from vramcore.safetensors import write_safetensors
-from vramcore.testing import TEST_TOKEN, CapturePlugin, CapturingSink, publisher_keypair
+from vramcore.testing import (
+    TEST_TOKEN,
+    CapturePlugin,
+    CapturingSink,
+    publisher_keypair,
+    sign_model_dir,
+    write_model_dir,
+)
 from vramcore.torch import bind, verify_before_forward
 
 OTHER_TOKEN = "pR7wQ2zK9vN4xT1mB8cL5yF3hJ6dS0gA"  # another worker's (random) token
 CLI_TOKEN = "Zq3x9Lr0pT7vK2mN8bW4yC6uH1sA5dFgJ7eQ"
 INDEX = "model.safetensors.index.json"
-
-
-def write_model(root: Path) -> Path:
-    """A two-shard model with an index and a config, like a hub repository."""
-    root.mkdir(parents=True)
-    shards = {
-        "model-00001-of-00002.safetensors": {
-            "embed.weight": ("F32", [4, 2], bytes(range(32))),
-            "layers.0.weight": ("BF16", [2, 2], bytes(range(8))),
-        },
-        "model-00002-of-00002.safetensors": {
-            "layers.1.weight": ("F16", [3], bytes(range(6))),
-            "head.weight": ("U8", [5], b"abcde"),
-        },
-    }
-    weight_map = {}
-    for file, tensors in shards.items():
-        with (root / file).open("wb") as fh:
-            write_safetensors(fh, tensors)
-        weight_map.update(dict.fromkeys(tensors, file))
-    (root / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    (root / "config.json").write_text('{"hidden_size": 2}')
-    return root
-
-
-def sign(model: Path, private_key: Path, signature: Path) -> None:
-    """Sign as a publisher does: ``model_signing sign key``."""
-    import model_signing
-
-    model_signing.signing.Config().use_elliptic_key_signer(private_key=private_key).sign(
-        model, signature
-    )
 
 
 @pytest.fixture
@@ -122,7 +96,7 @@ def _refused_by_verify_model(manager: VramManager, model: SealedModel) -> SealVe
 def test_an_edited_model_attestation_is_refused(
     manager: VramManager, tmp_path: Path, edit: Callable[[dict[str, Any]], None]
 ) -> None:
-    sealed = manager.seal_dir(write_model(tmp_path / "tiny-model"))
+    sealed = manager.seal_dir(write_model_dir(tmp_path / "tiny-model"))
     manager.verify_model(sealed)  # the attestation as sealed verifies
     manager.verify_model(SealedModel.from_json(sealed.to_json()))
     edited = _edited(sealed, edit)
@@ -139,8 +113,8 @@ def test_an_edited_model_attestation_is_refused(
 def test_a_shard_swapped_in_from_another_sealed_model_is_refused(
     manager: VramManager, tmp_path: Path
 ) -> None:
-    first = manager.seal_dir(write_model(tmp_path / "tiny-model"), shard_prefix="a")
-    second = manager.seal_dir(write_model(tmp_path / "tiny-model-2"), shard_prefix="b")
+    first = manager.seal_dir(write_model_dir(tmp_path / "tiny-model"), shard_prefix="a")
+    second = manager.seal_dir(write_model_dir(tmp_path / "tiny-model-2"), shard_prefix="b")
     replaced = second.to_dict()["shards"][1]["attestation"]
 
     def swap(data: dict[str, Any]) -> None:
@@ -155,9 +129,9 @@ def test_a_shard_swapped_in_from_another_sealed_model_is_refused(
 def test_a_swapped_publisher_fingerprint_or_manifest_digest_is_refused(
     manager: VramManager, tmp_path: Path
 ) -> None:
-    model = write_model(tmp_path / "tiny-model")
+    model = write_model_dir(tmp_path / "tiny-model")
     private, public = publisher_keypair(tmp_path)
-    sign(model, private, tmp_path / "model.sig")
+    sign_model_dir(model, private, tmp_path / "model.sig")
     sealed = manager.seal_dir(model, signature=tmp_path / "model.sig", public_key=public)
     manager.verify_model(sealed)
     _other_private, other_public = publisher_keypair(tmp_path, "other")
@@ -180,7 +154,7 @@ def test_a_swapped_publisher_fingerprint_or_manifest_digest_is_refused(
 
 def test_a_model_attestation_of_another_worker_is_refused(tmp_path: Path) -> None:
     with VramManager(TEST_TOKEN, allocator=mock_plugin.MockBackend(), audit="disabled") as m:
-        sealed = m.seal_dir(write_model(tmp_path / "tiny-model"))
+        sealed = m.seal_dir(write_model_dir(tmp_path / "tiny-model"))
     with VramManager(OTHER_TOKEN, allocator=mock_plugin.MockBackend(), audit="disabled") as m:
         _refused_by_verify_model(m, sealed)
 
@@ -189,7 +163,7 @@ def test_a_refused_model_attestation_is_audited(make_plugin_manager: Any, tmp_pa
     sink = CapturingSink()
     pm = make_plugin_manager(mock_plugin, CapturePlugin(sink))
     with VramManager(TEST_TOKEN, allocator="mock", plugin_manager=pm) as m:
-        sealed = m.seal_dir(write_model(tmp_path / "tiny-model"))
+        sealed = m.seal_dir(write_model_dir(tmp_path / "tiny-model"))
         _refused_by_verify_model(m, _edited(sealed, _drop_a_shard))
     (event,) = [e for e in sink.events if e.event_type == "seal.verification_failed"]
     assert event.reason == "signature" and "attestation of model" in event.detail
@@ -198,7 +172,7 @@ def test_a_refused_model_attestation_is_audited(make_plugin_manager: Any, tmp_pa
 def test_an_unsigned_or_garbled_model_attestation_is_not_read(
     manager: VramManager, tmp_path: Path
 ) -> None:
-    sealed = manager.seal_dir(write_model(tmp_path / "tiny-model"))
+    sealed = manager.seal_dir(write_model_dir(tmp_path / "tiny-model"))
     data = json.loads(sealed.to_json())
     del data["signature"]
     with pytest.raises(InvalidInput):
@@ -214,7 +188,7 @@ def test_an_unsigned_or_garbled_model_attestation_is_not_read(
 
 
 class _Tiny(torch.nn.Module):
-    """A module whose buffers are the tensors ``write_model`` writes."""
+    """A module whose buffers are the tensors ``write_model_dir`` writes."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -226,7 +200,7 @@ class _Tiny(torch.nn.Module):
 
 
 def test_torch_refuses_an_edited_model_attestation(manager: VramManager, tmp_path: Path) -> None:
-    sealed = manager.seal_dir(write_model(tmp_path / "tiny-model"))
+    sealed = manager.seal_dir(write_model_dir(tmp_path / "tiny-model"))
     edited = _edited(sealed, _claim_a_publisher)
     with pytest.raises(SealVerificationFailed):
         bind(_Tiny(), manager, edited, strict=False)
@@ -260,7 +234,7 @@ def cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureF
 
 
 def test_vramcore_verify_refuses_an_edited_attestation(cli: Any, tmp_path: Path) -> None:
-    root = write_model(tmp_path / "tiny-model")
+    root = write_model_dir(tmp_path / "tiny-model")
     saved = tmp_path / "tiny-model.attestation.json"
     code, _, _ = cli("seal", str(root), "--attestation", str(saved))
     assert code == 0
@@ -286,7 +260,7 @@ def test_vramcore_verify_refuses_an_edited_attestation(cli: Any, tmp_path: Path)
 def test_vramcore_verify_refuses_an_attestation_of_another_worker(
     cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    root = write_model(tmp_path / "tiny-model")
+    root = write_model_dir(tmp_path / "tiny-model")
     single = tmp_path / "single.json"
     saved = tmp_path / "model.json"
     assert cli("seal", str(root), "--attestation", str(saved))[0] == 0

@@ -20,7 +20,13 @@ import vramcore._loading
 from vramcore import VramManager
 from vramcore.errors import IntegrityViolation
 from vramcore.safetensors import write_safetensors
-from vramcore.testing import TEST_TOKEN, CapturePlugin, CapturingSink, publisher_keypair
+from vramcore.testing import (
+    TEST_TOKEN,
+    CapturePlugin,
+    CapturingSink,
+    publisher_keypair,
+    sign_model_dir,
+)
 
 pytest.importorskip("model_signing")
 
@@ -37,13 +43,9 @@ def _publish(root: Path, weights: bytes) -> None:
 
 def _sign(model: Path, where: Path) -> tuple[Path, Path]:
     """``model_signing sign key`` with a fresh P-256 key: (signature, public key PEM)."""
-    import model_signing
-
     private, public = publisher_keypair(where, "publisher")
     signature = where / f"{model.name}.sig"
-    model_signing.signing.Config().use_elliptic_key_signer(private_key=private).sign(
-        model, signature
-    )
+    sign_model_dir(model, private, signature)
     return signature, public
 
 

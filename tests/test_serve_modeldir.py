@@ -25,49 +25,23 @@ from vramcore._publisher import key_fingerprint, load_public_key, verify_bundle
 from vramcore._sealdir import SealedModel
 from vramcore.errors import InsufficientVram, IntegrityViolation, InvalidInput
 from vramcore.safetensors import write_safetensors
-from vramcore.testing import TEST_TOKEN, CapturePlugin, CapturingSink, publisher_keypair
+from vramcore.testing import (
+    TEST_TOKEN,
+    CapturePlugin,
+    CapturingSink,
+    publisher_keypair,
+    sign_model_dir,
+    write_model_dir,
+)
 
 INDEX = "model.safetensors.index.json"
-
-
-def write_model(root: Path, *, index: bool = True) -> Path:
-    """A two-shard model with an index and a config, like a hub repository."""
-    root.mkdir(parents=True, exist_ok=True)
-    shards = {
-        "model-00001-of-00002.safetensors": {
-            "embed.weight": ("F32", [4, 2], bytes(range(32))),
-            "layers.0.weight": ("BF16", [2, 2], bytes(range(8))),
-        },
-        "model-00002-of-00002.safetensors": {
-            "layers.1.weight": ("F16", [3], bytes(range(6))),
-            "head.weight": ("U8", [5], b"abcde"),
-        },
-    }
-    weight_map = {}
-    for file, tensors in shards.items():
-        with (root / file).open("wb") as fh:
-            write_safetensors(fh, tensors)
-        weight_map.update(dict.fromkeys(tensors, file))
-    if index:
-        (root / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    (root / "config.json").write_text('{"hidden_size": 2}')
-    return root
-
-
-def sign(model: Path, private_key: Path, signature: Path) -> None:
-    """Sign as a publisher does: ``model_signing sign key``."""
-    import model_signing
-
-    model_signing.signing.Config().use_elliptic_key_signer(private_key=private_key).sign(
-        model, signature
-    )
 
 
 # -- the directory ------------------------------------------------------------------------
 
 
 def test_an_indexed_directory_scans_to_its_shards(tmp_path: Path) -> None:
-    model = scan_model_dir(write_model(tmp_path / "m"))
+    model = scan_model_dir(write_model_dir(tmp_path / "m"))
     assert model.index == INDEX
     assert [s.name for s in model.shards] == [
         "model-00001-of-00002.safetensors",
@@ -80,7 +54,7 @@ def test_an_indexed_directory_scans_to_its_shards(tmp_path: Path) -> None:
 
 
 def test_without_an_index_every_safetensors_file_is_a_shard(tmp_path: Path) -> None:
-    model = scan_model_dir(write_model(tmp_path / "m", index=False))
+    model = scan_model_dir(write_model_dir(tmp_path / "m", index=False))
     assert model.index is None and len(model.shards) == 2
 
 
@@ -143,7 +117,7 @@ def _case_symlink_escape(root: Path) -> None:
     ],
 )
 def test_bad_directories_are_refused_with_one_line(damage, message: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    root = write_model(tmp_path / "m")
+    root = write_model_dir(tmp_path / "m")
     damage(root)
     with pytest.raises(IntegrityViolation) as caught:
         scan_model_dir(root)
@@ -152,14 +126,14 @@ def test_bad_directories_are_refused_with_one_line(damage, message: str, tmp_pat
 
 
 def test_a_duplicate_tensor_without_an_index_is_refused(tmp_path: Path) -> None:
-    root = write_model(tmp_path / "m", index=False)
+    root = write_model_dir(tmp_path / "m", index=False)
     _case_duplicate_tensor(root)
     with pytest.raises(IntegrityViolation, match=r"'embed\.weight' is in"):
         scan_model_dir(root)
 
 
 def test_a_symlink_inside_the_directory_is_followed(tmp_path: Path) -> None:
-    root = write_model(tmp_path / "m", index=False)
+    root = write_model_dir(tmp_path / "m", index=False)
     (root / "blobs").mkdir()
     (root / "model-00002-of-00002.safetensors").rename(root / "blobs" / "b2")
     os.symlink(root / "blobs" / "b2", root / "model-00002-of-00002.safetensors")
@@ -168,7 +142,7 @@ def test_a_symlink_inside_the_directory_is_followed(tmp_path: Path) -> None:
 
 def test_not_a_model_directory(tmp_path: Path) -> None:
     with pytest.raises(InvalidInput, match="is not a directory"):
-        scan_model_dir(write_model(tmp_path / "m") / "config.json")
+        scan_model_dir(write_model_dir(tmp_path / "m") / "config.json")
     (tmp_path / "empty").mkdir()
     with pytest.raises(InvalidInput, match=r"holds no \*.safetensors file"):
         scan_model_dir(tmp_path / "empty")
@@ -183,9 +157,9 @@ def test_not_a_model_directory(tmp_path: Path) -> None:
 def signed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """A model signed with ``model_signing``: (model dir, its signature inside it, public key)."""
     where = tmp_path_factory.mktemp("signed")
-    model = write_model(where / "tiny-model")
+    model = write_model_dir(where / "tiny-model")
     private, public = publisher_keypair(where)
-    sign(model, private, model / "model.sig")
+    sign_model_dir(model, private, model / "model.sig")
     return model, model / "model.sig", public
 
 
@@ -275,9 +249,9 @@ def manager() -> Iterator[VramManager]:
 def publisher(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """(signed model dir, signature outside it, public key)."""
     where = tmp_path_factory.mktemp("publisher")
-    model = write_model(where / "tiny-model")
+    model = write_model_dir(where / "tiny-model")
     private, public = publisher_keypair(where)
-    sign(model, private, where / "tiny-model.sig")
+    sign_model_dir(model, private, where / "tiny-model.sig")
     return model, where / "tiny-model.sig", public
 
 
@@ -291,7 +265,7 @@ def _copy(publisher: tuple[Path, Path, Path], tmp_path: Path) -> tuple[Path, Pat
 def test_an_unsigned_directory_seals_one_shard_per_file(
     manager: VramManager, tmp_path: Path
 ) -> None:
-    sealed = manager.seal_dir(write_model(tmp_path / "tiny-model"))
+    sealed = manager.seal_dir(write_model_dir(tmp_path / "tiny-model"))
     assert sealed.index == INDEX and sealed.publisher is None
     assert list(sealed.files) == [
         "model-00001-of-00002.safetensors",
@@ -366,9 +340,9 @@ def test_a_signature_over_another_model_is_refused(
     manager: VramManager, publisher: tuple[Path, Path, Path], tmp_path: Path
 ) -> None:
     _model, _signature, public = publisher
-    other = write_model(tmp_path / "other", index=False)
+    other = write_model_dir(tmp_path / "other", index=False)
     private = public.parent / "key.pem"
-    sign(other, private, tmp_path / "other.sig")
+    sign_model_dir(other, private, tmp_path / "other.sig")
     model, _, _ = _copy(publisher, tmp_path)
     message = _refused(manager, model, tmp_path / "other.sig", public)
     assert "is not covered by the publisher's signature" in message
@@ -404,7 +378,7 @@ def test_signature_and_key_go_together(manager: VramManager, tmp_path: Path) -> 
 def test_a_failed_shard_releases_the_shards_sealed_before_it(
     manager: VramManager, tmp_path: Path
 ) -> None:
-    root = write_model(tmp_path / "m", index=False)
+    root = write_model_dir(tmp_path / "m", index=False)
     with pytest.raises(InvalidInput, match="shard_prefix"):
         manager.seal_dir(root, shard_prefix="bad/prefix")
     sizes = [p.stat().st_size for p in sorted(root.glob("*.safetensors"))]
@@ -483,7 +457,7 @@ def test_seal_dir_unsigned_is_audited_without_a_publisher(
 ) -> None:
     manager, sink = _captured_manager(make_plugin_manager)
     with manager:
-        sealed = manager.seal_dir(write_model(tmp_path / "m", index=False), shard_prefix="p")
+        sealed = manager.seal_dir(write_model_dir(tmp_path / "m", index=False), shard_prefix="p")
         assert [s.shard_id for s in manager.shards()] == [s.shard_id for s in sealed.shards]
     (event,) = [e for e in sink.events if e.event_type == "vram.model_sealed"]
     assert (event.index, event.publisher_key, event.manifest_digest) == ("", "", "")
@@ -519,7 +493,7 @@ def _one_error(err: str) -> str:
 
 
 def test_cli_seals_a_directory_and_verifies_the_set(cli: Any, tmp_path: Path) -> None:
-    root = write_model(tmp_path / "tiny-model")
+    root = write_model_dir(tmp_path / "tiny-model")
     code, out, _ = cli("seal", str(root))
     assert code == 0
     lines = out.splitlines()
@@ -571,14 +545,14 @@ def test_cli_exit_codes_for_a_tampered_or_unsigned_directory(
 
 
 def test_cli_refuses_bad_directories_and_bad_usage(cli: Any, tmp_path: Path) -> None:
-    root = write_model(tmp_path / "m")
+    root = write_model_dir(tmp_path / "m")
     _case_duplicate_tensor(root)
     code, _, err = cli("seal", str(root))
     assert code == 1 and "model directory refused: tensor" in _one_error(err)
     (tmp_path / "empty").mkdir()
     code, _, err = cli("seal", str(tmp_path / "empty"))
     assert code == 2 and "holds no *.safetensors file" in err
-    good = write_model(tmp_path / "good")
+    good = write_model_dir(tmp_path / "good")
     code, _, err = cli("seal", str(good), "--signature", str(good / "config.json"))
     assert code == 2 and "--signature and --public-key go together" in err
     code, _, err = cli(
@@ -611,7 +585,7 @@ def test_cli_refuses_bad_directories_and_bad_usage(cli: Any, tmp_path: Path) -> 
 def test_cli_refuses_every_bad_directory_with_one_line_and_exit_1(
     cli: Any, tmp_path: Path, damage: Any
 ) -> None:
-    root = write_model(tmp_path / "m")
+    root = write_model_dir(tmp_path / "m")
     damage(root)
     code, out, err = cli("seal", str(root))
     assert code == 1 and out == ""
@@ -631,16 +605,16 @@ def test_cli_exit_codes_for_a_wrong_key_or_another_models_signature(
         "seal", str(model), "--signature", str(signature), "--public-key", str(other_key)
     )
     assert code == 1 and "signed with another key" in _one_error(err)
-    other = write_model(tmp_path / "other", index=False)
-    sign(other, public.parent / "key.pem", tmp_path / "other.sig")
+    other = write_model_dir(tmp_path / "other", index=False)
+    sign_model_dir(other, public.parent / "key.pem", tmp_path / "other.sig")
     code, _, err = cli(
         "seal", str(model), "--signature", str(tmp_path / "other.sig"), "--public-key", str(public)
     )
     assert code == 1 and "is not covered by the publisher's signature" in _one_error(err)
     # The same file names, other bytes: the signed SHA-256s are not the files'.
-    lookalike = write_model(tmp_path / "lookalike" / "tiny-model")
+    lookalike = write_model_dir(tmp_path / "lookalike" / "tiny-model")
     (lookalike / "config.json").write_text('{"hidden_size": 3}')
-    sign(lookalike, public.parent / "key.pem", tmp_path / "lookalike.sig")
+    sign_model_dir(lookalike, public.parent / "key.pem", tmp_path / "lookalike.sig")
     code, _, err = cli(
         "seal",
         str(model),
@@ -657,7 +631,7 @@ def test_cli_exit_codes_for_a_wrong_key_or_another_models_signature(
 
 
 def test_cli_saves_the_signed_attestation_privately(cli: Any, tmp_path: Path) -> None:
-    root = write_model(tmp_path / "tiny-model")
+    root = write_model_dir(tmp_path / "tiny-model")
     saved = tmp_path / "saved.json"
     assert cli("seal", str(root), "--attestation", str(saved))[0] == 0
     assert saved.stat().st_mode & 0o777 == 0o600

@@ -32,8 +32,9 @@ installing vramcore changes nothing for other projects' tests.
 Events: :func:`sample_events` gives one event of every kind, or a stream of ``n`` events, for
 tests of sinks, witnesses and encoders.
 
-Publishers: :func:`publisher_keypair` writes a fresh EC key pair as PEM files, to sign a model
-directory with ``model_signing`` in a test.
+Model directories: :func:`write_model_dir` writes a small two-shard model with its index,
+:func:`publisher_keypair` a fresh EC key pair as PEM files, and :func:`sign_model_dir` signs a
+directory with ``model_signing`` as a publisher does.
 
 Outside pytest, :class:`CapturingSink`, :class:`CapturePlugin` and :func:`sample_events` work
 on their own.
@@ -57,7 +58,11 @@ from vramcore.testing._gpu import (  # the plugin's hooks, found by pytest on th
     pytest_collection_modifyitems as pytest_collection_modifyitems,
 )
 from vramcore.testing._gpu import pytest_configure as pytest_configure
-from vramcore.testing._publisher_keys import publisher_keypair
+from vramcore.testing._model_dirs import (
+    publisher_keypair,
+    sign_model_dir,
+    write_model_dir,
+)
 from vramcore.testing._sink_contract import AuditSinkContract, SinkPlugin
 from vramcore.testing._sinks import CapturePlugin, CapturingSink, FailingSink
 from vramcore.testing._witness_contract import HeadSigner, WitnessContract
@@ -81,5 +86,7 @@ __all__ = [
     "mock_plugin",
     "publisher_keypair",
     "sample_events",
+    "sign_model_dir",
     "undocumented_public_names",
+    "write_model_dir",
 ]
