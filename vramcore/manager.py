@@ -291,6 +291,7 @@ class VramManager:
         signature: str | os.PathLike[str] | None = None,
         public_key: str | os.PathLike[str] | None = None,
         shard_prefix: str | None = None,
+        parallel: int | None = None,
     ) -> SealedModel:
         """Seal a model directory: one shard per file, all or nothing (:mod:`vramcore._sealdir`).
 
@@ -302,7 +303,11 @@ class VramManager:
         The returned attestation is signed under this worker's key (:meth:`verify_model`).
 
         :param shard_prefix: shard ids are ``<prefix>:<file>`` (default: the directory's name).
-        :raises InvalidInput: not a model directory, or not a bundle or key (usage).
+        :param parallel: shards sealed at once, each with its own SHA-256 stream (default:
+            one per four CPUs, at most 4; see :mod:`vramcore._sealdir`). The result, the
+            audit trail's per-shard order and the all-or-nothing rule do not depend on it.
+        :raises InvalidInput: not a model directory, not a bundle or key, or a bad
+            ``parallel`` (usage).
         :raises IntegrityViolation: the directory's parts disagree, a file escapes it, the
             signature does not verify or cover the files, or a file is not the one signed.
         """
@@ -313,6 +318,7 @@ class VramManager:
             signature=signature,
             public_key=public_key,
             shard_prefix=shard_prefix,
+            parallel=parallel,
             signer=self._core,
             emitter=self._core.emitter,
         ).run()

@@ -184,6 +184,8 @@ def cmd_seal(args: argparse.Namespace, console: Console, pm: VramcorePluginManag
         return cmd_seal_dir(args, console, pm, Path(args.path))
     if args.signature is not None or args.public_key is not None:
         raise UsageError("--signature and --public-key need a model directory, not a file")
+    if args.parallel is not None:
+        raise UsageError("--parallel is for a model directory's shards, not a file")
     path = check_path(args.path, field="PATH")
     expected = (
         check_sha256_hex(args.expect_sha256, field="--expect-sha256")

@@ -23,6 +23,7 @@ from typing import Any
 from vramcore._cli.commands import EXIT_OK, Console, UsageError
 from vramcore._cli.support import human_bytes, make_manager, rate, report_lines, sink_reports
 from vramcore._cli.verify import write_attestation
+from vramcore._sealdir import check_parallel
 from vramcore.plugins import VramcorePluginManager
 from vramcore.validation import check_path, check_shard_id, escape_text
 
@@ -37,6 +38,11 @@ def add_signature_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--public-key", help="the publisher's PEM public key the bundle must verify with"
+    )
+    parser.add_argument(
+        "--parallel",
+        metavar="N",
+        help="shards of a directory sealed at once (default: one per four CPUs, at most 4)",
     )
 
 
@@ -54,11 +60,19 @@ def cmd_seal_dir(
         public_key = check_path(args.public_key, field="--public-key")
     if args.shard_id is not None:
         check_shard_id(args.shard_id, field="--shard-id")
+    parallel = None
+    if args.parallel is not None:
+        text = str(args.parallel).strip()
+        parallel = check_parallel(int(text) if text.isdigit() else text, field="--parallel")
     with make_manager(args, console, pm) as manager:
         console.progress(f"sealing model directory {path} on {manager.backend_name}")
         t0 = time.perf_counter()
         sealed = manager.seal_dir(
-            path, signature=signature, public_key=public_key, shard_prefix=args.shard_id
+            path,
+            signature=signature,
+            public_key=public_key,
+            shard_prefix=args.shard_id,
+            parallel=parallel,
         )
         t1 = time.perf_counter()
         verified = []
