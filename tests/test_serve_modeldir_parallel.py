@@ -255,6 +255,33 @@ def test_the_default_width_is_one_shard_per_four_cpus(
     assert 1 <= default_parallel_shards() <= DEFAULT_MAX_PARALLEL
 
 
+@pytest.mark.parametrize(("cpus", "width"), [(1, 1), (2, 2), (3, 2), (8, 2), (12, 3), (96, 4)])
+def test_a_signed_seal_runs_at_least_two_sha256_streams(
+    monkeypatch: pytest.MonkeyPatch, cpus: int, width: int
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(cpus)))
+    assert default_parallel_shards(signed=True) == width
+
+
+def test_by_default_two_cpus_seal_signed_shards_two_at_once_and_unsigned_one(
+    monkeypatch: pytest.MonkeyPatch, manager: VramManager, watch: Watch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1})
+    root = write_shards(tmp_path / "m")
+    unsigned = manager.seal_dir(root)
+    assert watch.most == 1
+    for shard in unsigned.shards:
+        manager.deallocate(shard)
+    private, public = publisher_keypair(tmp_path)
+    sign_model_dir(root, private, tmp_path / "m.sig")
+    together = threading.Barrier(2, timeout=20)  # the first two must be in flight at once
+    for i in (1, 2):
+        watch.before[_file(i)] = together.wait
+    signed = manager.seal_dir(root, signature=tmp_path / "m.sig", public_key=public)
+    assert watch.most == 2 and list(signed.files) == list(unsigned.files)
+    assert [s.digest for s in signed.shards] == [s.digest for s in unsigned.shards]
+
+
 # -- vramcore seal DIR --parallel N -----------------------------------------------------------
 
 CLI_TOKEN = "Hk5Pz1Wq8Vn3Lc7Rt2Xy6Bm0Ds4Gf9Ja1Ue"

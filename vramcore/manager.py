@@ -304,7 +304,8 @@ class VramManager:
 
         :param shard_prefix: shard ids are ``<prefix>:<file>`` (default: the directory's name).
         :param parallel: shards sealed at once, each with its own SHA-256 stream (default:
-            one per four CPUs, at most 4; see :mod:`vramcore._sealdir`). The result, the
+            one per four CPUs, at most 4, and at least 2 for a signed seal on 2 CPUs or more;
+            see :mod:`vramcore._sealdir`). The result, the
             audit trail's per-shard order and the all-or-nothing rule do not depend on it.
         :raises InvalidInput: not a model directory, not a bundle or key, or a bad
             ``parallel`` (usage).

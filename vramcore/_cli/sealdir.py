@@ -42,7 +42,10 @@ def add_signature_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--parallel",
         metavar="N",
-        help="shards of a directory sealed at once (default: one per four CPUs, at most 4)",
+        help=(
+            "shards of a directory sealed at once (default: one per four CPUs, at most 4; "
+            "at least 2 with --signature)"
+        ),
     )
 
 
