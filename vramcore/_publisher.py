@@ -43,10 +43,13 @@ from vramcore.errors import IntegrityViolation, InvalidInput
 from vramcore.validation import check_path, escape_text, safe_repr
 
 __all__ = [
+    "BUNDLE_MEDIA_TYPE",
     "MAX_BUNDLE_BYTES",
     "PAYLOAD_TYPE",
     "PREDICATE_TYPE",
+    "STATEMENT_TYPE",
     "SignedManifest",
+    "curve_hash",
     "key_fingerprint",
     "load_public_key",
     "pae",
@@ -62,6 +65,9 @@ STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 #: The model_signing predicate this verifier reads.
 PREDICATE_TYPE = "https://model_signing/signature/v1.0"
 _BUNDLE_MEDIA_PREFIX = "application/vnd.dev.sigstore.bundle"
+#: The bundle media type model_signing writes (any ``application/vnd.dev.sigstore.bundle*``
+#: is read).
+BUNDLE_MEDIA_TYPE = f"{_BUNDLE_MEDIA_PREFIX}.v0.3+json"
 _CURVE_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
     "secp256r1": hashes.SHA256,
     "secp384r1": hashes.SHA384,
@@ -124,6 +130,12 @@ def load_public_key(path: object) -> ec.EllipticCurvePublicKey:
             "model_signing signs with"
         )
     return key
+
+
+def curve_hash(key: ec.EllipticCurvePublicKey | ec.EllipticCurvePrivateKey) -> ec.ECDSA:
+    """The ECDSA algorithm model_signing uses with ``key``'s curve (SHA-256/384/512 for
+    P-256/384/521)."""
+    return ec.ECDSA(_CURVE_HASHES[key.curve.name]())
 
 
 def key_fingerprint(key: ec.EllipticCurvePublicKey) -> str:
@@ -202,7 +214,7 @@ class _Verification:
         if not sigs:
             raise _refused("the envelope holds no signature")
         message = pae(PAYLOAD_TYPE, payload)
-        algorithm = ec.ECDSA(_CURVE_HASHES[self.key.curve.name]())
+        algorithm = curve_hash(self.key)
         for sig in sigs:
             try:
                 self.key.verify(sig, message, algorithm)

@@ -34,7 +34,8 @@ tests of sinks, witnesses and encoders.
 
 Model directories: :func:`write_model_dir` writes a small two-shard model with its index,
 :func:`publisher_keypair` a fresh EC key pair as PEM files, and :func:`sign_model_dir` signs a
-directory with ``model_signing`` as a publisher does.
+directory with ``model_signing`` as a publisher does (or, with ``using="cryptography"``, writes
+a bundle of the same form without model_signing installed).
 
 Outside pytest, :class:`CapturingSink`, :class:`CapturePlugin` and :func:`sample_events` work
 on their own.

@@ -3,16 +3,31 @@ benchmarks of ``seal_dir``."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Literal
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from vramcore._modeldir import INDEX_SUFFIX
+from vramcore._modeldir import INDEX_SUFFIX, walk_files
+from vramcore._publisher import (
+    BUNDLE_MEDIA_TYPE,
+    PAYLOAD_TYPE,
+    PREDICATE_TYPE,
+    STATEMENT_TYPE,
+    curve_hash,
+    key_fingerprint,
+    pae,
+)
 from vramcore.safetensors import write_safetensors
 
 __all__ = ["publisher_keypair", "sign_model_dir", "write_model_dir"]
+
+#: The paths ``model_signing sign`` leaves out of a model by default.
+_MODEL_SIGNING_IGNORE_PATHS = (".git", ".github", ".gitignore", ".gitattributes")
 
 
 def publisher_keypair(where: Path, name: str = "key") -> tuple[Path, Path]:
@@ -64,10 +79,80 @@ def write_model_dir(root: Path, *, index: bool = True) -> Path:
     return root
 
 
-def sign_model_dir(model: Path, private_key: Path, signature: Path) -> None:
-    """Sign ``model`` as a publisher does with ``model_signing sign key`` (the OpenSSF Model
-    Signing library must be installed), writing the bundle to ``signature``."""
-    import model_signing  # type: ignore[import-not-found, unused-ignore]
+def sign_model_dir(
+    model: Path,
+    private_key: Path,
+    signature: Path,
+    *,
+    using: Literal["model_signing", "cryptography"] = "model_signing",
+) -> None:
+    """Sign ``model`` as a publisher does with ``model_signing sign key``, writing the bundle
+    to ``signature``.
 
-    config = model_signing.signing.Config()  # type: ignore[no-untyped-call, unused-ignore]
-    config.use_elliptic_key_signer(private_key=private_key).sign(model, signature)
+    ``using="model_signing"`` (the default) calls the OpenSSF Model Signing library, which
+    must be installed. ``using="cryptography"`` writes a bundle of the same form (DSSE
+    envelope, in-toto statement, ``files`` serialization, the key hint) with ``cryptography``
+    alone, for hosts without model_signing and its sigstore stack (the GPU machines); the
+    tests check that model_signing verifies it and that its statement equals
+    model_signing's for the same directory.
+
+    :raises ValueError: ``using`` names neither.
+    """
+    if using == "model_signing":
+        import model_signing  # type: ignore[import-not-found, unused-ignore]
+
+        config = model_signing.signing.Config()  # type: ignore[no-untyped-call, unused-ignore]
+        config.use_elliptic_key_signer(private_key=private_key).sign(model, signature)
+    elif using == "cryptography":
+        signature.write_text(json.dumps(_bundle(Path(model), Path(private_key), signature)))
+    else:
+        raise ValueError(f"using must be 'model_signing' or 'cryptography', got {using!r}")
+
+
+def _bundle(model: Path, private_key: Path, signature: Path) -> dict[str, object]:
+    key = serialization.load_pem_private_key(private_key.read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{private_key} is not an EC private key (model_signing signs with one)")
+    root = model.resolve()
+    skip = signature.resolve()
+    resources = []
+    for found in walk_files(root):
+        parts = PurePosixPath(found.name).parts
+        if found.path.resolve() == skip or any(
+            PurePosixPath(i).parts == parts[: len(PurePosixPath(i).parts)]
+            for i in _MODEL_SIGNING_IGNORE_PATHS
+        ):
+            continue
+        with found.path.open("rb") as fh:
+            digest = hashlib.file_digest(fh, "sha256").hexdigest()
+        resources.append({"name": found.name, "algorithm": "sha256", "digest": digest})
+    resources.sort(key=lambda r: PurePosixPath(r["name"]).parts)  # as model_signing orders
+    combined = hashlib.sha256(b"".join(bytes.fromhex(r["digest"]) for r in resources))
+    statement = {
+        "_type": STATEMENT_TYPE,
+        "subject": [{"name": root.name, "digest": {"sha256": combined.hexdigest()}}],
+        "predicateType": PREDICATE_TYPE,
+        "predicate": {
+            "serialization": {
+                "method": "files",
+                "hash_type": "sha256",
+                "allow_symlinks": False,
+                "ignore_paths": list(_MODEL_SIGNING_IGNORE_PATHS),
+            },
+            "resources": resources,
+        },
+    }
+    payload = json.dumps(statement, indent=2).encode()
+    sig = key.sign(pae(PAYLOAD_TYPE, payload), curve_hash(key))
+    return {
+        "mediaType": BUNDLE_MEDIA_TYPE,
+        "verificationMaterial": {
+            "publicKey": {"hint": key_fingerprint(key.public_key())},
+            "tlogEntries": [],
+        },
+        "dsseEnvelope": {
+            "payload": base64.b64encode(payload).decode(),
+            "payloadType": PAYLOAD_TYPE,
+            "signatures": [{"sig": base64.b64encode(sig).decode(), "keyid": ""}],
+        },
+    }
