@@ -140,6 +140,11 @@ def test_dry_run_benchmark_is_marked_fake(dry_run: tuple[int, dict[str, Any], Pa
     assert bench["device_copy"] is None
     (cupy,) = [b for b in bench["backends"] if b["backend"] == "cupy"]
     assert cupy["verify"] and all(r["device_digest_gbps"] > 0 for r in cupy["verify"])
+    # the signed model directory seal ran (signed by the test kit: no model_signing there)
+    seal_dir = cupy["seal_dir"]
+    assert seal_dir["unsigned_gbps"] > 0 and seal_dir["signed_gbps"] > 0
+    target = cupy["targets"]["signed_seal_dir_over_unsigned"]
+    assert target["at_most"] is True and target["measured"] == seal_dir["signed_over_unsigned"]
 
 
 def _wheel(folder: Path, name: str, files: list[str]) -> None:

@@ -7,6 +7,10 @@ For each backend (``cupy``, ``pycuda``; a missing or non-viable one is reported 
 * the host path GB/s: copy back through pinned staging and hash on every host core;
 * host→device bandwidth through the backend's own pinned staging and copy handles;
 * seal-from-file GB/s (a file in the page cache, no file SHA-256) beside that bandwidth;
+* on the first backend measured, a model directory sealed with and without the publisher's
+  signature (4 shards in the page cache, signed by the test kit without model_signing;
+  unsigned and signed seals alternate): the signed seal's time over the unsigned (issue 18:
+  at most 1.15x);
 
 and once, through CuPy when it is there, the device's own copy bandwidth (device→device, bytes
 copied per second; twice that is read + written) as the memory-speed reference.
@@ -50,7 +54,10 @@ TARGETS = {
     "verify_gbps_at_1GiB": 100.0,
     "verify_over_host_path": 20.0,
     "seal_file_over_h2d": 0.8,
+    "signed_seal_dir_over_unsigned": 1.15,  # at most
 }
+#: Targets where lower is better.
+AT_MOST = frozenset({"signed_seal_dir_over_unsigned"})
 
 
 def best(fn: Callable[[], Any], repeat: int) -> float:
@@ -158,8 +165,39 @@ def make_backend(name: str, fake: bool) -> Iterator[tuple[AllocatorBackend, Any]
         backend.close()
 
 
-def bench_backend(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Every figure of one backend."""
+def bench_seal_dir(manager: VramManager, where: Path, nbytes: int, repeat: int) -> dict[str, Any]:
+    """A four-shard model directory sealed unsigned and signed, alternately (page cache)."""
+    from vramcore._sealdir import default_parallel_shards
+    from vramcore.testing import publisher_keypair, sign_model_dir, write_synthetic_model_dir
+
+    model = where / "bench-model"
+    write_synthetic_model_dir(model, nbytes, shards=4)
+    private, public = publisher_keypair(where)
+    signature = where / "model.sig"
+    sign_model_dir(model, private, signature, using="cryptography")  # reads it: page cache
+    times: dict[str, list[float]] = {"unsigned": [], "signed": []}
+    signed = {"signature": signature, "public_key": public}
+    for _ in range(repeat):
+        for kind, options in (("unsigned", {}), ("signed", signed)):
+            t0 = time.perf_counter()
+            sealed = manager.seal_dir(model, **options)  # type: ignore[arg-type]
+            times[kind].append(time.perf_counter() - t0)
+            for shard in sealed.shards:
+                manager.deallocate(shard)
+    unsigned_s, signed_s = min(times["unsigned"]), min(times["signed"])
+    return {
+        "bytes": nbytes,
+        "shards": 4,
+        "parallel_unsigned": default_parallel_shards(),
+        "parallel_signed": default_parallel_shards(signed=True),
+        "unsigned_gbps": gbps(nbytes, unsigned_s),
+        "signed_gbps": gbps(nbytes, signed_s),
+        "signed_over_unsigned": round(signed_s / unsigned_s, 3),
+    }
+
+
+def bench_backend(name: str, args: argparse.Namespace, seal_dir: bool = False) -> dict[str, Any]:
+    """Every figure of one backend (and the model directory seal when ``seal_dir``)."""
     from vramcore.plugins import get_plugin_manager
 
     out: dict[str, Any] = {"backend": name}
@@ -241,6 +279,9 @@ def bench_backend(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 "verify_sealed_gbps": gbps(args.file_bytes, min(verify_times)),
             }
             out["seal_file"]["over_h2d"] = round(out["seal_file"]["seal_gbps"] / out["h2d_gbps"], 2)
+            path.unlink()
+            if seal_dir:
+                out["seal_dir"] = bench_seal_dir(manager, Path(tmp), args.dir_bytes, args.repeat)
     out["targets"] = check_targets(out)
     return out
 
@@ -253,12 +294,14 @@ def check_targets(result: dict[str, Any]) -> dict[str, Any]:
     one = [r["device_digest_gbps"] for r in timed if r["bytes"] == GiB]
     ratio = [r["device_over_host"] for r in rows if "device_over_host" in r]
     seal = result.get("seal_file", {}).get("over_h2d")
+    signed = result.get("seal_dir", {}).get("signed_over_unsigned")
 
-    def row(value: float | None, target: float) -> dict[str, Any]:
+    def row(value: float | None, target: float, at_most: bool = False) -> dict[str, Any]:
         return {
             "measured": value,
             "target": target,
-            "met": None if value is None else value >= target,
+            "at_most": at_most,
+            "met": None if value is None else (value <= target if at_most else value >= target),
         }
 
     return {
@@ -270,6 +313,9 @@ def check_targets(result: dict[str, Any]) -> dict[str, Any]:
             min(ratio) if ratio else None, TARGETS["verify_over_host_path"]
         ),
         "seal_file_over_h2d": row(seal, TARGETS["seal_file_over_h2d"]),
+        "signed_seal_dir_over_unsigned": row(
+            signed, TARGETS["signed_seal_dir_over_unsigned"], at_most=True
+        ),
     }
 
 
@@ -330,9 +376,17 @@ def render(report: dict[str, Any]) -> str:
             f"  h2d {res['h2d_gbps']} GB/s; seal from file {s['seal_gbps']} GB/s "
             f"({s['over_h2d']}x h2d); verify_sealed {s['verify_sealed_gbps']} GB/s"
         )
+        d = res.get("seal_dir")
+        if d:
+            lines.append(
+                f"  seal_dir {d['bytes'] / GiB:.3f} GiB in {d['shards']} shards: unsigned "
+                f"{d['unsigned_gbps']} GB/s, signed {d['signed_gbps']} GB/s "
+                f"({d['signed_over_unsigned']}x; {d['parallel_signed']} shards at once)"
+            )
         for key, t in res["targets"].items():
             state = "not measured" if t["met"] is None else ("met" if t["met"] else "MISSED")
-            lines.append(f"  target {key}: {t['measured']} vs {t['target']} -> {state}")
+            bound = "<=" if t.get("at_most") else ">="
+            lines.append(f"  target {key}: {t['measured']} vs {bound} {t['target']} -> {state}")
     return "\n".join(lines)
 
 
@@ -352,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
             4 * MiB,
             1,
         )
+        args.dir_bytes = 4 * MiB
     elif args.quick:
         args.sizes, args.host_max, args.h2d_bytes, args.file_bytes, args.repeat = (
             [256 * MiB, GiB, 4 * GiB],
@@ -360,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
             GiB,
             2,
         )
+        args.dir_bytes = GiB
     else:
         args.sizes, args.host_max, args.h2d_bytes, args.file_bytes, args.repeat = (
             [64 * MiB, 256 * MiB, GiB, 4 * GiB, 8 * GiB],
@@ -368,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
             4 * GiB,
             3,
         )
+        args.dir_bytes = 2 * GiB
     report: dict[str, Any] = {
         "environment": environment(),
         "mode": "fake" if args.fake else ("quick" if args.quick else "full"),
@@ -375,8 +432,9 @@ def main(argv: list[str] | None = None) -> int:
         "backends": [],
     }
     for name in args.backends.split(","):
+        first = not any("device" in b for b in report["backends"])
         try:
-            report["backends"].append(bench_backend(name, args))
+            report["backends"].append(bench_backend(name, args, seal_dir=first))
         except LookupError as exc:
             report["backends"].append({"backend": name, "skipped": str(exc)})
         except Exception as exc:  # report and go on to the next backend

@@ -35,7 +35,8 @@ tests of sinks, witnesses and encoders.
 Model directories: :func:`write_model_dir` writes a small two-shard model with its index,
 :func:`publisher_keypair` a fresh EC key pair as PEM files, and :func:`sign_model_dir` signs a
 directory with ``model_signing`` as a publisher does (or, with ``using="cryptography"``, writes
-a bundle of the same form without model_signing installed).
+a bundle of the same form without model_signing installed); :func:`write_synthetic_model_dir`
+writes a model of a given size for benchmarks.
 
 Outside pytest, :class:`CapturingSink`, :class:`CapturePlugin` and :func:`sample_events` work
 on their own.
@@ -63,6 +64,7 @@ from vramcore.testing._model_dirs import (
     publisher_keypair,
     sign_model_dir,
     write_model_dir,
+    write_synthetic_model_dir,
 )
 from vramcore.testing._sink_contract import AuditSinkContract, SinkPlugin
 from vramcore.testing._sinks import CapturePlugin, CapturingSink, FailingSink
@@ -90,4 +92,5 @@ __all__ = [
     "sign_model_dir",
     "undocumented_public_names",
     "write_model_dir",
+    "write_synthetic_model_dir",
 ]

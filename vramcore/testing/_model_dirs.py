@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
@@ -24,7 +25,7 @@ from vramcore._publisher import (
 )
 from vramcore.safetensors import write_safetensors
 
-__all__ = ["publisher_keypair", "sign_model_dir", "write_model_dir"]
+__all__ = ["publisher_keypair", "sign_model_dir", "write_model_dir", "write_synthetic_model_dir"]
 
 #: The paths ``model_signing sign`` leaves out of a model by default.
 _MODEL_SIGNING_IGNORE_PATHS = (".git", ".github", ".gitignore", ".gitattributes")
@@ -77,6 +78,43 @@ def write_model_dir(root: Path, *, index: bool = True) -> Path:
         )
     (root / "config.json").write_text('{"hidden_size": 2}')
     return root
+
+
+def write_synthetic_model_dir(
+    root: Path, nbytes: int, *, shards: int = 2, tensor_bytes: int = 64 << 20
+) -> list[Path]:
+    """A model of about ``nbytes`` of tensor data for benchmarks, written to ``root`` (which
+    must not exist): ``shards`` files of F32 tensors of at most ``tensor_bytes`` each (one
+    random block, reused: the memory held is one block, not the model), the index and a
+    ``config.json``. Every file is flushed to disk (so a benchmark can drop it from the page
+    cache). Returns the shard files in order.
+
+    :raises ValueError: a shard would hold less than one F32 value.
+    """
+    per_shard = (nbytes // shards) & ~3
+    if shards < 1 or per_shard < 4 or tensor_bytes < 4:
+        raise ValueError(f"{nbytes} bytes in {shards} shards leaves a shard without data")
+    block = os.urandom(min(per_shard, tensor_bytes) & ~3)
+    root.mkdir(parents=True)
+    weight_map: dict[str, str] = {}
+    files = []
+    for i in range(1, shards + 1):
+        name = f"model-{i:05d}-of-{shards:05d}.safetensors"
+        tensors: dict[str, tuple[str, list[int], bytes]] = {}
+        left = per_shard
+        while left:
+            size = min(left, len(block))
+            tensors[f"layers.{i}.part{len(tensors)}.weight"] = ("F32", [size // 4], block[:size])
+            left -= size
+        with (root / name).open("wb") as fh:
+            write_safetensors(fh, tensors)
+            fh.flush()
+            os.fsync(fh.fileno())
+        weight_map.update(dict.fromkeys(tensors, name))
+        files.append(root / name)
+    (root / f"model{INDEX_SUFFIX}").write_text(json.dumps({"weight_map": weight_map}))
+    (root / "config.json").write_text("{}")
+    return files
 
 
 def sign_model_dir(
