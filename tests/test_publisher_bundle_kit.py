@@ -20,6 +20,7 @@ from vramcore.testing import (
     publisher_keypair,
     sign_model_dir,
     write_model_dir,
+    write_synthetic_model_dir,
 )
 
 
@@ -105,3 +106,20 @@ def test_an_unknown_signer_is_refused(model: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="using must be"):
         sign_model_dir(model, private, tmp_path / "x.sig", using="gpg")  # type: ignore[arg-type]
     assert not (tmp_path / "x.sig").exists()
+
+
+def test_a_synthetic_model_has_the_size_asked_and_seals(tmp_path: Path, mock_backend: Any) -> None:
+    files = write_synthetic_model_dir(tmp_path / "big", 10 << 20, shards=3, tensor_bytes=1 << 20)
+    assert [f.name for f in files] == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    with VramManager(TEST_TOKEN, allocator=mock_backend, audit="disabled") as manager:
+        sealed = manager.seal_dir(tmp_path / "big")
+        per_shard = ((10 << 20) // 3) & ~3
+        assert [sum(t.end - t.start for t in s.tensors) for s in sealed.shards] == [per_shard] * 3
+        assert len(sealed.shards[0].tensors) == 4  # three whole 1 MiB tensors and the rest
+        manager.verify_model(sealed)
+
+
+def test_a_synthetic_model_too_small_for_its_shards_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="leaves a shard without data"):
+        write_synthetic_model_dir(tmp_path / "tiny", 7, shards=2)
+    assert not (tmp_path / "tiny").exists()
