@@ -195,6 +195,47 @@ def test_an_interrupt_in_a_shard_releases_everything(
     assert manager.shards() == [] and backend.live_allocations == 0
 
 
+def test_a_shard_finishing_after_a_second_interrupt_deallocates_itself(
+    manager: VramManager,
+    backend: mock_plugin.MockBackend,
+    watch: Watch,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ctrl-C twice: the first ends the wait for the shards, the second the wait for the ones
+    under way. The call has let go of everything by then; a shard that finishes afterwards
+    must not stay allocated until the manager closes."""
+    import concurrent.futures
+
+    root = write_shards(tmp_path / "m")
+    started, go = threading.Event(), threading.Event()
+
+    def slow() -> None:
+        started.set()
+        assert go.wait(20)
+
+    watch.before[_file(1)] = slow
+
+    class Interrupted(concurrent.futures.ThreadPoolExecutor):
+        def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+            super().shutdown(wait=False, cancel_futures=True)
+            raise KeyboardInterrupt  # the second Ctrl-C, while waiting for shard 1
+
+    def first_interrupt(*_args: Any, **_kwargs: Any) -> None:
+        assert started.wait(20)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(concurrent.futures, "ThreadPoolExecutor", Interrupted)
+    monkeypatch.setattr(concurrent.futures, "wait", first_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        manager.seal_dir(root, parallel=2)
+    go.set()  # shard 1's seal now finishes, after the call gave up
+    for thread in threading.enumerate():
+        if thread.name.startswith("vramcore-seal-dir"):
+            thread.join(20)
+    assert manager.shards() == [] and backend.live_allocations == 0
+
+
 @pytest.mark.slow
 def test_a_tampered_shard_among_many_is_named_and_nothing_stays(
     tmp_path: Path,

@@ -39,12 +39,15 @@ Whatever the width, the result is the same: the attestation lists the shards in 
 each shard's audit events keep their order (events of different shards may interleave) and
 ``vram.model_sealed`` comes last; once a shard fails no further shard starts,
 the ones under way finish, everything sealed is deallocated, and the error raised is that of
-the first failed shard in file order (not whichever failed first in time).
+the first failed shard in file order (not whichever failed first in time). A second interrupt
+that ends the wait for the shards under way does not leave them behind: a shard whose seal
+finishes after the call let go deallocates itself.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import os
@@ -355,6 +358,7 @@ class SealDir:
         self.sealed: dict[str, SealedShard] = {}
         self._lock = threading.Lock()  # guards ``sealed`` while shards are sealed at once
         self._stop = threading.Event()  # set once a shard failed: start no more
+        self._released = False  # set (under the lock) once the call failed and let go
 
     def run(self) -> SealedModel:
         """Scan, check the publisher's signature, seal every shard, record the result."""
@@ -447,18 +451,27 @@ class SealDir:
                 raise _tampered(name) from None
             raise
         with self._lock:
-            self.sealed[name] = sealed
+            released = self._released
+            if not released:
+                self.sealed[name] = sealed
+        if released:  # the call already failed and let go (a second interrupt ended the wait)
+            self._deallocate(sealed)
+            return
         assert self.model is not None
         self.model.check_sealed(name, sealed.tensors)
 
     def _release(self) -> None:
+        """Deallocate every shard sealed so far; a shard whose seal finishes later (a worker
+        still running when a second interrupt ended the wait) deallocates itself."""
         with self._lock:
+            self._released = True
             sealed = list(self.sealed.values())
         for shard in sealed:
-            try:
-                self.manager.deallocate(shard)
-            except VramError:
-                continue  # already gone (the manager closed): nothing left to free
+            self._deallocate(shard)
+
+    def _deallocate(self, shard: SealedShard) -> None:
+        with contextlib.suppress(VramError):  # already gone (the manager closed)
+            self.manager.deallocate(shard)
 
     def _result(self, model: ModelDir) -> SealedModel:
         publisher = (
