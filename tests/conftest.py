@@ -154,3 +154,41 @@ def model_tensors() -> dict[str, tuple[str, list[int], bytes]]:
 def exercised_hooks() -> set[str]:
     """The hooks exercised so far by the tests of this directory (see the module docstring)."""
     return EXERCISED_HOOKS
+
+
+class MockCli:
+    """``vramcore ARGV --allocator mock`` run in this process under a worker token, with an
+    audit log under the test's directory: ``cli(*argv) -> (exit code, stdout, stderr)``.
+
+    Every run checks that no string of :attr:`secrets` (the token, and whatever a test adds)
+    reaches either stream.
+    """
+
+    #: The worker token of the runs (a throwaway, random-looking one).
+    TOKEN = "Zq3x9Lr0pT7vK2mN8bW4yC6uH1sA5dFgJ7eQ"
+
+    def __init__(
+        self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        self.capsys = capsys
+        self.secrets = [self.TOKEN]
+        monkeypatch.setenv("VRAMCORE_WORKER_TOKEN", self.TOKEN)
+        monkeypatch.setenv("VRAMCORE_AUDIT_LOG", str(tmp_path / "audit"))
+        monkeypatch.setenv("VRAMCORE_MOCK_VRAM", "1GiB")
+
+    def __call__(self, *argv: str) -> tuple[int, str, str]:
+        from vramcore._cli.cli import main
+
+        code = main([*argv, "--allocator", "mock"])
+        out, err = self.capsys.readouterr()
+        leaked = [i for i, secret in enumerate(self.secrets) if secret in out + err]
+        assert not leaked, f"secret(s) {leaked} of cli.secrets in the output"
+        return code, out, err
+
+
+@pytest.fixture
+def cli(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> MockCli:
+    """The CLI on the mock backend (:class:`MockCli`)."""
+    return MockCli(monkeypatch, tmp_path, capsys)

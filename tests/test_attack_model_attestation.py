@@ -29,7 +29,6 @@ from vramcore.testing import (
 from vramcore.torch import bind, verify_before_forward
 
 OTHER_TOKEN = "pR7wQ2zK9vN4xT1mB8cL5yF3hJ6dS0gA"  # another worker's (random) token
-CLI_TOKEN = "Zq3x9Lr0pT7vK2mN8bW4yC6uH1sA5dFgJ7eQ"
 INDEX = "model.safetensors.index.json"
 
 
@@ -217,20 +216,10 @@ def test_torch_refuses_an_edited_model_attestation(manager: VramManager, tmp_pat
 
 
 @pytest.fixture
-def cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]):  # type: ignore[no-untyped-def]
-    from vramcore._cli.cli import main
-
-    monkeypatch.setenv("VRAMCORE_WORKER_TOKEN", CLI_TOKEN)
-    monkeypatch.setenv("VRAMCORE_AUDIT_LOG", str(tmp_path / "audit"))
-    monkeypatch.setenv("VRAMCORE_MOCK_VRAM", "1GiB")
-
-    def run(*argv: str) -> tuple[int, str, str]:
-        code = main([*argv, "--allocator", "mock"])
-        out, err = capsys.readouterr()
-        assert CLI_TOKEN not in out + err and OTHER_TOKEN not in out + err
-        return code, out, err
-
-    return run
+def cli(cli: Any) -> Any:
+    """The shared CLI runner (tests/conftest.py), also checking for the other worker's token."""
+    cli.secrets.append(OTHER_TOKEN)
+    return cli
 
 
 def test_vramcore_verify_refuses_an_edited_attestation(cli: Any, tmp_path: Path) -> None:

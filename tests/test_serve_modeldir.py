@@ -470,25 +470,6 @@ def test_seal_dir_unsigned_is_audited_without_a_publisher(
 
 # -- vramcore seal DIR ----------------------------------------------------------------------
 
-CLI_TOKEN = "Zq3x9Lr0pT7vK2mN8bW4yC6uH1sA5dFgJ7eQ"
-
-
-@pytest.fixture
-def cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]):  # type: ignore[no-untyped-def]
-    from vramcore._cli.cli import main
-
-    monkeypatch.setenv("VRAMCORE_WORKER_TOKEN", CLI_TOKEN)
-    monkeypatch.setenv("VRAMCORE_AUDIT_LOG", str(tmp_path / "audit"))
-    monkeypatch.setenv("VRAMCORE_MOCK_VRAM", "1GiB")
-
-    def run(*argv: str) -> tuple[int, str, str]:
-        code = main([*argv, "--allocator", "mock"])
-        out, err = capsys.readouterr()
-        assert CLI_TOKEN not in out + err
-        return code, out, err
-
-    return run
-
 
 def _one_error(err: str) -> str:
     """The one error line (a progress line may precede it on stderr)."""

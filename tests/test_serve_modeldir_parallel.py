@@ -325,25 +325,6 @@ def test_by_default_two_cpus_seal_signed_shards_two_at_once_and_unsigned_one(
 
 # -- vramcore seal DIR --parallel N -----------------------------------------------------------
 
-CLI_TOKEN = "Hk5Pz1Wq8Vn3Lc7Rt2Xy6Bm0Ds4Gf9Ja1Ue"
-
-
-@pytest.fixture
-def cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]):  # type: ignore[no-untyped-def]
-    from vramcore._cli.cli import main
-
-    monkeypatch.setenv("VRAMCORE_WORKER_TOKEN", CLI_TOKEN)
-    monkeypatch.setenv("VRAMCORE_AUDIT_LOG", str(tmp_path / "audit"))
-    monkeypatch.setenv("VRAMCORE_MOCK_VRAM", "1GiB")
-
-    def run(*argv: str) -> tuple[int, str, str]:
-        code = main([*argv, "--allocator", "mock"])
-        out, err = capsys.readouterr()
-        assert CLI_TOKEN not in out + err
-        return code, out, err
-
-    return run
-
 
 def test_cli_seals_shards_at_once(cli: Any, tmp_path: Path) -> None:
     root = write_shards(tmp_path / "m")
