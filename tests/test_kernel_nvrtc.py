@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -137,3 +138,37 @@ def test_a_broken_library_is_reported_not_raised_bare(
         _nvrtc.nvrtc_compile(kernels.kernel_source(), "sm_90")
     with pytest.raises(_nvrtc.KernelCompileError, match="not a CUDA architecture"):
         _nvrtc.nvrtc_compile("", "90")
+
+
+def _tiny(tag: str) -> str:
+    return f'// {tag}\nextern "C" __global__ void tiny(int *x) {{ *x = 1; }}\n'
+
+
+def test_a_compile_is_kept_per_source_and_options_but_not_a_failure(
+    nvrtc_version: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import secrets
+
+    loaded = _nvrtc._nvrtc()
+    calls: list[str] = []
+    real = _nvrtc._Nvrtc._compile
+
+    def counted(self: Any, source: str, options: list[str], ptx: bool) -> tuple[bytes, str]:
+        calls.append(source)
+        return real(self, source, options, ptx)
+
+    monkeypatch.setattr(_nvrtc._Nvrtc, "_compile", counted)
+    source = _tiny(secrets.token_hex(8))
+    first = _nvrtc.nvrtc_compile(source, "sm_90")
+    assert _nvrtc.nvrtc_compile(source, "sm_90") == first and len(calls) == 1
+    _nvrtc.nvrtc_compile(source, "sm_80")  # another architecture is another compile
+    _nvrtc.nvrtc_compile(source + " ", "sm_90")  # so is any other source text
+    assert len(calls) == 3
+    broken = source.replace("*x = 1;", "*x = ;")
+    for _ in range(2):
+        with pytest.raises(_nvrtc.KernelCompileError, match="could not compile"):
+            _nvrtc.nvrtc_compile(broken, "sm_90")
+    assert calls.count(broken) == 2  # a failure is compiled (and reported) every time
+    for i in range(_nvrtc._MAX_COMPILED + 2):
+        _nvrtc.nvrtc_compile(_tiny(f"{secrets.token_hex(4)} {i}"), "sm_90")
+    assert len(loaded._compiled) <= _nvrtc._MAX_COMPILED

@@ -106,10 +106,18 @@ def find_nvrtc() -> list[str]:
     ]
 
 
+#: Compiles an NVRTC library keeps (each ~100 KiB): a backend made again in the same process
+#: (a manager closed and opened, every test on a fake driver) does not compile again.
+_MAX_COMPILED = 16
+
+
 class _Nvrtc:
-    """The few NVRTC calls a compile needs, through ctypes."""
+    """The few NVRTC calls a compile needs, through ctypes; each compile's output is kept,
+    keyed by the whole source text, the options and the output kind (errors are not kept)."""
 
     def __init__(self, path: str) -> None:
+        self._compiled: dict[tuple[str, tuple[str, ...], bool], tuple[bytes, str]] = {}
+        self._compiled_lock = threading.Lock()
         self.lib = ctypes.CDLL(path)
         self.lib.nvrtcGetErrorString.restype = ctypes.c_char_p
         major, minor = ctypes.c_int(), ctypes.c_int()
@@ -122,6 +130,19 @@ class _Nvrtc:
             raise KernelCompileError(f"NVRTC {what}: {text.decode(errors='replace')}")
 
     def compile(self, source: str, options: list[str], ptx: bool) -> tuple[bytes, str]:
+        key = (source, tuple(options), ptx)
+        with self._compiled_lock:
+            done = self._compiled.get(key)
+        if done is not None:
+            return done
+        done = self._compile(source, options, ptx)
+        with self._compiled_lock:
+            if len(self._compiled) >= _MAX_COMPILED:
+                self._compiled.pop(next(iter(self._compiled)))
+            self._compiled[key] = done
+        return done
+
+    def _compile(self, source: str, options: list[str], ptx: bool) -> tuple[bytes, str]:
         prog = ctypes.c_void_p()
         self._check(
             self.lib.nvrtcCreateProgram(
