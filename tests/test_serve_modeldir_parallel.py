@@ -336,7 +336,9 @@ def test_cli_seals_shards_at_once(cli: Any, tmp_path: Path) -> None:
     assert [v["file"] for v in data["verified"]] == files
 
 
-@pytest.mark.parametrize("value", ["0", "-2", "x", "1.5", str(MAX_PARALLEL + 1), ""])
+@pytest.mark.parametrize(
+    "value", ["0", "-2", "x", "1.5", str(MAX_PARALLEL + 1), "", "\u00b2", "\u0663", "9" * 5000]
+)
 def test_cli_refuses_a_bad_width_with_one_line(cli: Any, tmp_path: Path, value: str) -> None:
     root = write_shards(tmp_path / "m")
     code, out, err = cli("seal", str(root), "--parallel", value)

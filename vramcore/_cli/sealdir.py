@@ -66,7 +66,9 @@ def cmd_seal_dir(
     parallel = None
     if args.parallel is not None:
         text = str(args.parallel).strip()
-        parallel = check_parallel(int(text) if text.isdigit() else text, field="--parallel")
+        # "²" is a digit to isdigit but not to int; 5,000 digits are too many for int
+        number = text.isascii() and text.isdigit() and len(text) <= 4
+        parallel = check_parallel(int(text) if number else text, field="--parallel")
     with make_manager(args, console, pm) as manager:
         console.progress(f"sealing model directory {path} on {manager.backend_name}")
         t0 = time.perf_counter()
