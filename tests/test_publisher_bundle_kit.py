@@ -119,7 +119,10 @@ def test_a_synthetic_model_has_the_size_asked_and_seals(tmp_path: Path, mock_bac
         manager.verify_model(sealed)
 
 
-def test_a_synthetic_model_too_small_for_its_shards_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("nbytes", "shards"), [(7, 2), (1 << 20, 0)])
+def test_a_synthetic_model_too_small_for_its_shards_is_refused(
+    tmp_path: Path, nbytes: int, shards: int
+) -> None:
     with pytest.raises(ValueError, match="leaves a shard without data"):
-        write_synthetic_model_dir(tmp_path / "tiny", 7, shards=2)
+        write_synthetic_model_dir(tmp_path / "tiny", nbytes, shards=shards)
     assert not (tmp_path / "tiny").exists()

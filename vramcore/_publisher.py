@@ -30,7 +30,7 @@ import binascii
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -52,7 +52,9 @@ __all__ = [
     "curve_hash",
     "key_fingerprint",
     "load_public_key",
+    "manifest_digest",
     "pae",
+    "path_is_under",
     "verify_bundle",
 ]
 
@@ -101,11 +103,25 @@ class SignedManifest:
 
     def is_ignored(self, name: str) -> bool:
         """Whether the publisher excluded ``name`` (or a directory above it) from signing."""
-        parts = PurePosixPath(name).parts
-        return any(
-            PurePosixPath(ignored).parts == parts[: len(PurePosixPath(ignored).parts)]
-            for ignored in self.ignored
-        )
+        return path_is_under(name, self.ignored)
+
+
+def path_is_under(name: str, paths: Iterable[str]) -> bool:
+    """Whether the relative ``/``-separated ``name`` is one of ``paths`` or lies below one
+    (model_signing's ``ignore_paths`` rule: whole path components, ``.git`` is not ``.github``)."""
+    parts = PurePosixPath(name).parts
+    return any(
+        PurePosixPath(path).parts == parts[: len(PurePosixPath(path).parts)] for path in paths
+    )
+
+
+def manifest_digest(digests: Iterable[str]) -> str:
+    """The statement subject's SHA-256 (hex): over the files' SHA-256 digests (hex in, raw
+    bytes hashed) in manifest order, as model_signing computes it."""
+    combined = hashlib.sha256()
+    for digest in digests:
+        combined.update(bytes.fromhex(digest))
+    return combined.hexdigest()
 
 
 def pae(payload_type: str, payload: bytes) -> bytes:
@@ -279,7 +295,6 @@ class _Verification:
         if not isinstance(resources, list) or not resources:
             raise _refused("the manifest lists no files")
         files: dict[str, str] = {}
-        combined = hashlib.sha256()
         for item in resources:
             if not isinstance(item, dict):
                 raise _refused("a manifest entry is not an object")
@@ -291,8 +306,7 @@ class _Verification:
             if name in files:
                 raise _refused(f"the manifest lists {safe_repr(name)} twice")
             files[name] = digest
-            combined.update(bytes.fromhex(digest))
-        if combined.hexdigest() != root:
+        if manifest_digest(files.values()) != root:
             raise _refused("the manifest's files do not hash to its signed digest")
         return files
 

@@ -56,8 +56,6 @@ TARGETS = {
     "seal_file_over_h2d": 0.8,
     "signed_seal_dir_over_unsigned": 1.15,  # at most
 }
-#: Targets where lower is better.
-AT_MOST = frozenset({"signed_seal_dir_over_unsigned"})
 
 
 def best(fn: Callable[[], Any], repeat: int) -> float:

@@ -21,7 +21,9 @@ from vramcore._publisher import (
     STATEMENT_TYPE,
     curve_hash,
     key_fingerprint,
+    manifest_digest,
     pae,
+    path_is_under,
 )
 from vramcore.safetensors import write_safetensors
 
@@ -91,8 +93,8 @@ def write_synthetic_model_dir(
 
     :raises ValueError: a shard would hold less than one F32 value.
     """
-    per_shard = (nbytes // shards) & ~3
-    if shards < 1 or per_shard < 4 or tensor_bytes < 4:
+    per_shard = (nbytes // shards) & ~3 if shards >= 1 else 0
+    if per_shard < 4 or tensor_bytes < 4:
         raise ValueError(f"{nbytes} bytes in {shards} shards leaves a shard without data")
     block = os.urandom(min(per_shard, tensor_bytes) & ~3)
     root.mkdir(parents=True)
@@ -155,20 +157,16 @@ def _bundle(model: Path, private_key: Path, signature: Path) -> dict[str, object
     skip = signature.resolve()
     resources = []
     for found in walk_files(root):
-        parts = PurePosixPath(found.name).parts
-        if found.path.resolve() == skip or any(
-            PurePosixPath(i).parts == parts[: len(PurePosixPath(i).parts)]
-            for i in _MODEL_SIGNING_IGNORE_PATHS
-        ):
+        if found.path.resolve() == skip or path_is_under(found.name, _MODEL_SIGNING_IGNORE_PATHS):
             continue
         with found.path.open("rb") as fh:
             digest = hashlib.file_digest(fh, "sha256").hexdigest()
         resources.append({"name": found.name, "algorithm": "sha256", "digest": digest})
     resources.sort(key=lambda r: PurePosixPath(r["name"]).parts)  # as model_signing orders
-    combined = hashlib.sha256(b"".join(bytes.fromhex(r["digest"]) for r in resources))
+    subject = manifest_digest(r["digest"] for r in resources)
     statement = {
         "_type": STATEMENT_TYPE,
-        "subject": [{"name": root.name, "digest": {"sha256": combined.hexdigest()}}],
+        "subject": [{"name": root.name, "digest": {"sha256": subject}}],
         "predicateType": PREDICATE_TYPE,
         "predicate": {
             "serialization": {
