@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     def make_manager(count: int, read_threads: int | None = None) -> Any:
         return VramManager(
             _TOKEN,
-            allocator=_mock(capacity),
+            allocator=caching_mock(capacity),
             plugin_manager=pm,
             audit="disabled",
             hash_workers=count,
@@ -134,7 +134,7 @@ class _AuditedManager:
         try:
             return VramManager(
                 _TOKEN,
-                allocator=_mock(64 << 20),
+                allocator=caching_mock(64 << 20),
                 plugin_manager=get_plugin_manager(env={"VRAMCORE_PLUGINS": "mock,audit_chain"}),
                 hash_workers=self.workers,
             )
@@ -146,7 +146,7 @@ class _AuditedManager:
                     os.environ[key] = value
 
 
-def _mock(capacity: int) -> Any:
+def caching_mock(capacity: int) -> Any:
     """The mock, keeping freed memory for reuse like CUDA's caching allocator: repeated seals
     then measure vramcore, not the VM's first touch of fresh host pages standing in for VRAM
     (a GPU has no such cost; the first of each best-of-N seals still pays it)."""

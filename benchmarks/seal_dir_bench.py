@@ -41,9 +41,10 @@ import platform
 import sys
 import tempfile
 import time
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
+
+from host_bench import caching_mock  # this folder: run as a script
 
 from vramcore import VramManager
 from vramcore.testing import publisher_keypair, sign_model_dir, write_synthetic_model_dir
@@ -133,11 +134,6 @@ def read_rate(files: list[Path], cold: bool) -> float:
     return total / (time.perf_counter() - t0) / 1e9
 
 
-def _mock(capacity: int) -> Any:
-    (ep,) = [e for e in entry_points(group="vramcore") if e.name == "mock"]
-    return ep.load().MockBackend(devices=1, capacity=capacity, cache_bytes=capacity)
-
-
 def main() -> int:
     """Measure and print."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
@@ -172,7 +168,10 @@ def main() -> int:
         sign_model_dir(model, private, signature, using=args.signer)
         capacity = 2 * (args.mib << 20) + (64 << 20)
         with VramManager(
-            _TOKEN, allocator=_mock(capacity), audit="disabled", hash_workers=args.hash_workers
+            _TOKEN,
+            allocator=caching_mock(capacity),
+            audit="disabled",
+            hash_workers=args.hash_workers,
         ) as manager:
             bench = Bench(manager, model, files, args.cold)
             runs = [bench.pair(p, args.repeat, signature, public) for p in args.parallel]
